@@ -1,0 +1,1 @@
+"""Hydra configuration tree of sdlight (shipped inside the wheel as ``sdlight.conf``)."""

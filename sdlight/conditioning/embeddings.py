@@ -1,0 +1,92 @@
+"""Conditioning without text: none, a class label, or a set of discrete attributes.
+
+Each embedding table carries one extra row for the null condition, learned like the others, so classifier-free
+guidance works the same way as with captions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import ConditionEncoder
+
+
+class NoConditioning(ConditionEncoder):
+    """Unconditional model: reads nothing from the batch and gives no context."""
+
+    batch_key = None
+    context_dim = None
+
+    def forward(self, values: None = None) -> None:
+        return None
+
+    def null_like(self, values: None = None) -> None:
+        return None
+
+
+class ClassEmbedder(ConditionEncoder):
+    """Class label ``(B,)`` → one context token ``(B, 1, D)``; row ``num_classes`` is the null class.
+
+    The table is named ``embedding`` as in CompVis ``ClassEmbedder``, so ``cond_stage_model.embedding.weight``
+    lines up with their checkpoints.
+    """
+
+    batch_key = "label"
+
+    def __init__(self, num_classes: int, embed_dim: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.context_dim = embed_dim
+        self.embedding = nn.Embedding(num_classes + 1, embed_dim)
+
+    @property
+    def null_id(self) -> int:
+        return self.num_classes
+
+    def forward(self, values: Tensor) -> Tensor:
+        if values.ndim != 1:
+            raise ValueError(f"expected labels of shape (B,), got {tuple(values.shape)}")
+        return self.embedding(values.long())[:, None, :]
+
+    def null_like(self, values: Tensor) -> Tensor:
+        return torch.full_like(values, self.null_id)
+
+
+class AttributeEmbedder(ConditionEncoder):
+    """Attributes ``(B, A)``, one index per slot → a set of ``A`` context tokens ``(B, A, D)``.
+
+    Slot ``i`` has its own table of ``vocab_sizes[i] + 1`` rows, the last being that slot's null value. A learned
+    slot embedding is added so that cross-attention, which is blind to token order, can still tell slots apart.
+    """
+
+    batch_key = "attributes"
+
+    def __init__(self, vocab_sizes: Sequence[int], embed_dim: int) -> None:
+        super().__init__()
+        vocab_sizes = [int(v) for v in vocab_sizes]
+        if not vocab_sizes or min(vocab_sizes) < 1:
+            raise ValueError(f"vocab_sizes must be a non-empty list of positive sizes, got {vocab_sizes}")
+        self.vocab_sizes = vocab_sizes
+        self.context_dim = embed_dim
+        self.embeddings = nn.ModuleList(nn.Embedding(v + 1, embed_dim) for v in vocab_sizes)
+        self.slot_embedding = nn.Parameter(torch.randn(len(vocab_sizes), embed_dim) * 0.02)
+        self.register_buffer("null_ids", torch.tensor(vocab_sizes, dtype=torch.long), persistent=False)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.vocab_sizes)
+
+    def forward(self, values: Tensor) -> Tensor:
+        if values.ndim != 2 or values.shape[1] != self.num_slots:
+            raise ValueError(f"expected attributes of shape (B, {self.num_slots}), got {tuple(values.shape)}")
+        values = values.long()
+        tokens = torch.stack([emb(values[:, i]) for i, emb in enumerate(self.embeddings)], dim=1)
+        return tokens + self.slot_embedding
+
+    def null_like(self, values: Tensor) -> Tensor:
+        return self.null_ids.to(device=values.device, dtype=values.dtype).expand_as(values).clone()

@@ -1,0 +1,373 @@
+"""Caption encoders: a small transformer trained with the UNet, and a frozen pretrained open_clip text tower.
+
+Both use open_clip's bundled CLIP BPE tokenizer (no download) and give per-token embeddings ``(B, L, D)`` for
+cross-attention. The null condition is the empty caption, encoded like any other.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from open_clip.tokenizer import SimpleTokenizer
+from torch import Tensor, nn
+
+from .base import ConditionEncoder, as_text_list
+
+
+class ClipTokenizer:
+    """open_clip's CLIP BPE tokenizer at a fixed length, returning ids and true lengths, warning once on truncation.
+
+    Ids match ``open_clip.get_tokenizer(arch)(texts)`` exactly: ``<sot> bpe… <eot>`` then zero padding, cut to
+    ``max_length`` with ``<eot>`` kept last. Lengths are returned because id 0 is a real token ("!"), so padding
+    cannot be recognised from the ids alone.
+    """
+
+    def __init__(self, arch: str = "ViT-B-32", max_length: int = 77) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for <sot> and <eot>, got {max_length}")
+        tokenizer = open_clip.get_tokenizer(arch, context_length=max_length)
+        if not isinstance(tokenizer, SimpleTokenizer):
+            name = type(tokenizer).__name__
+            raise ValueError(f"{arch} uses {name}; choose an arch with the bundled CLIP BPE tokenizer")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.vocab_size: int = tokenizer.vocab_size
+        self.warned_truncation = False
+
+    def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        tok = self.tokenizer
+        ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
+        lengths = torch.empty(len(texts), dtype=torch.long)
+        n_cut = 0
+        for i, text in enumerate(texts):
+            seq = [tok.sot_token_id, *tok.encode(text), tok.eot_token_id]
+            if len(seq) > self.max_length:
+                n_cut += 1
+                seq = seq[: self.max_length - 1] + [tok.eot_token_id]
+            ids[i, : len(seq)] = torch.tensor(seq)
+            lengths[i] = len(seq)
+        if n_cut and not self.warned_truncation:
+            warnings.warn(
+                f"{n_cut} of {len(texts)} captions exceed max_length={self.max_length} tokens and were truncated "
+                "(further truncations are not reported)",
+                stacklevel=3,
+            )
+            self.warned_truncation = True
+        return ids, lengths
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over ``(B, L, D)`` with a boolean mask (True = may attend)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(rearrange(x, "b h l d -> b l (h d)"))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block, CLIP layout (``ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj``)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LearnedTextEncoder(ConditionEncoder):
+    """A small text transformer trained from scratch together with the UNet.
+
+    Attention is bidirectional by default: the UNet cross-attends to every token, so each token should describe
+    the whole caption ("red" should know it is the circle that is red). CLIP's causal mask exists for pooling at
+    ``<eot>`` in its contrastive loss, which this encoder does not have. Padding is masked as a key, so the
+    embeddings of real tokens do not depend on how much padding follows. ``causal=True`` gives CLIP's masking.
+    """
+
+    batch_key = "text"
+
+    def __init__(
+        self,
+        arch: str = "ViT-B-32",
+        max_length: int = 32,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        context_dim: int | None = None,
+        mlp_ratio: float = 4.0,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = ClipTokenizer(arch, max_length)
+        self.max_length = max_length
+        self.causal = causal
+        self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(max_length, width))
+        self.resblocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, context_dim) if context_dim is not None and context_dim != width else None
+        self.context_dim = context_dim if context_dim is not None else width
+        self._init_weights(width, layers)
+
+    def _init_weights(self, width: int, layers: int) -> None:
+        # CLIP's text-tower initialisation: residual projections scaled down with depth
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.qkv.weight, std=width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+            for linear in (block.attn.qkv, block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                nn.init.zeros_(linear.bias)
+
+    def attention_mask(self, lengths: Tensor, length: int) -> Tensor:
+        """Boolean ``(B, 1, L, L)`` mask: keys past each caption's end are hidden, plus the future if causal."""
+        pos = torch.arange(length, device=lengths.device)
+        mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, L) over keys
+        if self.causal:
+            mask = mask & (pos[None, :] <= pos[:, None])  # key j visible from query i iff j <= i
+        return mask
+
+    def encode_tokens(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Token ids ``(B, L)`` and caption lengths ``(B,)`` → context ``(B, L, context_dim)``."""
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        mask = self.attention_mask(lengths, length)
+        for block in self.resblocks:
+            x = block(x, mask)
+        x = self.ln_final(x)
+        return self.proj(x) if self.proj is not None else x
+
+    def forward(self, values: str | Sequence[str]) -> Tensor:
+        tokens, lengths = self.tokenizer(as_text_list(values))
+        device = self.token_embedding.weight.device
+        return self.encode_tokens(tokens.to(device), lengths.to(device))
+
+    def null_like(self, values: str | Sequence[str]) -> list[str]:
+        return [""] * len(as_text_list(values))
+
+
+class OpenCLIPTextEncoder(ConditionEncoder):
+    """Frozen open_clip text tower → per-token embeddings from its last or penultimate block, after ``ln_final``.
+
+    Stable Diffusion 2.x uses ViT-H-14 (laion2b_s32b_b79k), penultimate layer, 77 tokens, context_dim 1024. The
+    open_clip model is kept as ``self.model`` without its visual tower, so the state dict reads
+    ``model.transformer.resblocks.…`` like CompVis ``FrozenOpenCLIPEmbedder``.
+
+    Weights come from ``checkpoint_path`` when given, else from open_clip's Hugging Face cache when the release is
+    already there, else through :func:`sdlight.weights.resolve_weights`. ``model=`` injects a built open_clip model.
+    """
+
+    batch_key = "text"
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        pretrained: str | None = "laion2b_s32b_b79k",
+        checkpoint_path: str | os.PathLike | None = None,
+        layer: str = "penultimate",
+        max_length: int = 77,
+        model: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        self.layer = layer
+        # weights first: a missing file is reported before anything else is built
+        self.model = model if model is not None else load_open_clip_text_model(arch, pretrained, checkpoint_path)
+        self.tokenizer = ClipTokenizer(arch, max_length)
+        self.max_length = max_length
+        if hasattr(self.model, "visual"):
+            del self.model.visual
+        tower = self.tower
+        if max_length > tower.positional_embedding.shape[0]:
+            positions = tower.positional_embedding.shape[0]
+            raise ValueError(f"max_length {max_length} exceeds the model's {positions} positions")
+        if self.tokenizer.vocab_size > tower.token_embedding.num_embeddings:
+            raise ValueError("the tokenizer's vocabulary is larger than the model's token embedding")
+        if layer == "penultimate" and len(tower.transformer.resblocks) < 2:
+            raise ValueError("layer='penultimate' needs a text transformer with at least 2 blocks")
+        self.context_dim = tower.transformer.width
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @property
+    def tower(self) -> nn.Module:
+        """The module holding ``token_embedding … ln_final`` (the CLIP itself, or ``.text`` for custom-text CLIPs).
+
+        A property rather than an attribute, so the weights are not registered twice in the state dict.
+        """
+        return text_tower(self.model)
+
+    def train(self, mode: bool = True) -> OpenCLIPTextEncoder:
+        super().train(mode)
+        self.model.eval()  # frozen: Lightning's model.train() must not switch it back
+        return self
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Token ids ``(B, L)`` → ``(B, L, width)`` from the chosen block, through ``ln_final``."""
+        tower = self.tower
+        length = tokens.shape[1]
+        dtype = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(dtype) + tower.positional_embedding[:length].to(dtype)
+        mask = tower.attn_mask[:length, :length] if tower.attn_mask is not None else None
+        blocks = list(tower.transformer.resblocks)
+        if self.layer == "penultimate":
+            blocks = blocks[:-1]
+        batch_first = getattr(tower.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks:
+            x = block(x, attn_mask=mask)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        return tower.ln_final(x)
+
+    def forward(self, values: str | Sequence[str]) -> Tensor:
+        tokens, _ = self.tokenizer(as_text_list(values))
+        return self.encode_tokens(tokens.to(self.tower.token_embedding.weight.device))
+
+    def null_like(self, values: str | Sequence[str]) -> list[str]:
+        return [""] * len(as_text_list(values))
+
+
+def text_tower(model: nn.Module) -> nn.Module:
+    """The part of an open_clip model that holds its own text transformer; HF text towers are refused."""
+    tower = model.text if hasattr(model, "text") else model
+    if not (hasattr(tower, "token_embedding") and hasattr(tower, "transformer") and hasattr(tower, "ln_final")):
+        name = type(tower).__name__
+        raise ValueError(f"{name} is not an open_clip text transformer (HF text towers are not supported)")
+    if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+        raise ValueError("text towers with a class token or padding mask (CoCa style) are not supported")
+    return tower
+
+
+def load_open_clip_text_model(
+    arch: str, pretrained: str | None, checkpoint_path: str | os.PathLike | None = None
+) -> nn.Module:
+    """Build ``arch`` without its visual tower and load pretrained text weights (located before building)."""
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    from sdlight.weights import load_state_dict
+
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    if config.get("text_cfg", {}).get("hf_model_name"):
+        raise ValueError(f"{arch} has a Hugging Face text tower; only open_clip's own text transformer is supported")
+    # locate the file first, so that a missing file fails fast, before a large model is initialised
+    path = find_open_clip_weights(arch, pretrained, checkpoint_path)
+    state = load_state_dict(path)
+    model = open_clip.create_model(arch, pretrained=None)
+    del model.visual
+    state = text_state_dict(state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path} does not match the {arch} text tower: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def text_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Unwrap training checkpoints (``state_dict``, DDP ``module.``, CompVis ``cond_stage_model.model.``).
+
+    The visual tower's weights are dropped: only the text tower is built.
+    """
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    prefix = "cond_stage_model.model."
+    if any(k.startswith(prefix) for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in state.items() if not k.startswith("visual.")}
+
+
+def find_open_clip_weights(arch: str, pretrained: str | None, checkpoint_path: str | os.PathLike | None = None) -> Path:
+    """Locate the weights file: explicit path, open_clip's own cache, else ``sdlight.weights.resolve_weights``.
+
+    Never waits on the network when offline: the open_clip cache lookup is local, and ``resolve_weights`` raises
+    ``WeightsNotFoundError`` at once, naming the file and every place searched.
+    """
+    from sdlight.weights import WeightsNotFoundError, resolve_weights
+
+    if checkpoint_path is not None:
+        return resolve_weights(Path(checkpoint_path).name, path=checkpoint_path)
+    cfg = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ValueError(f"no open_clip release {pretrained!r} for {arch}; known: {tags}, or pass checkpoint_path")
+    found, searched = _open_clip_cache_lookup(cfg)
+    if found is not None:
+        return found
+    if cfg.get("hf_hub"):
+        # "org/repo/" means the default file name, "org/repo/file.bin" a specific one
+        repo_id, remote = os.path.split(cfg["hf_hub"])
+        remote = remote or open_clip.constants.HF_WEIGHTS_NAME
+        url = f"https://huggingface.co/{repo_id}/resolve/main/{remote}"
+    else:
+        url = cfg["url"]
+        remote = url.rsplit("/", 1)[-1]
+    try:
+        return resolve_weights(f"open_clip-{arch}-{pretrained}{Path(remote).suffix}", url=url)
+    except WeightsNotFoundError as err:
+        raise WeightsNotFoundError(f"{err}\n  also searched open_clip's cache: {', '.join(searched)}") from err
+
+
+def _open_clip_cache_lookup(cfg: dict) -> tuple[Path | None, list[str]]:
+    """A copy already downloaded by open_clip (HF hub cache or ``~/.cache/clip``); never touches the network."""
+    searched: list[str] = []
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, remote = os.path.split(cfg["hf_hub"])
+        remote = remote or open_clip.constants.HF_WEIGHTS_NAME
+        # open_clip prefers a safetensors twin of the published file when the repo has one
+        names = [remote]
+        if remote == open_clip.constants.HF_WEIGHTS_NAME:
+            names.insert(0, open_clip.constants.HF_SAFE_WEIGHTS_NAME)
+        elif remote.endswith((".bin", ".pth")):
+            names.insert(0, remote.rsplit(".", 1)[0] + ".safetensors")
+        for name in names:
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str):
+                return Path(found), searched
+            searched.append(f"hf://{repo_id}/{name}")
+    if cfg.get("url"):
+        candidate = Path("~/.cache/clip").expanduser() / cfg["url"].rsplit("/", 1)[-1]
+        if candidate.is_file():
+            return candidate, searched
+        searched.append(str(candidate))
+    return None, searched
