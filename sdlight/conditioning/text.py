@@ -273,7 +273,11 @@ def text_tower(model: nn.Module) -> nn.Module:
 def load_open_clip_text_model(
     arch: str, pretrained: str | None, checkpoint_path: str | os.PathLike | None = None
 ) -> nn.Module:
-    """Build ``arch`` without its visual tower and load pretrained text weights (located before building)."""
+    """Build ``arch`` without its visual tower and load pretrained text weights (located before building).
+
+    With neither ``pretrained`` nor ``checkpoint_path`` the tower stays randomly initialised, for callers that
+    load a whole model checkpoint holding its weights next.
+    """
     from open_clip.model import convert_to_custom_text_state_dict
 
     from sdlight.weights import load_state_dict
@@ -283,6 +287,11 @@ def load_open_clip_text_model(
         raise ValueError(f"unknown open_clip architecture {arch!r}")
     if config.get("text_cfg", {}).get("hf_model_name"):
         raise ValueError(f"{arch} has a Hugging Face text tower; only open_clip's own text transformer is supported")
+    if pretrained is None and checkpoint_path is None:
+        # no pretrained weights asked for: the caller loads a full checkpoint that holds this tower's weights
+        model = open_clip.create_model(arch, pretrained=None)
+        del model.visual
+        return model
     # locate the file first, so that a missing file fails fast, before a large model is initialised
     path = find_open_clip_weights(arch, pretrained, checkpoint_path)
     state = load_state_dict(path)

@@ -253,6 +253,9 @@ class UNetModel(nn.Module):
         adm_in_channels: int | None = None,
     ):
         super().__init__()
+        # constructor arguments as plain values: checkpoints store them to rebuild the model
+        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
+                       if k not in ("self", "__class__")}
         if dims != 2:
             raise ValueError(f"only 2D UNets are supported, got dims={dims}")
         if num_heads == -1 and num_head_channels == -1:

@@ -1,0 +1,38 @@
+"""Diffusion math over plain tensors: schedules, the forward process, loss weighting, samplers, guidance."""
+
+from .guidance import cfg_denoiser, rescale_guidance
+from .process import (
+    PREDICTION_TYPES,
+    canonical_prediction_type,
+    get_v,
+    predict_eps_from_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    q_sample,
+    sample_timesteps,
+    score_from_eps,
+    to_x0_eps,
+    training_target,
+)
+from .samplers import (
+    SAMPLERS,
+    inpaint_callback,
+    make_timesteps,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+)
+from .schedules import SCHEDULES, NoiseSchedule, at, make_betas, rescale_zero_terminal_snr
+from .weighting import WEIGHTINGS, diffusion_loss, loss_weight
+
+__all__ = [
+    "NoiseSchedule", "make_betas", "rescale_zero_terminal_snr", "at", "SCHEDULES",
+    "q_sample", "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "predict_eps_from_v", "get_v",
+    "score_from_eps", "to_x0_eps", "training_target", "sample_timesteps", "canonical_prediction_type",
+    "PREDICTION_TYPES",
+    "loss_weight", "diffusion_loss", "WEIGHTINGS",
+    "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
+    "cfg_denoiser", "rescale_guidance",
+]
