@@ -1,3 +1,12 @@
 """sdlight: train Stable-Diffusion-style latent diffusion models with PyTorch Lightning and Hydra."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lazy: `import sdlight` stays light; the pipeline pulls in Lightning, Hydra and the models
+    if name == "Pipeline":
+        from sdlight.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'sdlight' has no attribute {name!r}")

@@ -1,0 +1,38 @@
+# `make quickstart` and `make test` each install what they need first (into the active Python environment).
+PYTHON ?= python3
+PYTEST_ARGS ?=
+STAMP := .make/installed
+
+.PHONY: install quickstart test test-all test-slow clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install -e ".[dev]"
+	@mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+QUICKSTART := logs/quickstart
+
+## Train the embedded quickstart end to end on the CPU (no download, no GPU): the autoencoder (stage 1), the
+## text-conditioned latent diffusion model on its latents (stage 2), then a grid of samples for a few prompts.
+quickstart: install
+	$(PYTHON) -m sdlight.train +experiment=quickstart_vae hydra.run.dir=$(QUICKSTART)/vae
+	$(PYTHON) -m sdlight.train +experiment=quickstart_ldm hydra.run.dir=$(QUICKSTART)/ldm \
+		model.first_stage.ckpt=$(QUICKSTART)/vae/checkpoints/last.ckpt
+	$(PYTHON) -m sdlight.sample ckpt=$(QUICKSTART)/ldm/checkpoints/last.ckpt \
+		prompts_file=conf/prompts/quickstart.txt num_samples=4 steps=50 seed=0 hydra.run.dir=$(QUICKSTART)/samples
+	@echo "Samples: $(QUICKSTART)/samples/grid.png (one row per prompt of conf/prompts/quickstart.txt)"
+
+## The test suite CI runs (slow end-to-end tests excluded). Exit code 5 (no tests collected) is a failure.
+test: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline SDLIGHT_OFFLINE=1 $(PYTHON) -m pytest -m "not slow and not gpu" -n 2 $(PYTEST_ARGS)
+
+## Only the slow end-to-end tests (training runs that prove the models learn).
+test-slow: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline SDLIGHT_OFFLINE=1 $(PYTHON) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline SDLIGHT_OFFLINE=1 $(PYTHON) -m pytest -m "not gpu" -n 2 $(PYTEST_ARGS)
+
+clean:
+	rm -rf .make logs .pytest_cache build dist *.egg-info

@@ -1,0 +1,74 @@
+"""The embedded datasets as LightningDataModules: ``data=shapes`` and ``data=digits`` (no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from sdlight.data.base import ImageDataModule
+from sdlight.data.shapes import NUM_CLASSES, ShapesDataset, attribute_vocab_sizes
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class ShapesDataModule(ImageDataModule):
+    """Seeded procedural shapes with captions, class labels (shape × colour) and attribute sets."""
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self, train_size: int = 20000, val_size: int = 512, max_shapes: int = 1, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.train_size, self.val_size, self.max_shapes, self.seed = train_size, val_size, max_shapes, seed
+
+    @property
+    def attribute_vocab_sizes(self) -> list[int]:
+        return attribute_vocab_sizes(self.max_shapes)
+
+    def build(self, split: str) -> Dataset:
+        length = self.train_size if split == "train" else self.val_size
+        return ShapesDataset(split, length, self.image_size, self.max_shapes, self.seed)
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images), resized, as RGB in [-1, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        label = int(self.labels[index])
+        return {"image": self.images[index], "text": f"a handwritten digit {DIGIT_WORDS[label]}",
+                "label": label, "attributes": torch.tensor([label])}
+
+
+class DigitsDataModule(ImageDataModule):
+    """Handwritten digits with class labels and captions; a seeded random val split."""
+
+    num_classes = 10
+    attribute_vocab_sizes = [10]
+
+    def __init__(self, val_fraction: float = 0.1, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction, self.seed = val_fraction, seed
+
+    def build(self, split: str) -> Dataset:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+        digits = load_digits()
+        # pixel values are 0..16 with ink high; paper-white background as 1 like a scanned page
+        x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (1.0 - x.clamp(0, 1)) * 2 - 1
+        x = x.expand(-1, 3, -1, -1).contiguous()
+        y = torch.from_numpy(digits.target.astype(np.int64))
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+        n_val = int(round(len(y) * self.val_fraction))
+        idx = order[:n_val] if split == "val" else order[n_val:]
+        return DigitsDataset(x[idx], y[idx])

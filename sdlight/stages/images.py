@@ -1,0 +1,46 @@
+"""Image grids to every logger that takes images (W&B, TensorBoard) and to the run directory on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torchvision
+from PIL import Image
+
+
+def to_grid(rows: list[torch.Tensor], nrow: int | None = None) -> torch.Tensor:
+    """Stacks equally sized image batches in [-1, 1] into one (3, H, W) grid in [0, 1]; one row per batch."""
+    images = torch.cat([r.detach().float().cpu() for r in rows])
+    return torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow or rows[0].shape[0], padding=1)
+
+
+def to_uint8(grid: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] as uint8, rounded as ``torchvision.utils.save_image`` does."""
+    return grid.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def log_grid(module: L.LightningModule, key: str, grid: torch.Tensor, caption: str | None = None) -> Path | None:
+    """Writes ``grid`` (in [0, 1]) as ``<run dir>/images/<key>_<step>.png`` and sends it to image-capable loggers.
+
+    Every logger gets the same 8-bit picture as the file on disk (``wandb.Image`` no longer rescales float
+    tensors: it would cast [0, 1] straight to uint8, i.e. black). Only rank 0 writes. Returns the PNG path
+    (None on other ranks or without a trainer).
+    """
+    trainer = module._trainer
+    if trainer is None or not trainer.is_global_zero:
+        return None
+    step = trainer.global_step
+    u8 = to_uint8(grid)
+    picture = Image.fromarray(u8.permute(1, 2, 0).numpy())
+    for lg in trainer.loggers:
+        if hasattr(lg, "log_image"):  # WandbLogger
+            extra = {"caption": [caption]} if caption else {}  # WandbLogger takes no caption=None
+            lg.log_image(key=key, images=[picture], step=step, **extra)
+        elif hasattr(getattr(lg, "experiment", None), "add_image"):  # TensorBoard
+            lg.experiment.add_image(key, u8, global_step=step)  # uint8: TensorBoard does not rescale it
+    path = Path(trainer.default_root_dir, "images", f"{key.replace('/', '_')}_{step:07d}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path

@@ -1,0 +1,90 @@
+"""Training entry point: ``python -m sdlight.train +experiment=NAME [overrides]`` (``-m`` for sweeps)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from sdlight.callbacks.run_config import RunConfigInCheckpoint
+from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, instantiate_callbacks, instantiate_loggers,
+                                 metric_value, prepare_wandb, register_resolvers, task_wrapper)
+
+log = logging.getLogger("sdlight")
+register_resolvers()
+
+
+def _strategy(trainer_cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
+    """Stages whose steps leave some parameters without gradients (the GAN's alternating G/D steps) need DDP's
+    find_unused_parameters; set it here so `trainer=ddp` works with every model."""
+    strategy = trainer_cfg.get("strategy")
+    if getattr(model, "ddp_find_unused_parameters", False) and isinstance(strategy, str) \
+            and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[strategy]
+        return {"strategy": DDPStrategy(find_unused_parameters=True, start_method=start)}
+    return {}
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Composes the run from ``cfg``, fits (resuming from ``ckpt_path``), optionally tests.
+
+    Returns (metrics, objects); the metric named by ``optimized_metric`` is what sweepers optimize.
+    """
+    apply_extras(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info(f"Instantiating model <{cfg.model._target_}>")
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks.append(RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    prepare_wandb(cfg)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: `logger=none` must still run
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        if any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            log.info("No logger: dropping the LearningRateMonitor callback")
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+
+    log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **_strategy(cfg.trainer, model))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train", True):
+        log.info("Starting training")
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = dict(trainer.callback_metrics)
+
+    if cfg.get("test"):
+        log.info("Starting testing")
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(trainer.callback_metrics)
+
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
+               "loggers": loggers, "trainer": trainer}
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    if not (cfg.get("train", True) or cfg.get("test")):
+        return None  # nothing ran, nothing to optimize
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from sdlight.data.datamodules import ShapesDataModule
+from sdlight.data.shapes import (BACKGROUNDS, COLOURS, NUM_CLASSES, POSITIONS, SHAPES, Scene, ShapesDataset,
+                                 ShapeSpec, attribute_vocab_sizes, describe, make_sample, render, scene_attributes,
+                                 scene_label)
+
+
+@pytest.mark.parametrize("max_shapes,image_size", [(1, 32), (2, 32), (1, 64)])
+def test_describe_recovers_ground_truth(max_shapes, image_size):
+    n, correct = 400, 0
+    for i in range(n):
+        img, scene = make_sample(i, "train", seed=3, max_shapes=max_shapes, image_size=image_size)
+        got = describe(img, max_shapes=max_shapes)
+        correct += set(got.shapes) == set(scene.shapes) and got.background == scene.background
+    assert correct / n >= 0.99
+
+
+def test_describe_accepts_tensor_and_array_and_detects_every_attribute():
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for pos in ("top left", "middle center", "bottom right"):
+                scene = Scene((ShapeSpec(shape, colour, pos),), "white")
+                img = render(scene, 32)
+                tensor = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+                assert describe(tensor) == scene
+                assert describe(np.asarray(img)) == scene
+
+
+def test_describe_of_a_blank_image_finds_no_shape():
+    blank = torch.ones(3, 32, 32)
+    assert describe(blank) == Scene((), "white")
+    with pytest.raises(ValueError, match="image"):
+        describe(torch.zeros(32, 32))
+
+
+def test_samples_are_deterministic_and_splits_disjoint():
+    a = ShapesDataset("train", 50, seed=1)[7]
+    b = ShapesDataset("train", 50, seed=1)[7]
+    assert torch.equal(a["image"], b["image"]) and a["text"] == b["text"]
+    train = {ShapesDataset("train", 2000, seed=1)[i]["image"].numpy().tobytes() for i in range(2000)}
+    val = {ShapesDataset("val", 300, seed=1)[i]["image"].numpy().tobytes() for i in range(300)}
+    assert not train & val
+    # another seed gives other data
+    assert not torch.equal(ShapesDataset("train", 50, seed=2)[7]["image"], a["image"]) or \
+        ShapesDataset("train", 50, seed=2)[7]["text"] != a["text"]
+
+
+def test_item_fields_are_consistent():
+    ds = ShapesDataset("val", 20, max_shapes=2, seed=0)
+    sizes = attribute_vocab_sizes(2)
+    for i in range(20):
+        item = ds[i]
+        scene = ds.scene(i)
+        assert item["image"].shape == (3, 32, 32)
+        assert item["image"].min() >= -1 and item["image"].max() <= 1
+        assert item["text"] == scene.caption()
+        assert item["label"] == scene_label(scene) < NUM_CLASSES
+        assert item["attributes"].tolist() == scene_attributes(scene, 2)
+        assert all(0 <= a < s for a, s in zip(item["attributes"].tolist(), sizes))
+        assert item["text"].endswith(f"on a {scene.background} background")
+    assert sizes == [len(SHAPES), len(COLOURS), len(POSITIONS), len(SHAPES) + 1, len(COLOURS) + 1,
+                     len(POSITIONS) + 1, len(BACKGROUNDS)]
+
+
+def test_caption_wording():
+    scene = Scene((ShapeSpec("circle", "red", "top left"), ShapeSpec("square", "orange", "middle center")), "gray")
+    assert scene.caption() == "a red circle at the top left and an orange square in the center on a gray background"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset("test")
+    with pytest.raises(ValueError, match="max_shapes"):
+        ShapesDataset("train", max_shapes=3)
+
+
+def test_datamodule_batches():
+    dm = ShapesDataModule(batch_size=8, train_size=64, val_size=16, image_size=48)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 48, 48)
+    assert len(batch["text"]) == 8 and isinstance(batch["text"][0], str)
+    assert batch["label"].dtype == torch.long and batch["attributes"].shape == (8, 4)
+    assert len(dm.val_dataloader()) == 2

@@ -1,0 +1,70 @@
+"""Every config composes and instantiates; bad names fail with Hydra's own clear errors."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+import sdlight
+
+CONF = Path(sdlight.__file__).resolve().parent.parent / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CPU_EXPERIMENTS = [e for e in EXPERIMENTS if "quickstart" in e or "digits" in e]
+
+
+def test_conf_is_the_package_sdlight_conf():
+    import importlib.resources
+
+    assert importlib.resources.files("sdlight.conf").joinpath("train.yaml").is_file()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(train_cfg, experiment):
+    cfg = train_cfg([f"+experiment={experiment}"])
+    assert cfg.task_name and cfg.model._target_.startswith("sdlight.")
+    assert "_target_" in cfg.data and "_target_" in cfg.trainer
+
+
+@pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
+def test_cpu_experiments_instantiate(train_cfg, experiment, tmp_path):
+    overrides = [f"+experiment={experiment}"]
+    if "ldm" in experiment or "inpaint" in experiment or "superres" in experiment:
+        import torch
+
+        from sdlight.nn.autoencoder import AutoencoderKL
+
+        ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=4, embed_dim=4, resolution=32)
+        torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}},
+                   tmp_path / "vae.ckpt")
+        overrides.append(f"model.first_stage.ckpt={tmp_path / 'vae.ckpt'}")
+    cfg = train_cfg(overrides)
+    hydra.utils.instantiate(cfg.data)
+    hydra.utils.instantiate(cfg.model)
+
+
+@pytest.mark.parametrize("group,option", [("trainer", t) for t in ("cpu", "gpu", "ddp", "ddp_sim", "fsdp")]
+                         + [("logger", lg) for lg in ("wandb", "csv", "tensorboard", "many", "none")]
+                         + [("data", d) for d in ("shapes", "digits")] + [("callbacks", "none")])
+def test_groups_compose(train_cfg, group, option):
+    cfg = train_cfg([f"{group}={option}"])
+    assert group in cfg
+
+
+@pytest.mark.parametrize("debug", ["fdr", "overfit", "limit"])
+def test_debug_modes_compose(train_cfg, debug):
+    cfg = train_cfg(["+experiment=quickstart_vae", f"+debug={debug}"])
+    assert cfg.task_name == "debug" and cfg.trainer.accelerator == "cpu"
+
+
+def test_wrong_group_option_is_a_clear_hydra_error(train_cfg):
+    with pytest.raises(ConfigCompositionException, match="Could not find 'trainer/tpu'"):
+        train_cfg(["trainer=tpu"])
+    with pytest.raises(ConfigCompositionException, match="experiment/nope"):
+        train_cfg(["+experiment=nope"])
+
+
+def test_wrong_key_is_a_clear_error(train_cfg):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ConfigAttributeError), match="batch_sise"):
+        train_cfg(["data.batch_sise=3"])
