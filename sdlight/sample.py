@@ -1,0 +1,86 @@
+"""Sampling entry point: ``python -m sdlight.sample ckpt=PATH prompt="..." num_samples=4 steps=50 seed=0``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from PIL import PngImagePlugin
+
+from sdlight.hydra_utils import CONFIG_PATH, register_resolvers
+from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
+
+log = logging.getLogger("sdlight")
+register_resolvers()
+
+
+def conditions_from(cfg: DictConfig) -> list[Any] | None:
+    """The prompts, labels or attribute sets asked for on the command line (one of them, or none)."""
+    given = {k: cfg.get(k) for k in ("prompt", "prompts_file", "label", "attributes") if cfg.get(k) is not None}
+    if len(given) > 1:
+        raise ValueError(f"give one of prompt, prompts_file, label, attributes; got {sorted(given)}")
+    if "prompt" in given:
+        return [str(cfg.prompt)]
+    if "prompts_file" in given:
+        lines = Path(cfg.prompts_file).read_text().splitlines()
+        prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"{cfg.prompts_file} has no prompts")
+        return prompts
+    if "label" in given:
+        labels = OmegaConf.to_container(cfg.label) if OmegaConf.is_list(cfg.label) else [cfg.label]
+        return [int(v) for v in labels]
+    if "attributes" in given:
+        attrs = OmegaConf.to_container(cfg.attributes)
+        return [attrs] if attrs and not isinstance(attrs[0], list) else attrs
+    return None
+
+
+def save(result: SampleResult, out: Path, ckpt: str) -> list[Path]:
+    """Writes each sample as a PNG with its settings in the PNG text chunks, a grid, and attention maps."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, cond) in enumerate(zip(result.images, result.conditions)):
+        meta = {**result.settings, "condition": cond, "index": i, "checkpoint": str(ckpt)}
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sdlight", json.dumps(meta))
+        if isinstance(cond, str):
+            info.add_text("prompt", cond)
+        path = out / f"{i:05d}.png"
+        image.save(path, pnginfo=info)
+        paths.append(path)
+    grid = torchvision.utils.make_grid(
+        [torchvision.transforms.functional.to_tensor(im) for im in result.images],
+        nrow=max(1, len(result.images) // max(1, len(set(map(str, result.conditions))))), padding=2)
+    torchvision.utils.save_image(grid, out / "grid.png")
+    if result.attention:
+        for i, (tokens, maps) in enumerate(result.attention):
+            folder = out / "attention" / f"{i:05d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, token in enumerate(tokens):
+                if token in ("<start_of_text>", "<end_of_text>", "<pad>"):
+                    continue
+                safe = "".join(ch if ch.isalnum() else "_" for ch in token)
+                heatmap_overlay(result.images[i], maps[k]).save(folder / f"{k:02d}_{safe}.png")
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    pipe = Pipeline.from_checkpoint(cfg.ckpt, device=cfg.device)
+    log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
+    result = pipe(conditions_from(cfg), cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
+                  guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,
+                  eta=cfg.eta, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image, strength=cfg.strength,
+                  mask=cfg.mask, lowres=cfg.lowres, save_attention=cfg.save_attention, progress=cfg.progress)
+    paths = save(result, Path(cfg.out), cfg.ckpt)
+    log.info(f"Wrote {len(paths)} samples and grid.png to {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

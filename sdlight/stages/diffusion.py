@@ -1,0 +1,446 @@
+"""Stage 2: a latent diffusion model trained on the frozen stage-1 autoencoder's latents."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from sdlight.conditioning.base import ConditionEncoder
+from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
+                               training_target)
+from sdlight.stages.images import log_grid, to_grid
+
+log = logging.getLogger("sdlight")
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+SCALE_FACTOR_SEED = 0  # posterior samples of the scale-factor estimate: the same value on every run
+
+
+def to_plain(value: Any) -> Any:
+    """Config containers (OmegaConf's included) as plain dicts / lists, for weights-only checkpoints."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def all_finite(module: L.LightningModule, *values: Tensor) -> bool:
+    """True when every value is finite on every rank (ranks must agree, or DDP's all-reduce would hang)."""
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all().float()
+    trainer = module._trainer
+    if trainer is not None and trainer.world_size > 1:
+        finite = trainer.strategy.reduce(finite, reduce_op="min")
+    return bool(finite > 0)
+
+
+class WarmupEMA:
+    """EMA update with decay min(decay, (1 + n) / (10 + n)) after n updates: a plain 0.9999 EMA would sit at the
+    initial weights for thousands of steps, which short runs never leave. (The first update, n = 0, copies.)
+
+    A class rather than a closure, so the module pickles (``ddp_spawn`` sends it to its processes).
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # AveragedModel groups tensors by dtype: integer buffers (attribute ids) arrive alone and are copied
+        if not ema[0].is_floating_point():
+            torch._foreach_copy_(ema, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(ema, current, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
+
+
+def timestep_bucket_names(num_timesteps: int, buckets: int) -> list[str]:
+    """``val/loss_tLLLL-HHHH`` for the buckets ``t * buckets // num_timesteps`` (inclusive bounds)."""
+    bounds = [math.ceil(k * num_timesteps / buckets) for k in range(buckets + 1)]
+    return [f"val/loss_t{bounds[k]:04d}-{bounds[k + 1] - 1:04d}" for k in range(buckets)]
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (CompVis key names: ``model.diffusion_model.*``) and routes the
+    conditioning: ``context`` to cross-attention, ``y`` to the class embedding, ``concat`` along channels."""
+
+    def __init__(self, diffusion_model: nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None,
+                concat: Tensor | None = None) -> Tensor:
+        if concat is not None:
+            x = torch.cat([x, concat], dim=1)
+        return self.diffusion_model(x, t, context=context, y=y)
+
+
+class LatentDiffusion(L.LightningModule):
+    """A UNet denoiser trained on ``scale_factor · z``, z ~ the frozen autoencoder's posterior of the images.
+
+    ``schedule`` gives the forward process, ``prediction_type`` (eps | v | x0) the network's target,
+    ``loss_weighting`` (simple | min_snr | snr) the per-timestep weight. ``conditioning`` turns the batch entry it
+    reads into a cross-attention context; with probability ``p_uncond`` a sample's condition is replaced by the
+    encoder's explicit null condition, which is what classifier-free guidance contrasts against at sampling.
+
+    ``scale_factor`` (a buffer, so it is saved in checkpoints) is given, or estimated once at the start of
+    training as 1 / std of the posterior samples of ``scale_factor_batches`` training batches, pooled over ranks;
+    a resumed run keeps the stored value.
+
+    An EMA of the trainable parts (UNet, and the condition encoder when it trains) is kept in ``model_ema`` and
+    used for validation and sampling; the frozen autoencoder and text encoders are never copied. It is updated
+    after every optimizer step that had gradients (not on accumulation micro-steps, not on skipped steps).
+
+    A batch whose loss is not finite (on any rank) is skipped: no backward, no EMA update; the skips are counted
+    (``nonfinite_skips``, logged as ``train/nonfinite_skips``) and ``max_nonfinite_steps`` in a row raise.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: NoiseSchedule,
+        conditioning: ConditionEncoder,
+        first_stage: nn.Module,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        sampler: Callable[..., Tensor] | None = None,
+        prediction_type: str = "eps",
+        loss_type: str = "l2",
+        loss_weighting: str = "simple",
+        snr_gamma: float = 5.0,
+        p_uncond: float = 0.1,
+        scale_factor: float | None = None,
+        scale_factor_batches: int = 8,
+        ema_decay: float | None = 0.9999,
+        image_size: int = 32,
+        guidance_scale: float = 3.0,
+        sample_every_n_steps: int = 500,
+        num_log_samples: int = 8,
+        log_conditions: Sequence[Any] | None = None,
+        timestep_buckets: int = 4,
+        max_nonfinite_steps: int = 20,
+        concat: nn.Module | None = None,
+    ):
+        super().__init__()
+        if not 0 <= p_uncond <= 1:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        if scale_factor_batches < 1:
+            raise ValueError(f"scale_factor_batches must be >= 1, got {scale_factor_batches}")
+        self.model = DiffusionWrapper(unet)
+        self.first_stage_model = first_stage.eval().requires_grad_(False)
+        self.cond_stage_model = conditioning
+        # channels concatenated to z_t (inpainting mask + masked image, low-res image), built from the batch
+        self.concat_stage = concat
+        self.schedule = schedule
+        self.optimizer_factory, self.lr_scheduler_factory, self.sampler = optimizer, lr_scheduler, sampler
+        self.prediction_type, self.loss_type = prediction_type, loss_type
+        self.loss_weighting, self.snr_gamma, self.p_uncond = loss_weighting, snr_gamma, p_uncond
+        self.scale_factor_batches = scale_factor_batches
+        # a buffer, as in CompVis: saved in the checkpoint, so a resumed run never re-estimates it
+        self.register_buffer("scale_factor", torch.tensor(1.0 if scale_factor is None else float(scale_factor)))
+        self._scale_factor_ready = scale_factor is not None
+        self.image_size, self.guidance_scale = image_size, guidance_scale
+        self.sample_every_n_steps, self.num_log_samples = sample_every_n_steps, num_log_samples
+        self.log_conditions = to_plain(log_conditions) if log_conditions is not None else None
+        self.timestep_buckets, self.max_nonfinite_steps = timestep_buckets, max_nonfinite_steps
+        self.nonfinite_skips, self._nonfinite_in_a_row = 0, 0
+        self._val_stats: Tensor | None = None  # (buckets, 2): sum of losses, count
+        trainable = [self.model] + ([conditioning] if any(p.requires_grad for p in conditioning.parameters())
+                                    else [])
+        # the averaged parts, unregistered (they are already submodules; registering twice duplicates keys)
+        object.__setattr__(self, "_ema_parts", nn.ModuleList(trainable))
+        self.model_ema = None
+        if ema_decay:
+            self.model_ema = AveragedModel(self._ema_parts, multi_avg_fn=WarmupEMA(ema_decay),
+                                           use_buffers=True).requires_grad_(False)
+        self._last_step_seen, self._grads_since_step = 0, False
+        # plain values only: checkpoints load with weights_only=True and rebuild the networks from these
+        self.save_hyperparameters({
+            "unet_config": to_plain(getattr(unet, "config", None)),
+            "first_stage_config": to_plain(getattr(first_stage, "config", None)),
+            "prediction_type": prediction_type, "loss_type": loss_type, "loss_weighting": loss_weighting,
+            "snr_gamma": snr_gamma, "p_uncond": p_uncond, "ema_decay": ema_decay, "image_size": image_size,
+            "condition_key": conditioning.batch_key, "num_timesteps": schedule.num_timesteps,
+            "concat_channels": getattr(concat, "channels", 0),
+        })
+
+    # ------------------------------------------------------------------------------------------ components
+    @property
+    def condition_key(self) -> str | None:
+        """The batch entry this model is conditioned on ("text", "label", "attributes"), or None."""
+        return self.cond_stage_model.batch_key
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.first_stage_model.downsample_factor
+        return self.first_stage_model.latent_channels, self.image_size // f, self.image_size // f
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        super().train(mode)
+        self.first_stage_model.eval()  # frozen: no dropout, fixed norms
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """``scale_factor`` times a posterior sample (or the mode) of the frozen autoencoder, in float32."""
+        posterior = self.first_stage_model.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.scale_factor * z.float()
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor).clamp(-1, 1)
+
+    def condition(self, values: Any, concat: Tensor | None = None) -> dict[str, Tensor | None]:
+        """Keyword arguments of the UNet wrapper for conditions ``values`` (a batch entry or its null)."""
+        return {"context": self.cond_stage_model(values) if self.condition_key else None, "concat": concat}
+
+    @torch.no_grad()
+    def make_concat(self, inputs: dict[str, Any], generator: torch.Generator | None = None) -> Tensor | None:
+        """The concatenated channels from the concat stage's inputs (``image`` + ``mask``, or ``lowres``)."""
+        if self.concat_stage is None:
+            return None
+        return self.concat_stage(**inputs, encode=lambda x: self.encode_images(x, sample=False),
+                                 generator=generator)
+
+    def condition_values(self, conditions: Any) -> Any:
+        """Conditions as the encoder reads them: a prompt or list of prompts, labels / attribute rows as a tensor
+        on this device (lists of ints are accepted)."""
+        if conditions is None or self.condition_key is None:
+            return conditions
+        if self.condition_key == "text":
+            return [conditions] if isinstance(conditions, str) else list(conditions)
+        return torch.as_tensor(conditions, device=self.device)
+
+    # ---------------------------------------------------------------------------------------- scale factor
+    def on_train_start(self) -> None:
+        if not self._scale_factor_ready:
+            self.estimate_scale_factor()
+
+    @torch.no_grad()
+    def estimate_scale_factor(self) -> float:
+        """1 / std of the latents over ``scale_factor_batches`` training batches, pooled over all ranks.
+
+        The latents are posterior samples, as training sees them (their variance includes the posterior's), drawn
+        from a seeded generator; the global RNG is restored afterwards, so the estimate changes neither the data
+        order nor the noise of the training that follows.
+        """
+        loader = self.trainer.train_dataloader
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # n, sum, sum of squares
+        generator = torch.Generator().manual_seed(SCALE_FACTOR_SEED + self.global_rank)
+        with torch.random.fork_rng(devices=[]):
+            for i, batch in enumerate(loader):
+                if i >= self.scale_factor_batches:
+                    break
+                z = self.first_stage_model.encode(batch["image"].to(self.device)).sample(generator).double()
+                stats += torch.stack([stats.new_tensor(z.numel()), z.sum(), (z * z).sum()])
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        n, s, ss = stats.tolist()
+        if n < 2:
+            raise RuntimeError("the scale factor estimate found no training batches")
+        std = math.sqrt((ss - s * s / n) / (n - 1))  # the unbiased std, as torch.std
+        self.scale_factor.fill_(1.0 / std)
+        self._scale_factor_ready = True
+        log.info(f"scale_factor = 1/std(z) = {1.0 / std:.5f} (from {int(n)} latent values)")
+        return 1.0 / std
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._scale_factor_ready = True  # the buffer comes back with the state dict
+        self._last_step_seen = int(checkpoint.get("global_step", 0))
+
+    # -------------------------------------------------------------------------------------------- training
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen parts and the EMA copy excluded
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    def losses(self, batch: dict[str, Any], *, t: Tensor | None = None, noise: Tensor | None = None,
+               generator: torch.Generator | None = None, p_uncond: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Per-sample weighted losses (B,) and their timesteps (B,).
+
+        ``t`` and ``noise`` default to fresh draws; ``generator`` (if given) draws them, the posterior sample
+        and the condition dropout, which makes the result a function of the batch and the generator's seed.
+        """
+        z = self.encode_images(batch["image"], generator=generator)
+        values = batch.get(self.condition_key) if self.condition_key else None
+        if values is not None and p_uncond > 0:
+            values = self.cond_stage_model.drop(values, p_uncond, generator=generator)
+        if t is None:
+            t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator=generator, device=z.device)
+        if noise is None:
+            noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device)
+        t, noise = t.to(z.device), noise.to(z)
+        concat = None
+        if self.concat_stage is not None:
+            concat = self.make_concat(self.concat_stage.training_inputs(batch, generator), generator)
+        out = self.model(q_sample(z, t, noise, self.schedule), t, **self.condition(values, concat))
+        target = training_target(z, noise, t, self.schedule, self.prediction_type)
+        weight = loss_weight(self.schedule.snr(t).to(z.device), self.prediction_type, self.loss_weighting,
+                             self.snr_gamma)
+        return diffusion_loss(out.float(), target.float(), weight, self.loss_type), t
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        loss = self.losses(batch, p_uncond=self.p_uncond)[0].mean()
+        if not all_finite(self, loss):
+            self.nonfinite_skips += 1
+            self._nonfinite_in_a_row += 1
+            log.warning(f"Non-finite loss at step {self.global_step}: skipped ({self._nonfinite_in_a_row} in a row)")
+            if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self._nonfinite_in_a_row} non-finite losses in a row (max_nonfinite_steps="
+                    f"{self.max_nonfinite_steps}) at step {self.global_step}: lower the learning rate or check the data")
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+            # Lightning skips backward; its optimizer step then finds no gradients and leaves the weights alone
+            return None
+        self._nonfinite_in_a_row = 0
+        self._grads_since_step = True
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.global_step == self._last_step_seen:
+            return  # an accumulation micro-step: no optimizer step yet
+        self._last_step_seen = self.global_step
+        if self.model_ema is not None and self._grads_since_step:
+            self.model_ema.update_parameters(self._ema_parts)
+        self._grads_since_step = False
+        if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
+            self.log_samples(batch)
+
+    # ------------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_stats = torch.zeros(self.timestep_buckets, 2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # fixed posterior samples, noise and timesteps per batch: losses are comparable across evaluations
+        gen = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)
+        with self.ema_weights():
+            losses, t = self.losses(batch, generator=gen)
+        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=losses.shape[0])
+        if self._val_stats is None:
+            self.on_validation_epoch_start()
+        bucket = (t * self.timestep_buckets // self.schedule.num_timesteps).clamp(max=self.timestep_buckets - 1)
+        self._val_stats[:, 0].index_add_(0, bucket, losses.detach().double())
+        self._val_stats[:, 1].index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
+
+    def on_validation_epoch_end(self) -> None:
+        stats, self._val_stats = self._val_stats, None
+        if stats is None:
+            return
+        # one all-reduce of every bucket: every rank then logs the same keys (a per-rank choice could hang DDP)
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        for name, (total, count) in zip(timestep_bucket_names(self.schedule.num_timesteps, self.timestep_buckets),
+                                        stats.tolist()):
+            if count > 0:
+                self.log(name, total / count, sync_dist=True)
+
+    # -------------------------------------------------------------------------------------------- sampling
+    @contextlib.contextmanager
+    def ema_weights(self, enabled: bool = True) -> Iterator[None]:
+        """Swaps the EMA weights in for the duration (no-op without EMA, or before its first update, when the
+        EMA is by definition the live weights)."""
+        if not enabled or self.model_ema is None or int(self.model_ema.n_averaged) == 0:
+            yield
+            return
+        live = [p for m in self._ema_parts for p in (*m.parameters(), *m.buffers())]
+        ema = [p for m in self.model_ema.module for p in (*m.parameters(), *m.buffers())]
+        backup = [p.detach().clone() for p in live]
+        for p, q in zip(live, ema):
+            p.data.copy_(q.data)
+        try:
+            yield
+        finally:
+            for p, b in zip(live, backup):
+                p.data.copy_(b)
+
+    @torch.no_grad()
+    def generate(self, conditions: Any = None, num_samples: int | None = None, *, steps: int | None = None,
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative: Any = None,
+                 generator: torch.Generator | None = None, use_ema: bool = True, sampler: Callable | None = None,
+                 x_T: Tensor | None = None, return_latents: bool = False, concat: Tensor | None = None,
+                 **sampler_kwargs: Any) -> Tensor:
+        """Samples images in [-1, 1] for ``conditions`` (a batch entry: prompts, labels or attributes) or, for
+        unconditional models, ``num_samples`` of them; classifier-free guidance with ``guidance_scale`` against
+        the null condition, or against ``negative`` conditions (negative prompts) when given. Models with a
+        concat stage need ``concat`` (see `make_concat`); both guidance branches see it."""
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise ValueError("no sampler configured: pass sampler= or set model.sampler")
+        conditions = self.condition_values(conditions)
+        if self.condition_key is None and conditions is not None:
+            raise ValueError("this model is unconditional: give num_samples, not conditions")
+        if self.condition_key is not None and conditions is None:
+            raise ValueError(f"this model is conditioned on {self.condition_key!r}: give conditions")
+        if conditions is None and num_samples is None:
+            raise ValueError("give num_samples")
+        n = len(conditions) if conditions is not None else num_samples
+        if num_samples is not None and num_samples != n:
+            raise ValueError(f"num_samples={num_samples} but {n} conditions were given (one sample per condition)")
+        if (self.concat_stage is None) != (concat is None):
+            raise ValueError("concat must be given exactly for models with a concat stage (inpainting, super-"
+                             f"resolution); this model has {type(self.concat_stage).__name__ if self.concat_stage else 'none'}")
+        if concat is not None:
+            concat = concat.to(self.device).expand(n, *concat.shape[1:])
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights(use_ema):
+                cond = self.condition(conditions, concat)
+                uncond = None
+                if self.condition_key and scale != 1.0:
+                    negative = self.condition_values(negative)
+                    uncond = self.condition(negative if negative is not None
+                                            else self.cond_stage_model.null_like(conditions), concat)
+                if x_T is None:
+                    x_T = torch.randn((n, *self.latent_shape), generator=generator,
+                                      device=generator.device if generator else self.device)
+                x_T = x_T.to(self.device)
+                denoise = cfg_denoiser(lambda x, t, c: self.model(x, t, **c), cond, uncond, scale, guidance_rescale)
+                if steps is not None:
+                    sampler_kwargs["steps"] = steps
+                z = sampler(denoise, x_T, self.schedule, prediction_type=self.prediction_type, generator=generator,
+                            **sampler_kwargs)
+                return z if return_latents else self.decode_latents(z)
+        finally:
+            self.train(was_training)
+
+    def log_samples(self, batch: dict[str, Any] | None = None) -> None:
+        """A grid of samples for fixed conditions (``log_conditions``, else the batch's first ones), rank 0 only."""
+        if self._trainer is None or not self.trainer.is_global_zero or self.sampler is None:
+            return
+        n = self.num_log_samples
+        conditions = None
+        if self.condition_key:
+            conditions = self.log_conditions or (batch or {}).get(self.condition_key)
+            if conditions is None:
+                return
+            conditions = self.condition_values(conditions[:n])
+            n = len(conditions)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        concat, rows = None, []
+        if self.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
+            if batch is None:
+                return
+            n = min(n, batch["image"].shape[0])
+            conditions = conditions[:n] if conditions is not None else None
+            part = {k: v[:n] for k, v in batch.items()}
+            concat = self.make_concat(self.concat_stage.training_inputs(part, gen), gen)
+            rows = [part["image"]]
+        x_T = torch.randn((n, *self.latent_shape), generator=gen)
+        images = self.generate(conditions, n if conditions is None else None, x_T=x_T, generator=gen, concat=concat)
+        caption = " | ".join(map(str, conditions)) if isinstance(conditions, list) else None
+        log_grid(self, "samples", to_grid(rows + [images], nrow=n), caption=caption)

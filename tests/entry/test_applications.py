@@ -1,0 +1,86 @@
+"""Trainable inpainting and super-resolution models: two training steps through train(), then the Pipeline."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlight.nn.autoencoder import AutoencoderKL
+from sdlight.pipeline import Pipeline
+from sdlight.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import compose_train  # noqa: E402
+
+PROMPT = "a red circle in the center on a white background"
+
+
+def _train(root: Path, experiment: str) -> Path:
+    torch.manual_seed(0)
+    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
+                       embed_dim=4, resolution=32)
+    vae = root / "vae.ckpt"
+    torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, vae)
+    cfg = compose_train([f"+experiment={experiment}", f"model.first_stage.ckpt={vae}", "data.train_size=16",
+                         "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
+                         "model.sample_every_n_steps=1", "model.sampler.steps=2", "~callbacks.rich_progress_bar",
+                         "~callbacks.model_summary"], root)
+    _, objects = train(cfg)
+    assert list((root / "images").glob("samples_*.png")), "sample grids with the inputs were logged"
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def inpaint_ckpt(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("inpaint"), "quickstart_inpaint")
+
+
+@pytest.fixture(scope="module")
+def superres_ckpt(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("superres"), "quickstart_superres")
+
+
+def test_inpainting_model_sees_mask_and_masked_image(inpaint_ckpt):
+    pipe = Pipeline.from_checkpoint(inpaint_ckpt, device="cpu")
+    unet = pipe.model.model.diffusion_model
+    assert unet.config["in_channels"] == 9
+    seen = {}
+    hook = unet.register_forward_pre_hook(lambda mod, args: None if "x" in seen else seen.update(x=args[0]))
+    init = Image.new("RGB", (32, 32), (255, 255, 255))
+    mask = Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 12))
+    try:
+        out = pipe([PROMPT], steps=2, seed=0, init_image=init, mask=mask, guidance_scale=2.0)
+    finally:
+        hook.remove()
+    x = seen["x"]
+    assert x.shape == (2, 9, 8, 8)  # [uncond; cond] x [z_t, mask, z(masked)]
+    expected_mask = torch.zeros(8, 8)
+    expected_mask[3:5, 3:5] = 1
+    assert torch.equal(x[0, 4], expected_mask) and torch.equal(x[1, 4], expected_mask)
+    assert torch.equal(x[0, 5:], x[1, 5:])  # both guidance branches see the same image evidence
+    assert out.settings["inpainting"] is True and len(out.images) == 1
+    with pytest.raises(ValueError, match="inpainting model"):
+        pipe([PROMPT], steps=1)
+
+
+def test_superres_model_sees_the_low_res_image(superres_ckpt):
+    pipe = Pipeline.from_checkpoint(superres_ckpt, device="cpu")
+    unet = pipe.model.model.diffusion_model
+    assert unet.config["in_channels"] == 16
+    seen = {}
+    hook = unet.register_forward_pre_hook(lambda mod, args: None if "x" in seen else seen.update(x=args[0]))
+    low = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    try:
+        out = pipe(None, num_samples=2, steps=2, seed=0, lowres=low)
+    finally:
+        hook.remove()
+    x = seen["x"]
+    assert x.shape == (2, 16, 8, 8)
+    low_t = torch.from_numpy(np.asarray(low, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert torch.allclose(torch.nn.functional.pixel_shuffle(x[:1, 4:], 2)[0], low_t, atol=1e-6)
+    assert len(out.images) == 2 and out.images[0].size == (32, 32)
+    with pytest.raises(ValueError, match="lowres"):
+        pipe(None, num_samples=1, steps=1)

@@ -1,0 +1,154 @@
+"""The Pipeline API and the sample CLI on a tiny text-conditioned checkpoint trained in the test."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdlight
+from sdlight.checkpoints import CheckpointError
+from sdlight.diffusion import inpaint_callback
+from sdlight.nn.autoencoder import AutoencoderKL
+from sdlight.pipeline import Pipeline, to_pil
+from sdlight.train import train
+
+PROMPT = "a red circle in the center on a white background"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """(ldm checkpoint, vae checkpoint): a random tiny VAE and two training steps of a tiny text LDM."""
+    import sys as _sys
+    from pathlib import Path
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import compose_train
+
+    root = tmp_path_factory.mktemp("ldm")
+    torch.manual_seed(0)
+    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
+                       embed_dim=4, resolution=32)
+    vae = root / "vae.ckpt"
+    torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, vae)
+    cfg = compose_train(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", "data.train_size=16",
+                         "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
+                         "model.sample_every_n_steps=0", "~callbacks.rich_progress_bar",
+                         "~callbacks.model_summary"], root)
+    train(cfg)
+    return root / "checkpoints" / "last.ckpt", vae
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpts):
+    return Pipeline.from_checkpoint(ckpts[0], device="cpu")
+
+
+def _arr(images):
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def test_package_exposes_pipeline():
+    assert sdlight.Pipeline is Pipeline
+
+
+def test_sampling_is_deterministic_for_a_seed(pipe):
+    a = pipe([PROMPT], num_samples=2, steps=3, seed=7)
+    b = pipe([PROMPT], num_samples=2, steps=3, seed=7)
+    c = pipe([PROMPT], num_samples=2, steps=3, seed=8)
+    assert len(a.images) == 2 and a.images[0].size == (32, 32)
+    assert np.array_equal(_arr(a.images), _arr(b.images))
+    assert not np.array_equal(_arr(a.images), _arr(c.images))
+
+
+def test_img2img_at_strength_zero_returns_the_reconstruction(pipe):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    out = pipe([PROMPT], steps=10, init_image=init, strength=0.0).images[0]
+    x = torch.from_numpy(np.asarray(init, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    m = pipe.model
+    with torch.no_grad():
+        rec = to_pil(m.decode_latents(m.encode_images(x, sample=False)))[0]
+    assert np.abs(_arr([out]) - _arr([rec])).max() <= 1  # uint8 rounding only
+    # with strength > 0 the image changes
+    moved = pipe([PROMPT], steps=10, init_image=init, strength=0.8).images[0]
+    assert np.abs(_arr([moved]) - _arr([rec])).mean() > 1
+
+
+def test_inpainting_keeps_the_known_region(pipe):
+    m = pipe.model
+    init = torch.rand(1, 3, 32, 32) * 2 - 1
+    z0 = m.encode_images(init, sample=False)
+    mask = torch.zeros(1, 1, *z0.shape[2:])
+    mask[..., :, : z0.shape[3] // 2] = 1  # regenerate the left half
+    gen = torch.Generator().manual_seed(0)
+    z = m.generate([PROMPT], steps=4, generator=gen, return_latents=True,
+                   callback=inpaint_callback(z0, mask, m.schedule, generator=gen))
+    keep = mask == 0
+    assert torch.equal(z[keep.expand_as(z)], z0[keep.expand_as(z0)])  # exactly the known latents
+    assert not torch.allclose(z[(~keep).expand_as(z)], z0[(~keep).expand_as(z0)])
+    # through the pipeline, with mask and init images
+    init_img = to_pil(init)[0]
+    mask_img = Image.fromarray(np.where(np.arange(32)[None, :].repeat(32, 0) < 16, 255, 0).astype(np.uint8))
+    out = pipe([PROMPT], steps=4, init_image=init_img, mask=mask_img)
+    assert out.settings["inpainting"] is True
+
+
+def test_attention_maps_sum_to_one_over_tokens(pipe):
+    result = pipe([PROMPT], num_samples=1, steps=2, save_attention=True)
+    tokens, maps = result.attention[0]
+    assert tokens[0] == "<start_of_text>" and "red" in tokens and "circle" in tokens
+    assert maps.shape == (len(tokens), 32, 32)
+    assert torch.allclose(maps.sum(0), torch.ones(32, 32), atol=1e-4)  # softmax over keys, averaged linearly
+
+
+def test_bad_inputs_give_clear_errors(pipe, ckpts, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Pipeline.from_checkpoint(tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint"):
+        Pipeline.from_checkpoint(ckpts[1])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe([PROMPT], steps=2, sampler="heun3")
+    with pytest.raises(ValueError, match="needs an init_image"):
+        pipe([PROMPT], steps=2, mask=Image.new("L", (32, 32)))
+    with pytest.raises(ValueError, match="same size"):
+        pipe([PROMPT], steps=2, init_image=Image.new("RGB", (32, 32)), mask=Image.new("L", (16, 16)))
+    with pytest.raises(ValueError, match="give conditions"):
+        pipe(None, steps=2)
+    with pytest.warns(UserWarning, match="resized"):
+        pipe([PROMPT], steps=2, init_image=Image.new("RGB", (48, 40)), strength=0.5)
+
+
+def test_long_prompt_is_truncated_with_a_warning(ckpts):
+    pipe = Pipeline.from_checkpoint(ckpts[0], device="cpu")  # a fresh tokenizer: the warning fires once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe([" ".join(["red"] * 100)], steps=1)
+    assert any("truncated" in str(w.message) for w in caught)
+
+
+def test_sample_cli_writes_pngs_grid_and_metadata(ckpts, tmp_path):
+    env = dict(os.environ, SDLIGHT_OFFLINE="1", HF_HUB_OFFLINE="1", SDLIGHT_ROOT=str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# shapes\n{PROMPT}\n\na blue square at the top left on a black background\n")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "sdlight.sample", f"ckpt={ckpts[0]}", f"prompts_file={prompts}",
+            "num_samples=2", "steps=3", "seed=3", "sampler=dpmpp_2m", f"out={out}", "save_attention=true",
+            "device=cpu"]
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    pngs = sorted(out.glob("0*.png"))
+    assert len(pngs) == 4 and (out / "grid.png").is_file()
+    meta = json.loads(Image.open(pngs[0]).text["sdlight"])
+    assert meta["seed"] == 3 and meta["sampler"] == "dpmpp_2m" and meta["condition"] == PROMPT
+    assert Image.open(pngs[0]).text["prompt"] == PROMPT
+    assert any((out / "attention" / "00000").glob("*red.png"))
+    # same seed, same pixels
+    run2 = subprocess.run(args[:-3] + [f"out={tmp_path / 'out2'}", "device=cpu"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(tmp_path / "out2" / "00000.png")))
