@@ -1,0 +1,334 @@
+"""Evaluation entry point: ``python -m sdlight.evaluate ckpt=PATH 'metrics=[fid,clip_score,adherence]' num_samples=M``.
+
+The scores are the training callbacks' own (``sdlight/callbacks/``), run once on a model rebuilt from its
+checkpoint, so a number printed here and the same number logged during training mean the same thing. A latent
+diffusion checkpoint generates ``num_samples`` images for the conditions of the first ``num_samples`` val items;
+an autoencoder checkpoint is scored by rFID (and KID) of its val reconstructions. The val set comes from the
+datamodule config stored in the checkpoint, with overrides. Samples are generated once and shared by the
+metrics that need them. Results are printed as a table and written to ``<out>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from sdlight.checkpoints import CheckpointError, load_autoencoder, read_checkpoint
+from sdlight.hydra_utils import CONFIG_PATH, register_resolvers
+
+log = logging.getLogger("sdlight")
+register_resolvers()
+
+METRICS = ("fid", "kid", "clip_score", "adherence")
+RECONSTRUCTION_METRICS = ("fid", "kid")  # what an autoencoder checkpoint can be scored by
+_LOADER_KEYS = ("batch_size", "num_workers")  # the `data` placeholders of conf/evaluate.yaml
+
+
+def check_metrics(metrics: str | Sequence[str]) -> list[str]:
+    """The requested metric names, deduplicated; a clear error for unknown ones."""
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    names = list(dict.fromkeys(str(n).strip() for n in names))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or names}: choose from {list(METRICS)}, "
+                         "e.g. 'metrics=[fid,clip_score,adherence]'")
+    return names
+
+
+class ReconstructionModule(L.LightningModule):
+    """A trained autoencoder as the FID callback scores a stage-1 model: reconstructions of the val images."""
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+
+
+def _peek(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's dict, memory-mapped where possible so a multi-GB file is not read twice."""
+    path = Path(path)
+    if path.is_file() and path.suffix != ".safetensors":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # legacy (non-zip) files cannot be mapped: read_checkpoint says what is wrong
+            pass
+    return read_checkpoint(path)
+
+
+def load_model(path: str | Path, device: str | torch.device | None = "auto"
+               ) -> tuple[L.LightningModule, str, dict[str, Any]]:
+    """``(module on device, "ldm" | "autoencoder", the checkpoint's stored run config)``."""
+    from sdlight.pipeline import Pipeline, resolve_device
+
+    ckpt = _peek(path)
+    config = (ckpt.get("sdlight") or {}).get("config") or {}
+    if "autoencoder_config" in (ckpt.get("hyper_parameters") or {}):
+        return ReconstructionModule(load_autoencoder(path)).to(resolve_device(device)), "autoencoder", config
+    return Pipeline.from_checkpoint(path, device).model, "ldm", config
+
+
+def data_config(stored: Mapping[str, Any] | None, override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The datamodule config: ``override`` alone when it has a ``_target_`` (a whole other dataset config), else
+    the checkpoint's ``stored`` one with the non-null values of ``override`` replacing its own."""
+    override = dict(override or {})
+    if "_target_" in override:
+        return {k: v for k, v in override.items() if not (k in _LOADER_KEYS and v is None)}
+    if not stored or "_target_" not in stored:
+        raise CheckpointError("the checkpoint stores no data config (it was not saved by `sdlight.train`): "
+                              "name one with `data=NAME` (e.g. data=shapes)")
+    return {**stored, **{k: v for k, v in override.items() if v is not None}}
+
+
+def val_loader(config: Mapping[str, Any]) -> torch.utils.data.DataLoader:
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(dict(config))
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    return datamodule.val_dataloader()
+
+
+def _fingerprint(value: Any) -> Any:
+    """A hashable, exact summary of a ``generate`` argument (tensors by dtype, shape and content digest)."""
+    if isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous()
+        return ("tensor", str(data.dtype), tuple(data.shape),
+                hashlib.sha256(data.view(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+    if isinstance(value, (list, tuple)):
+        return tuple(_fingerprint(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _fingerprint(v)) for k, v in value.items()))
+    if callable(value):
+        return ("callable", id(value))
+    return value
+
+
+class SharedSamples:
+    """Replaces ``module.generate`` for the duration: injects the chosen ``sampler`` and memoizes the results,
+    so the metrics of one evaluation score the same images instead of sampling them once each.
+
+    A call is served from memory only when its conditions, arguments and generator state equal an earlier
+    call's: the result is then what sampling would return, and the generator is moved on to the state that
+    sampling would leave it in. Each result is kept for ``uses - 1`` more calls and within ``max_bytes``
+    (beyond that, the images are sampled again).
+    """
+
+    def __init__(self, module: L.LightningModule, sampler: Callable | None = None, uses: int = 1,
+                 max_bytes: float = 4 * 2**30):
+        self.module, self.sampler, self.uses, self.max_bytes = module, sampler, uses, max_bytes
+        self.entries: dict[Any, tuple[Tensor, Tensor | None, int]] = {}
+        self.bytes = 0
+        self.hits = self.calls = 0
+
+    def __enter__(self) -> "SharedSamples":
+        self.original = self.module.generate
+        self.module.generate = self  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.module.generate
+        self.entries.clear()
+
+    def __call__(self, conditions: Any = None, num_samples: int | None = None, *,
+                 generator: torch.Generator | None = None, **kwargs: Any) -> Tensor:
+        self.calls += 1
+        if self.sampler is not None:
+            kwargs.setdefault("sampler", self.sampler)
+        state = generator.get_state() if generator is not None else None
+        key = (_fingerprint(conditions), num_samples, _fingerprint(kwargs), _fingerprint(state))
+        if key in self.entries:
+            images, state_after, left = self.entries.pop(key)
+            if left > 1:
+                self.entries[key] = (images, state_after, left - 1)
+            else:
+                self.bytes -= images.numel() * images.element_size()
+            if generator is not None:
+                generator.set_state(state_after)
+            self.hits += 1
+            return images.to(self.module.device)
+        images = self.original(conditions, num_samples, generator=generator, **kwargs)
+        size = images.numel() * images.element_size()
+        if self.uses > 1 and self.bytes + size <= self.max_bytes:
+            self.entries[key] = (images.cpu(), generator.get_state() if generator is not None else None,
+                                 self.uses - 1)
+            self.bytes += size
+        return images
+
+
+def _callbacks(names: list[str], common: dict[str, Any], fid: Mapping[str, Any], clip: Mapping[str, Any],
+               adherence: Mapping[str, Any], feature_extractor: nn.Module | None, clip_model: nn.Module | None
+               ) -> list[L.Callback]:
+    from sdlight.callbacks.adherence import PromptAdherenceCallback
+    from sdlight.callbacks.clip_score import CLIPScoreCallback
+    from sdlight.callbacks.fid import FIDCallback
+
+    out: list[L.Callback] = []
+    if "fid" in names or "kid" in names:  # one Inception pass feeds both
+        out.append(FIDCallback(**common, weights_path=fid.get("weights_path"), feature_extractor=feature_extractor,
+                               cache_dir=fid.get("cache_dir"), num_real=fid.get("num_real"),
+                               dataset_id=fid.get("dataset_id"), kid="kid" in names,
+                               kid_subsets=fid.get("kid_subsets", 100),
+                               kid_subset_size=fid.get("kid_subset_size", 1000)))
+    if "clip_score" in names:
+        out.append(CLIPScoreCallback(**common, arch=clip.get("arch", "ViT-B-32"),
+                                     pretrained=clip.get("pretrained", "laion2b_s34b_b79k"),
+                                     checkpoint_path=clip.get("checkpoint_path"), model=clip_model,
+                                     prompt_key=clip.get("prompt_key", "text")))
+    if "adherence" in names:
+        out.append(PromptAdherenceCallback(**common, truth_key=adherence.get("truth_key", "attributes")))
+    return out
+
+
+def _check_weights(names: list[str], fid: Mapping[str, Any], clip: Mapping[str, Any],
+                   feature_extractor: nn.Module | None, clip_model: nn.Module | None) -> None:
+    """Locate the pretrained metric networks before the model is loaded: a missing file fails in a second."""
+    if ("fid" in names or "kid" in names) and feature_extractor is None:
+        from sdlight.weights import resolve_weights
+
+        resolve_weights("pt_inception", path=fid.get("weights_path"))
+    if "clip_score" in names and clip_model is None:
+        from sdlight.conditioning.text import find_open_clip_weights
+
+        find_open_clip_weights(clip.get("arch", "ViT-B-32"), clip.get("pretrained", "laion2b_s34b_b79k"),
+                               clip.get("checkpoint_path"))
+
+
+def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samples: int = 1000, *,
+             batch_size: int = 50, steps: int | None = 50, guidance: float | None = None, sampler: str | None = None,
+             seed: int = 0, use_ema: bool = True, device: str | torch.device | None = "auto",
+             data: Mapping[str, Any] | None = None, fid: Mapping[str, Any] | None = None,
+             clip: Mapping[str, Any] | None = None, adherence: Mapping[str, Any] | None = None,
+             out: str | Path | None = None, sample_cache_gb: float = 4.0,
+             feature_extractor: nn.Module | None = None, clip_model: nn.Module | None = None) -> dict[str, Any]:
+    """Scores checkpoint ``ckpt``; returns ``{"scores": {...}, "settings": {...}}`` and writes it to
+    ``<out>/metrics.json`` when ``out`` is given.
+
+    ``data`` overrides the checkpoint's datamodule config (see :func:`data_config`); ``fid``, ``clip`` and
+    ``adherence`` are the options of those callbacks (the nodes of ``conf/evaluate.yaml``).
+    ``feature_extractor`` (images in [0, 1] → ``(B, F)``, with ``num_features``) stands in for the Inception
+    and ``clip_model`` for the open_clip model, as in the callbacks.
+    """
+    from sdlight.callbacks.sampling import StandaloneTrainer
+    from sdlight.diffusion import SAMPLERS
+
+    started = time.perf_counter()
+    names = check_metrics(metrics)
+    fid, clip, adherence = dict(fid or {}), dict(clip or {}), dict(adherence or {})
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    _check_weights(names, fid, clip, feature_extractor, clip_model)
+
+    module, stage, stored = load_model(ckpt, device)
+    if stage == "autoencoder" and not set(names) <= set(RECONSTRUCTION_METRICS):
+        raise ValueError(f"{ckpt} is an autoencoder checkpoint: it is scored by rFID / KID of its reconstructions "
+                         f"(metrics=[fid] or [fid,kid]); {sorted(set(names) - set(RECONSTRUCTION_METRICS))} "
+                         "need a latent diffusion checkpoint")
+    data_cfg = data_config(stored.get("data"), data)
+    loader = val_loader(data_cfg)
+    image_size = getattr(module, "image_size", None)
+    if image_size is not None and data_cfg.get("image_size") not in (None, image_size):
+        log.warning(f"the model generates {image_size} px images but the val data is {data_cfg['image_size']} px")
+    log.info(f"Evaluating {ckpt} ({stage}) on {module.device}: {names}, {num_samples} samples")
+
+    common = dict(every_n_steps=None, num_samples=num_samples, batch_size=batch_size, steps=steps,
+                  guidance_scale=guidance, seed=seed, use_ema=use_ema, at_train_end=False)
+    callbacks = _callbacks(names, common, fid, clip, adherence, feature_extractor, clip_model)
+    trainer = StandaloneTrainer(loader)
+    scores: dict[str, float] = {}
+    if stage == "ldm":
+        generating = len(callbacks)  # every metric callback samples for a diffusion model
+        sampler_fn = SAMPLERS[sampler] if sampler is not None else None
+        with SharedSamples(module, sampler_fn, uses=generating, max_bytes=sample_cache_gb * 2**30) as shared:
+            for callback in callbacks:
+                callback.setup(trainer, module, "validate")
+                scores.update(callback.run(trainer, module))
+        log.info(f"{shared.calls - shared.hits} of {shared.calls} sampling calls ran ({shared.hits} shared)")
+    else:
+        for callback in callbacks:
+            callback.setup(trainer, module, "validate")
+            scores.update(callback.run(trainer, module))
+
+    report = {"scores": {k.removeprefix("val/"): v for k, v in scores.items()},
+              "settings": _settings(module, stage, ckpt, names, num_samples, batch_size, steps, guidance, sampler,
+                                    seed, use_ema, data_cfg, fid, clip, stored)}
+    report["settings"]["seconds"] = round(time.perf_counter() - started, 2)
+    if out is not None:
+        path = Path(out) / "metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        log.info(f"Wrote {path}")
+    return report
+
+
+def _settings(module: L.LightningModule, stage: str, ckpt: str | Path, names: list[str], num_samples: int,
+              batch_size: int, steps: int | None, guidance: float | None, sampler: str | None, seed: int,
+              use_ema: bool, data_cfg: dict[str, Any], fid: dict[str, Any], clip: dict[str, Any],
+              stored: dict[str, Any]) -> dict[str, Any]:
+    """What the scores depend on, with the model's defaults filled in where an option was left null."""
+    from sdlight import __version__
+
+    settings: dict[str, Any] = {"ckpt": str(ckpt), "stage": stage, "metrics": names, "num_samples": num_samples,
+                                "batch_size": batch_size, "seed": seed}
+    if stage == "ldm":
+        from sdlight.diffusion import SAMPLERS
+
+        configured = getattr(module.sampler, "keywords", {}) or {}
+        func = getattr(module.sampler, "func", module.sampler)
+        name = next((k for k, f in SAMPLERS.items() if f is func), getattr(func, "__name__", None))
+        settings.update(
+            steps=steps if steps is not None else configured.get("steps"),
+            guidance=float(guidance if guidance is not None else module.guidance_scale),
+            sampler=sampler or name,
+            use_ema=bool(use_ema and module.model_ema is not None), condition_key=module.condition_key)
+    else:
+        settings.update(steps=None, guidance=None, sampler=None, use_ema=None)
+    if "fid" in names or "kid" in names:
+        settings["fid"] = {k: fid.get(k) for k in ("weights_path", "num_real", "cache_dir", "dataset_id")}
+    if "clip_score" in names:
+        settings["clip"] = {k: clip.get(k) for k in ("arch", "pretrained", "checkpoint_path")}
+    settings.update(data=data_cfg, device=str(module.device), task_name=stored.get("task_name"),
+                    sdlight_version=__version__, date=datetime.datetime.now().isoformat(timespec="seconds"))
+    return settings
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The scores as a rich table, and the settings that produced them."""
+    import rich
+    from rich.table import Table
+
+    s = report["settings"]
+    table = Table(title=f"{Path(s['ckpt']).name} ({s['stage']})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report["scores"].items():
+        table.add_row(name, f"{value:.4f}")
+    rich.print(table)
+    rich.print(f"[dim]{s['num_samples']} samples · steps {s['steps']} · guidance {s['guidance']} · "
+               f"sampler {s['sampler']} · seed {s['seed']} · {s['seconds']} s[/dim]")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    def node(name: str) -> dict[str, Any]:
+        return OmegaConf.to_container(cfg.get(name), resolve=True) if cfg.get(name) is not None else {}
+
+    report = evaluate(cfg.ckpt, list(cfg.metrics) if OmegaConf.is_list(cfg.metrics) else cfg.metrics,
+                      cfg.num_samples, batch_size=cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
+                      sampler=cfg.sampler, seed=cfg.seed, use_ema=cfg.use_ema, device=cfg.device, data=node("data"),
+                      fid=node("fid"), clip=node("clip"), adherence=node("adherence"), out=cfg.out,
+                      sample_cache_gb=cfg.get("sample_cache_gb", 4.0))
+    print_report(report)
+    log.info(f"Scores and settings in {Path(cfg.out) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()
