@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdlight.callbacks.dashboard import (ModelStatsCallback, SampleTableCallback, batch_image_count, flat_counts,
                                          parameter_counts)
-from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.train import train
 
 LOG_CONDITIONS = ["a red circle in the center on a white background",
@@ -102,14 +101,10 @@ def summary_values(records) -> dict:
 def wandb_run(tmp_path_factory):
     """Two steps of a tiny text LDM with logger=wandb (offline) and callbacks=[default,dashboard]."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import compose_train
+    from conftest import compose_train, random_stage1_checkpoint
 
     root = tmp_path_factory.mktemp("dashboard")
-    torch.manual_seed(0)
-    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                       embed_dim=4, resolution=32)
-    vae = root / "vae.ckpt"
-    torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, vae)
+    vae = random_stage1_checkpoint(root / "vae.ckpt")
     cfg = compose_train(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", "data.train_size=16",
                          "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=wandb",
                          "trainer.log_every_n_steps=1", "model.sample_every_n_steps=0",

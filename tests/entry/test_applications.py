@@ -8,22 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.pipeline import Pipeline
 from sdlight.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import compose_train  # noqa: E402
+from conftest import compose_train, random_stage1_checkpoint  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
 
 
 def _train(root: Path, experiment: str) -> Path:
-    torch.manual_seed(0)
-    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                       embed_dim=4, resolution=32)
-    vae = root / "vae.ckpt"
-    torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, vae)
+    vae = random_stage1_checkpoint(root / "vae.ckpt")
     cfg = compose_train([f"+experiment={experiment}", f"model.first_stage.ckpt={vae}", "data.train_size=16",
                          "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
                          "model.sample_every_n_steps=1", "model.sampler.steps=2", "~callbacks.rich_progress_bar",

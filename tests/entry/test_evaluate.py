@@ -23,7 +23,6 @@ from sdlight.callbacks.adherence import scene_from_attributes, score_scene
 from sdlight.checkpoints import CheckpointError, load_autoencoder
 from sdlight.data.shapes import ShapesDataset, describe
 from sdlight.evaluate import METRICS, SharedSamples, data_config, evaluate
-from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.stages.diffusion import LatentDiffusion
 from sdlight.train import train
 from sdlight.weights import WeightsNotFoundError
@@ -37,14 +36,10 @@ SHAPES_VAL = {"_target_": "sdlight.data.datamodules.ShapesDataModule", "image_si
 def ckpts(tmp_path_factory):
     """(ldm checkpoint, vae checkpoint): a random tiny VAE and two training steps of a tiny text LDM."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import compose_train
+    from conftest import compose_train, random_stage1_checkpoint
 
     root = tmp_path_factory.mktemp("ldm")
-    torch.manual_seed(0)
-    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                       embed_dim=4, resolution=32)
-    vae = root / "vae.ckpt"
-    torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, vae)
+    vae = random_stage1_checkpoint(root / "vae.ckpt")
     cfg = compose_train(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", "data.train_size=16",
                          f"data.val_size={VAL_SIZE}", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
                          "model.sample_every_n_steps=0", "~callbacks.rich_progress_bar",

@@ -14,7 +14,6 @@ from PIL import Image
 import sdlight
 from sdlight.checkpoints import CheckpointError
 from sdlight.diffusion import inpaint_callback
-from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.pipeline import Pipeline, to_pil
 from sdlight.train import train
 
@@ -28,14 +27,10 @@ def ckpts(tmp_path_factory):
     from pathlib import Path
 
     _sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import compose_train
+    from conftest import compose_train, random_stage1_checkpoint
 
     root = tmp_path_factory.mktemp("ldm")
-    torch.manual_seed(0)
-    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                       embed_dim=4, resolution=32)
-    vae = root / "vae.ckpt"
-    torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, vae)
+    vae = random_stage1_checkpoint(root / "vae.ckpt")
     cfg = compose_train(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", "data.train_size=16",
                          "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
                          "model.sample_every_n_steps=0", "~callbacks.rich_progress_bar",
