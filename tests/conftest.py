@@ -52,6 +52,20 @@ def random_stage1_checkpoint(path, seed: int = 0):
 
 
 @pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network, and empty caches everywhere a pretrained file could be found (returns tmp_path)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("SDLIGHT_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SDLIGHT_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/clip
+    return tmp_path
+
+
+@pytest.fixture
 def train_cfg(tmp_path):
     """Factory: ``train_cfg(["+experiment=quickstart_vae", ...])`` → composed config writing to tmp_path."""
     return lambda overrides: compose_train(overrides, tmp_path)

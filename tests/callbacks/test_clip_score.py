@@ -148,20 +148,6 @@ def test_preprocessing_resize_modes_and_mean_std():
     assert torch.all(longest[..., :4, :] == -2) and torch.all(longest[..., 12:, :] == -2)
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network, and empty caches everywhere a file could be found."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("SDLIGHT_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("SDLIGHT_WEIGHTS", str(tmp_path / "weights"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-    return tmp_path
-
-
 def test_missing_weights_offline_fail_fast(offline):
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError, match="laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):

@@ -110,20 +110,6 @@ def test_bad_layer_rejected(model):
         OpenCLIPTextEncoder(arch="ViT-B-32", layer="first", model=model)
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network, and empty caches everywhere a file could be found."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("SDLIGHT_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("SDLIGHT_WEIGHTS", str(tmp_path / "weights"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.cache/clip
-    return tmp_path
-
-
 def test_missing_weights_offline_fail_fast_naming_the_file(offline):
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as err:

@@ -199,19 +199,6 @@ def test_unknown_metric_or_sampler_is_a_clear_error(ckpts):
     assert set(METRICS) == {"fid", "kid", "clip_score", "adherence"}
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network, and empty caches everywhere a file could be found."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("SDLIGHT_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("SDLIGHT_WEIGHTS", str(tmp_path / "weights"))
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-
-
 @pytest.mark.parametrize("metric, missing", [("fid", "pt_inception-2015-12-05"), ("kid", "pt_inception"),
                                              ("clip_score", "CLIP-ViT-B-32")])
 def test_missing_metric_weights_fail_fast_before_the_model_loads(ckpts, offline, metric, missing):
