@@ -23,9 +23,12 @@ quickstart: install
 		prompts_file=conf/prompts/quickstart.txt num_samples=4 steps=50 seed=0 hydra.run.dir=$(QUICKSTART)/samples
 	@echo "Samples: $(QUICKSTART)/samples/grid.png (one row per prompt of conf/prompts/quickstart.txt)"
 
-## The test suite CI runs (slow end-to-end tests excluded). Exit code 5 (no tests collected) is a failure.
+## The test suite CI runs (slow end-to-end tests excluded). pytest's exit code 5 (no tests collected) is turned
+## into a failure with a message: a suite that ran nothing must not pass.
 test: install
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline SDLIGHT_OFFLINE=1 $(PYTHON) -m pytest -m "not slow and not gpu" -n 2 $(PYTEST_ARGS)
+	@HF_HUB_OFFLINE=1 WANDB_MODE=offline SDLIGHT_OFFLINE=1 $(PYTHON) -m pytest -m "not slow and not gpu" -n 2 \
+		$(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): failing"; fi; exit $$rc
 
 ## Only the slow end-to-end tests (training runs that prove the models learn).
 test-slow: install
