@@ -5,11 +5,14 @@ STAMP := .make/installed
 
 .PHONY: install quickstart test test-all test-slow clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m pip install -e ".[dev]"
-	@mkdir -p .make && touch $(STAMP)
+# Reinstall when pyproject.toml changed, or when this Python imports sdlight from somewhere else (another
+# checkout, a moved directory, a fresh virtualenv): a stamp alone would leave `python -m sdlight.train` broken.
+IMPORTS_HERE := import pathlib, sdlight.conf as c; assert pathlib.Path(c.__path__[0]).resolve() == pathlib.Path('conf').resolve()
 
-install: $(STAMP)
+install:
+	@if [ ! -f $(STAMP) ] || [ pyproject.toml -nt $(STAMP) ] || ! $(PYTHON) -c "$(IMPORTS_HERE)" 2>/dev/null; then \
+		$(PYTHON) -m pip install -e ".[dev]" && mkdir -p .make && touch $(STAMP); \
+	fi
 
 QUICKSTART := logs/quickstart
 
