@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 from functools import partial
 from pathlib import Path
 
@@ -359,9 +360,14 @@ def test_image_grids_go_to_disk_and_to_wandb_offline(train_cfg, tmp_path, monkey
         img = np.asarray(Image.open(p).convert("RGB"), dtype=np.int16)
         assert any(np.array_equal(d, img) for d in disk), p
     assert all(d.max() > 100 for d in disk)  # white/grey backgrounds of the shapes, not a black picture
-    log = next(runs[0].glob("*.wandb")).read_bytes()  # the event log that `wandb sync` uploads references them
-    for p in media:
-        assert str(p.relative_to(runs[0] / "files")).encode() in log, p
+    # the event log that `wandb sync` uploads references them (written by W&B's service process: may lag a bit)
+    names = [str(p.relative_to(runs[0] / "files")).encode() for p in media]
+    for _ in range(60):
+        log = next(runs[0].glob("*.wandb")).read_bytes()
+        if all(n in log for n in names):
+            break
+        time.sleep(0.5)
+    assert all(n in log for n in names), [n for n in names if n not in log]
 
 
 # ----------------------------------------------------------------------------------------------- 7. validation

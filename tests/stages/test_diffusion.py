@@ -23,8 +23,7 @@ from sdlight.diffusion.samplers import sample_ddim
 from sdlight.stages.diffusion import SCALE_FACTOR_SEED, LatentDiffusion, timestep_bucket_names
 from sdlight.train import train
 
-from .conftest import (CONTEXT_DIM, SIZE, save_stage1_checkpoint, shapes_batch, shapes_loader, tiny_conditioning,
-                       tiny_ldm, tiny_trainer, tiny_vae)
+from .conftest import CONTEXT_DIM, SIZE, shapes_batch, shapes_loader, tiny_ldm, tiny_trainer, tiny_vae
 
 T = 1000
 # the linear DDPM schedule of tiny_ldm, written out: beta_t evenly spaced in [1e-4, 2e-2]
@@ -171,7 +170,6 @@ def test_scale_factor_is_pooled_over_ranks_under_ddp_sim(train_cfg, vae_ckpt, tm
 
 # ------------------------------------------------------------------------------------------- 2. first stage
 def test_missing_first_stage_checkpoint(train_cfg, tmp_path):
-    from sdlight.hydra_utils import register_resolvers  # noqa: F401  (the config needs the resolvers)
     import hydra
 
     cfg = train_cfg(["+experiment=quickstart_ldm"])  # the default path: no quickstart VAE trained here
