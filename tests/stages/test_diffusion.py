@@ -286,6 +286,32 @@ def test_training_step_loss_and_noise_are_consistent(tmp_path):
     assert abs(noise.mean()) < 0.2 and 0.8 < noise.std() < 1.2
 
 
+def test_bf16_mixed_precision_trains_with_float32_weights_and_latents(tmp_path):
+    """`precision=bf16-mixed` (what trainer=gpu/ddp/fsdp use; CPU autocast here): the UNet computes in bf16, the
+    weights, their EMA and the latents stay float32, and the loss agrees with the float32 loss to bf16 accuracy."""
+    module = tiny_ldm(prediction_type="v")
+    batch = shapes_batch(4)
+    with torch.no_grad():
+        want = module.losses(batch, generator=torch.Generator().manual_seed(0))[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = module.losses(batch, generator=torch.Generator().manual_seed(0))[0]
+            assert module.encode_images(batch["image"]).dtype == torch.float32
+    assert got.dtype == torch.float32
+    assert not torch.equal(got, want)  # autocast did change the arithmetic ...
+    torch.testing.assert_close(got, want, rtol=0.05, atol=1e-3)  # ... only by bf16 rounding
+
+    unet, dtypes = module.model.diffusion_model, []
+    unet.input_blocks[0].register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    before = copy.deepcopy(module.model.state_dict())
+    tiny_trainer(tmp_path, max_steps=3, precision="bf16-mixed").fit(module, shapes_loader(12, 4))
+    assert dtypes == [torch.bfloat16] * 3  # inside the UNet (its output is cast back to the input's float32)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert all(p.dtype == torch.float32 for p in module.model_ema.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    assert module.nonfinite_skips == 0
+
+
 @pytest.mark.parametrize("kind", ["text", "class", "attributes"])
 def test_condition_dropout_reaches_the_unet(tmp_path, kind):
     contexts = {}
