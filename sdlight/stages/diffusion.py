@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -186,6 +188,19 @@ class LatentDiffusion(L.LightningModule):
         super().train(mode)
         self.first_stage_model.eval()  # frozen: no dropout, fixed norms
         return self
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every eval-mode module when training starts; the frozen parts (the stage-1 VAE, a
+        # pretrained text tower) are in eval mode on purpose. Silence exactly their count, so that any other
+        # module left in eval mode still warns.
+        frozen_roots = [self.first_stage_model] + [
+            m for m in self.cond_stage_model.modules()
+            if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
+        frozen = {id(m) for root in frozen_roots for m in root.modules()}
+        in_eval = [m for m in self.modules() if not m.training]
+        if in_eval and all(id(m) in frozen for m in in_eval):
+            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start",
+                                    category=PossibleUserWarning)
 
     @torch.no_grad()
     def encode_images(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:

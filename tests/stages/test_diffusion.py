@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -225,6 +226,23 @@ def test_first_stage_is_frozen_in_eval_mode_and_not_optimized(tmp_path, vae_ckpt
     assert all(torch.equal(before[k], after[k]) for k in before)
     module.train()
     assert module.model.training and not any(m.training for m in module.first_stage_model.modules())
+
+
+def eval_mode_warnings(tmp_path, module) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_trainer(tmp_path, max_steps=1).fit(module, shapes_loader(4, 4))
+    return [str(w.message) for w in caught if "module(s) in eval mode" in str(w.message)]
+
+
+def test_eval_mode_warning_is_silenced_only_for_the_frozen_parts(tmp_path):
+    assert eval_mode_warnings(tmp_path, tiny_ldm()) == []  # the frozen VAE is in eval mode on purpose
+    module = tiny_ldm()
+    module.cond_stage_model.eval()  # a trainable part left in eval mode: Lightning must still say so
+    n = sum(1 for m in module.modules() if not m.training)
+    assert n > sum(1 for _ in module.first_stage_model.modules())
+    found = eval_mode_warnings(tmp_path, module)
+    assert len(found) == 1 and found[0].startswith(f"Found {n} module(s)"), found
 
 
 # ------------------------------------------------------------------------------------ 3. loss and dropout
