@@ -12,6 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
+from sdlight.stages.common import all_finite
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -116,13 +117,6 @@ class AutoencoderModule(L.LightningModule):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    def _all_finite(self, *losses: torch.Tensor) -> bool:
-        """True when every loss is finite on every rank (ranks must agree, or DDP's all-reduce would hang)."""
-        finite = torch.stack([torch.isfinite(x.detach()).all() for x in losses]).all().float()
-        if self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        return bool(finite > 0)
-
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
@@ -144,7 +138,7 @@ class AutoencoderModule(L.LightningModule):
             loss_d, log_d = self.loss(x, rec.detach(), posterior, part="discriminator", global_step=self.batches,
                                       split="train")
             losses.append(loss_d)
-        if not self._all_finite(*losses):
+        if not all_finite(self, *losses):
             self._skip_nonfinite(opt_g, opt_d, buffers, {**log_g, **log_d})
         else:
             self._nonfinite_in_a_row = 0

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -18,49 +18,13 @@ from torch.optim.swa_utils import AveragedModel
 from sdlight.conditioning.base import ConditionEncoder
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
+from sdlight.stages.common import WarmupEMA, all_finite, to_plain
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 SCALE_FACTOR_SEED = 0  # posterior samples of the scale-factor estimate: the same value on every run
-
-
-def to_plain(value: Any) -> Any:
-    """Config containers (OmegaConf's included) as plain dicts / lists, for weights-only checkpoints."""
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [to_plain(v) for v in value]
-    return value
-
-
-def all_finite(module: L.LightningModule, *values: Tensor) -> bool:
-    """True when every value is finite on every rank (ranks must agree, or DDP's all-reduce would hang)."""
-    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all().float()
-    trainer = module._trainer
-    if trainer is not None and trainer.world_size > 1:
-        finite = trainer.strategy.reduce(finite, reduce_op="min")
-    return bool(finite > 0)
-
-
-class WarmupEMA:
-    """EMA update with decay min(decay, (1 + n) / (10 + n)) after n updates: a plain 0.9999 EMA would sit at the
-    initial weights for thousands of steps, which short runs never leave. (The first update, n = 0, copies.)
-
-    A class rather than a closure, so the module pickles (``ddp_spawn`` sends it to its processes).
-    """
-
-    def __init__(self, decay: float):
-        self.decay = decay
-
-    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        # AveragedModel groups tensors by dtype: integer buffers (attribute ids) arrive alone and are copied
-        if not ema[0].is_floating_point():
-            torch._foreach_copy_(ema, current)
-            return
-        n = float(num_averaged)
-        torch._foreach_lerp_(ema, current, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
 
 
 def timestep_bucket_names(num_timesteps: int, buckets: int) -> list[str]:

@@ -1,0 +1,48 @@
+"""Pieces the stage modules share: the rank-agreed finiteness check of their NaN guards, the warm-up EMA update
+of the latent diffusion model, and config values made plain for weights-only checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+
+def to_plain(value: Any) -> Any:
+    """Config containers (OmegaConf's included) as plain dicts / lists, for weights-only checkpoints."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def all_finite(module: L.LightningModule, *values: Tensor) -> bool:
+    """True when every value is finite on every rank (ranks must agree, or DDP's all-reduce would hang)."""
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all().float()
+    trainer = module._trainer
+    if trainer is not None and trainer.world_size > 1:
+        finite = trainer.strategy.reduce(finite, reduce_op="min")
+    return bool(finite > 0)
+
+
+class WarmupEMA:
+    """EMA update with decay min(decay, (1 + n) / (10 + n)) after n updates: a plain 0.9999 EMA would sit at the
+    initial weights for thousands of steps, which short runs never leave. (The first update, n = 0, copies.)
+
+    A class rather than a closure, so the module pickles (``ddp_spawn`` sends it to its processes).
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # AveragedModel groups tensors by dtype: integer buffers (attribute ids) arrive alone and are copied
+        if not ema[0].is_floating_point():
+            torch._foreach_copy_(ema, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(ema, current, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
