@@ -51,6 +51,32 @@ def random_stage1_checkpoint(path, seed: int = 0):
     return path
 
 
+# The quickstart's text LDMs made tiny: two training steps of batch 8 (val: 8 items)
+TINY_TEXT_LDM = ["data.train_size=16", "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1",
+                 "model.sample_every_n_steps=0", "~callbacks.rich_progress_bar", "~callbacks.model_summary"]
+
+
+def train_tiny_text_ldm(root, overrides=(), experiment: str = "quickstart_ldm"):
+    """Trains ``experiment`` with TINY_TEXT_LDM (then ``overrides``) on a RANDOM-INIT stage 1 written to
+    root/vae.ckpt, writing the run under root (its checkpoint: root/checkpoints/last.ckpt); returns
+    (vae checkpoint, train()'s objects)."""
+    from sdlight.train import train
+
+    vae = random_stage1_checkpoint(root / "vae.ckpt")
+    overrides = [f"+experiment={experiment}", *TINY_TEXT_LDM, f"model.first_stage.ckpt={vae}", *overrides]
+    _, objects = train(compose_train(overrides, root))
+    return vae, objects
+
+
+@pytest.fixture(scope="session")
+def tiny_text_ldm(tmp_path_factory):
+    """(ldm checkpoint, vae checkpoint) of one TINY_TEXT_LDM run without a logger, shared by the tests that only
+    read them."""
+    root = tmp_path_factory.mktemp("tiny_text_ldm")
+    vae, _ = train_tiny_text_ldm(root, ["logger=none"])
+    return root / "checkpoints" / "last.ckpt", vae
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No network, and empty caches everywhere a pretrained file could be found (returns tmp_path)."""

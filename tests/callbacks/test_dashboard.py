@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdlight.callbacks.dashboard import (ModelStatsCallback, SampleTableCallback, batch_image_count, flat_counts,
                                          parameter_counts)
-from sdlight.train import train
 
 LOG_CONDITIONS = ["a red circle in the center on a white background",
                   "a blue square at the top left on a black background",
@@ -101,23 +100,19 @@ def summary_values(records) -> dict:
 def wandb_run(tmp_path_factory):
     """Two steps of a tiny text LDM with logger=wandb (offline) and callbacks=[default,dashboard]."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import compose_train, random_stage1_checkpoint
+    from conftest import train_tiny_text_ldm
 
     root = tmp_path_factory.mktemp("dashboard")
-    vae = random_stage1_checkpoint(root / "vae.ckpt")
-    cfg = compose_train(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", "data.train_size=16",
-                         "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=wandb",
-                         "trainer.log_every_n_steps=1", "model.sample_every_n_steps=0",
-                         f"model.log_conditions=[{','.join(repr(c) for c in LOG_CONDITIONS)}]",
-                         "callbacks=[default,dashboard]", "~callbacks.rich_progress_bar", "~callbacks.model_summary",
-                         "callbacks.sample_table.every_n_steps=1", "callbacks.sample_table.steps=2",
-                         "callbacks.throughput.window_size=2"], root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.delenv("WANDB_API_KEY", raising=False)
         for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
             mp.setenv(var, str(root / "wandb-home"))
-        _, objects = train(cfg)
+        _, objects = train_tiny_text_ldm(root, [
+            "logger=wandb", "trainer.log_every_n_steps=1",
+            f"model.log_conditions=[{','.join(repr(c) for c in LOG_CONDITIONS)}]", "callbacks=[default,dashboard]",
+            "callbacks.sample_table.every_n_steps=1", "callbacks.sample_table.steps=2",
+            "callbacks.throughput.window_size=2"])
     run_dir = next((root / "wandb").glob("offline-run-*"))
     return root, run_dir, wandb_records(run_dir), objects
 

@@ -9,23 +9,29 @@ import torch
 from PIL import Image
 
 from sdlight.pipeline import Pipeline
-from sdlight.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import compose_train, random_stage1_checkpoint  # noqa: E402
+from conftest import train_tiny_text_ldm  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
 
 
 def _train(root: Path, experiment: str) -> Path:
-    vae = random_stage1_checkpoint(root / "vae.ckpt")
-    cfg = compose_train([f"+experiment={experiment}", f"model.first_stage.ckpt={vae}", "data.train_size=16",
-                         "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
-                         "model.sample_every_n_steps=1", "model.sampler.steps=2", "~callbacks.rich_progress_bar",
-                         "~callbacks.model_summary"], root)
-    _, objects = train(cfg)
+    train_tiny_text_ldm(root, ["logger=none", "model.sample_every_n_steps=1", "model.sampler.steps=2"], experiment)
     assert list((root / "images").glob("samples_*.png")), "sample grids with the inputs were logged"
     return root / "checkpoints" / "last.ckpt"
+
+
+def first_unet_input(pipe: Pipeline, *args, **kwargs):
+    """(the UNet's input x at the first sampler step, the pipeline's output) of ``pipe(*args, **kwargs)``."""
+    seen = {}
+    unet = pipe.model.model.diffusion_model
+    hook = unet.register_forward_pre_hook(lambda mod, a: None if "x" in seen else seen.update(x=a[0]))
+    try:
+        out = pipe(*args, **kwargs)
+    finally:
+        hook.remove()
+    return seen["x"], out
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +48,9 @@ def test_inpainting_model_sees_mask_and_masked_image(inpaint_ckpt):
     pipe = Pipeline.from_checkpoint(inpaint_ckpt, device="cpu")
     unet = pipe.model.model.diffusion_model
     assert unet.config["in_channels"] == 9
-    seen = {}
-    hook = unet.register_forward_pre_hook(lambda mod, args: None if "x" in seen else seen.update(x=args[0]))
     init = Image.new("RGB", (32, 32), (255, 255, 255))
     mask = Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), 12))
-    try:
-        out = pipe([PROMPT], steps=2, seed=0, init_image=init, mask=mask, guidance_scale=2.0)
-    finally:
-        hook.remove()
-    x = seen["x"]
+    x, out = first_unet_input(pipe, [PROMPT], steps=2, seed=0, init_image=init, mask=mask, guidance_scale=2.0)
     assert x.shape == (2, 9, 8, 8)  # [uncond; cond] x [z_t, mask, z(masked)]
     expected_mask = torch.zeros(8, 8)
     expected_mask[3:5, 3:5] = 1
@@ -65,14 +65,8 @@ def test_superres_model_sees_the_low_res_image(superres_ckpt):
     pipe = Pipeline.from_checkpoint(superres_ckpt, device="cpu")
     unet = pipe.model.model.diffusion_model
     assert unet.config["in_channels"] == 16
-    seen = {}
-    hook = unet.register_forward_pre_hook(lambda mod, args: None if "x" in seen else seen.update(x=args[0]))
     low = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    try:
-        out = pipe(None, num_samples=2, steps=2, seed=0, lowres=low)
-    finally:
-        hook.remove()
-    x = seen["x"]
+    x, out = first_unet_input(pipe, None, num_samples=2, steps=2, seed=0, lowres=low)
     assert x.shape == (2, 16, 8, 8)
     low_t = torch.from_numpy(np.asarray(low, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
     assert torch.allclose(torch.nn.functional.pixel_shuffle(x[:1, 4:], 2)[0], low_t, atol=1e-6)

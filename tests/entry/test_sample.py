@@ -15,33 +15,13 @@ import sdlight
 from sdlight.checkpoints import CheckpointError
 from sdlight.diffusion import inpaint_callback
 from sdlight.pipeline import Pipeline, to_pil
-from sdlight.train import train
 
 PROMPT = "a red circle in the center on a white background"
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """(ldm checkpoint, vae checkpoint): a random tiny VAE and two training steps of a tiny text LDM."""
-    import sys as _sys
-    from pathlib import Path
-
-    _sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import compose_train, random_stage1_checkpoint
-
-    root = tmp_path_factory.mktemp("ldm")
-    vae = random_stage1_checkpoint(root / "vae.ckpt")
-    cfg = compose_train(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", "data.train_size=16",
-                         "data.val_size=8", "data.batch_size=8", "trainer.max_epochs=1", "logger=none",
-                         "model.sample_every_n_steps=0", "~callbacks.rich_progress_bar",
-                         "~callbacks.model_summary"], root)
-    train(cfg)
-    return root / "checkpoints" / "last.ckpt", vae
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpts):
-    return Pipeline.from_checkpoint(ckpts[0], device="cpu")
+def pipe(tiny_text_ldm):
+    return Pipeline.from_checkpoint(tiny_text_ldm[0], device="cpu")
 
 
 def _arr(images):
@@ -101,11 +81,11 @@ def test_attention_maps_sum_to_one_over_tokens(pipe):
     assert torch.allclose(maps.sum(0), torch.ones(32, 32), atol=1e-4)  # softmax over keys, averaged linearly
 
 
-def test_bad_inputs_give_clear_errors(pipe, ckpts, tmp_path):
+def test_bad_inputs_give_clear_errors(pipe, tiny_text_ldm, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         Pipeline.from_checkpoint(tmp_path / "nope.ckpt")
     with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint"):
-        Pipeline.from_checkpoint(ckpts[1])
+        Pipeline.from_checkpoint(tiny_text_ldm[1])
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe([PROMPT], steps=2, sampler="heun3")
     with pytest.raises(ValueError, match="needs an init_image"):
@@ -118,20 +98,20 @@ def test_bad_inputs_give_clear_errors(pipe, ckpts, tmp_path):
         pipe([PROMPT], steps=2, init_image=Image.new("RGB", (48, 40)), strength=0.5)
 
 
-def test_long_prompt_is_truncated_with_a_warning(ckpts):
-    pipe = Pipeline.from_checkpoint(ckpts[0], device="cpu")  # a fresh tokenizer: the warning fires once
+def test_long_prompt_is_truncated_with_a_warning(tiny_text_ldm):
+    pipe = Pipeline.from_checkpoint(tiny_text_ldm[0], device="cpu")  # a fresh tokenizer: the warning fires once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe([" ".join(["red"] * 100)], steps=1)
     assert any("truncated" in str(w.message) for w in caught)
 
 
-def test_sample_cli_writes_pngs_grid_and_metadata(ckpts, tmp_path):
+def test_sample_cli_writes_pngs_grid_and_metadata(tiny_text_ldm, tmp_path):
     env = dict(os.environ, SDLIGHT_OFFLINE="1", HF_HUB_OFFLINE="1", SDLIGHT_ROOT=str(tmp_path))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"# shapes\n{PROMPT}\n\na blue square at the top left on a black background\n")
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "sdlight.sample", f"ckpt={ckpts[0]}", f"prompts_file={prompts}",
+    args = [sys.executable, "-m", "sdlight.sample", f"ckpt={tiny_text_ldm[0]}", f"prompts_file={prompts}",
             "num_samples=2", "steps=3", "seed=3", "sampler=dpmpp_2m", f"out={out}", "save_attention=true",
             "device=cpu"]
     run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
