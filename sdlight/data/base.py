@@ -1,25 +1,42 @@
-"""The LightningDataModule shared by the embedded datasets: loaders, workers, and the one batch shape."""
+"""The LightningDataModule shared by every dataset: loaders, workers, sizes, broken-sample counts, one batch shape."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sized
+
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from sdlight.data.skips import SkipMonitor, SkipTally
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Wraps a train and a val dataset whose items are ``{image, text, label, attributes}`` dicts.
+    """Wraps a train and a val dataset whose items are ``{image, text, label[, attributes]}`` dicts.
 
     Subclasses implement ``build(split) -> Dataset``; everything about loading lives here.
+
+    ``train_size`` / ``val_size``: samples per training epoch / in the validation set. Every datamodule accepts
+    them, so an experiment tuned on one dataset composes with another: map-style datasets keep their first N
+    items (None: all); the embedded shapes generate exactly N; shards read N per epoch.
+
+    Datasets that read real files set ``counts_skips``: their batches carry skip counts (sdlight.data.skips),
+    which are taken out before the batch reaches the model and logged as ``data/skipped``.
     """
 
+    counts_skips = False
+    collate_fn: Callable | None = None
+
     def __init__(self, batch_size: int = 32, num_workers: int = 0, image_size: int = 32,
-                 pin_memory: bool = False, persistent_workers: bool = False):
+                 pin_memory: bool = False, persistent_workers: bool = False, train_size: int | None = None,
+                 val_size: int | None = None, max_skip_fraction: float = 0.1):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.train_size, self.val_size = train_size, val_size
+        self.skips = SkipTally(max_skip_fraction)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -27,14 +44,29 @@ class ImageDataModule(L.LightningDataModule):
         """The dataset of ``split`` ("train" or "val"); each subclass defines its own."""
         raise TypeError(f"{type(self).__name__} must define build(split)")
 
+    @staticmethod
+    def _first(dataset: Dataset, n: int | None) -> Dataset:
+        if n is None or isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized) or len(dataset) <= n:
+            return dataset
+        return Subset(dataset, range(n))
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set, self.val_set = self.build("train"), self.build("val")
+            self.train_set = self._first(self.build("train"), self.train_size)
+            self.val_set = self._first(self.build("val"), self.val_size)
+        trainer = getattr(self, "trainer", None)
+        # a datamodule cannot log; it brings the callback that does (once, even when setup runs again)
+        if self.counts_skips and trainer is not None and \
+                not any(isinstance(c, SkipMonitor) and c.tally is self.skips for c in trainer.callbacks):
+            trainer.callbacks.append(SkipMonitor(self.skips))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-                          drop_last=shuffle and len(dataset) >= self.batch_size)
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.persistent_workers)
+        if isinstance(dataset, IterableDataset):  # batches are made inside the pipeline; no len, no shuffle
+            return DataLoader(dataset, batch_size=None, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate_fn,
+                          drop_last=shuffle and len(dataset) >= self.batch_size, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -46,3 +78,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        return self.skips.take_from(batch) if isinstance(batch, dict) else batch

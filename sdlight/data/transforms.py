@@ -1,0 +1,104 @@
+"""One image pipeline for every real-data source: bytes or a file → RGB → resized, cropped tensor in [-1, 1].
+
+The folder and the shard datamodules both call :class:`ImageTransform`, so an image gives the same tensor
+whichever way it was stored.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+class BadImage(ValueError):
+    """An input that is not a usable image (unreadable, truncated, empty, too small); the loaders count it."""
+
+
+def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
+    """Decodes a file or encoded bytes fully (a truncated file fails here, not later in a worker's transform).
+
+    ``draft``: a JPEG may be decoded at a reduced scale whose sides stay >= draft (several times faster for
+    large photos that are resized down anyway).
+
+    Raises BadImage with the reason for anything that is not a whole image.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise BadImage("empty (0 bytes)")
+        stream = io.BytesIO(source)
+    else:
+        if Path(source).stat().st_size == 0:
+            raise BadImage("empty (0 bytes)")
+        stream = source
+    try:
+        img = Image.open(stream)
+        img.seek(0)  # animated GIF / multi-page TIFF: the first frame
+        if draft and img.format == "JPEG":
+            img.draft(img.mode, (draft, draft))
+        img.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"{type(exc).__name__}: {exc}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode → 8-bit RGB, EXIF orientation applied; transparency is composited on white (an
+    RGBA logo on black would otherwise teach the model black backgrounds)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+class ImageTransform:
+    """Resizes the short side to ``image_size``, then crops a square (center or random), optionally flips.
+
+    Images whose short side is below ``min_size`` are rejected (BadImage); smaller ones that pass are upscaled.
+    Horizontal flips are off by default: they contradict captions that say left or right.
+    """
+
+    def __init__(self, image_size: int, crop: str = "center", flip: bool = False, min_size: int = 0):
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.image_size, self.crop, self.flip, self.min_size = image_size, crop, flip, min_size
+
+    def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
+        """(3, image_size, image_size) float in [-1, 1]; raises BadImage for an unusable input."""
+        img = source if isinstance(source, Image.Image) else \
+            open_image(source, draft=max(self.image_size, self.min_size))
+        img = to_rgb(img)
+        w, h = img.size
+        if min(w, h) < max(1, self.min_size):
+            raise BadImage(f"too small: {w}x{h} < min_size {self.min_size}")
+        s = self.image_size
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        if (nw, nh) != (w, h):
+            # reducing_gap: a fast box pre-shrink for large downscales, then a proper bicubic filter
+            img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
+        if self.crop == "random":
+            left, top = random.randint(0, nw - s), random.randint(0, nh - s)
+        else:
+            left, top = (nw - s) // 2, (nh - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+        if self.flip and random.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return x.float().div_(127.5).sub_(1.0)

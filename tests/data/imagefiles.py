@@ -1,0 +1,66 @@
+"""Real image files for the data tests: several formats, sizes and modes (imported by tests/data/test_*.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import lightning as L
+
+import numpy as np
+from PIL import Image
+
+# (name, PIL mode, size) of the good images of the test folders: every format and several modes
+GOOD_IMAGES = [("a.jpg", "RGB", (48, 40)), ("b.png", "RGBA", (40, 64)), ("c.webp", "RGB", (36, 36)),
+               ("d.bmp", "L", (50, 34)), ("e.tif", "CMYK", (40, 40)), ("f.gif", "P", (44, 33)),
+               ("g.jpeg", "RGB", (20, 12)), ("h.png", "I;16", (40, 40)), ("i.png", "LA", (33, 40)),
+               ("j.jpg", "RGB", (200, 100))]
+
+
+def image_bytes(mode: str = "RGB", size: tuple[int, int] = (40, 40), fmt: str = "PNG", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (size[1], size[0]), dtype=np.uint16))
+    elif mode == "P":
+        img = rgb.quantize(16)
+    else:
+        img = rgb.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+           ".gif": "GIF"}
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 40), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(mode, size, FORMATS[path.suffix.lower()], seed))
+    return path
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 5) -> Path:
+    """Good images under root/<class>/ with sidecar captions "a <class> number <i>", cycling through every
+    format and mode of GOOD_IMAGES; returns root."""
+    for c, cls in enumerate(classes):
+        for i in range(per_class):
+            name, mode, size = GOOD_IMAGES[(c * per_class + i) % len(GOOD_IMAGES)]
+            path = write_image(root / cls / f"{i}_{name}", mode, size, seed=c * 100 + i)
+            path.with_suffix(".txt").write_text(f"a {cls} number {i}\n")
+    return root
+
+
+class KeyRecorder(L.Callback):
+    """Writes the sample keys each rank trained on to out/rank<N>.json (DDP tests; importable in spawned ranks)."""
+
+    def __init__(self, out: str):
+        self.out, self.keys = Path(out), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys += list(batch["key"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))

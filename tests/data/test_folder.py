@@ -1,0 +1,222 @@
+"""data=folder on real files written here: captions, labels, splits, broken inputs, training, DDP."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from sdlight.data.folder import FolderDataModule, scan_folder, split_of
+from sdlight.data.skips import SKIPPED, TooManySkipped
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from conftest import TINY_TEXT_LDM, random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
+from imagefiles import image_bytes, make_image_folder, write_image  # noqa: E402
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Factory: image_folder(classes, per_class[, root]) → a folder of good, captioned images (tmp_path/images)."""
+    return lambda classes=("cat", "dog"), per_class=5, root=None: make_image_folder(
+        root or tmp_path / "images", classes, per_class)
+
+
+def batches(dm, split="train"):
+    loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+    return [dm.on_before_batch_transfer(b, 0) for b in loader]
+
+
+def test_every_format_and_mode_gives_the_batch_shape(image_folder):
+    root = image_folder(per_class=5)
+    dm = FolderDataModule(root=str(root), image_size=16, batch_size=4, val_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_set) == 10 and len(dm.val_set) == 0
+    got = batches(dm)
+    assert len(got) == 2  # 10 images, batch 4, drop_last for training
+    for b in got:
+        assert set(b) == {"image", "text", "label", "key"}  # the skip fields are taken out
+        assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
+        assert -1 <= b["image"].min() <= b["image"].max() <= 1
+        assert b["label"].tolist() == [-1] * 4
+        for key, text in zip(b["key"], b["text"]):
+            assert text == f"a {key.split('/')[0]} number {key.split('/')[1].split('_')[0]}"
+    assert dm.skips.skipped == 0
+
+
+def test_class_labels_from_the_first_sub_folder(image_folder):
+    root = image_folder(classes=("zebra", "ant", "mole"), per_class=2)
+    write_image(root / "ant" / "deeper" / "x.png").with_suffix(".txt").write_text("deep ant")
+    dm = FolderDataModule(root=str(root), label_from="folder", val_fraction=0.0, batch_size=7, image_size=8)
+    assert dm.num_classes == 3
+    dm.setup()
+    b = next(iter(dm.val_dataloader() if len(dm.val_set) else dm.train_dataloader()))
+    classes = ["ant", "mole", "zebra"]  # sorted names → ids, as torchvision's ImageFolder
+    for key, label in zip(b["key"], b["label"].tolist()):
+        assert classes[label] == key.split("/")[0]
+    assert "ant/deeper/x.png" in b["key"]
+
+
+def test_captions_from_metadata_jsonl_and_captions_csv(tmp_path):
+    for table in ("jsonl", "csv"):
+        root = tmp_path / table
+        for i in range(3):
+            write_image(root / "sub" / f"{i}.png", seed=i)
+        write_image(root / "sub" / "3.png").with_suffix(".txt").write_text("from the sidecar")  # sidecar wins
+        rows = [("sub/0.png", "zero, with a comma"), ("sub/1.png", "one"), ("sub/3.png", "not this"),
+                ("sub/9.png", "an orphan caption")]
+        if table == "jsonl":
+            (root / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f, "text": t}) for f, t in rows))
+        else:
+            (root / "captions.csv").write_text("file_name,text\n" + "".join(f'{f},"{t}"\n' for f, t in rows))
+        scan = scan_folder(root)
+        got = {r.rel: r.text if r.text_file is None else (root / r.text_file).read_text() for r in scan.records}
+        assert got == {"sub/0.png": "zero, with a comma", "sub/1.png": "one", "sub/3.png": "from the sidecar"}
+        assert sorted(scan.skipped) == ["sub/2.png: no caption (data.missing_caption=empty keeps it)",
+                                        "sub/9.png: caption without an image"]
+        assert {r.rel: r.text for r in scan_folder(root, missing_caption="empty").records}["sub/2.png"] == ""
+
+
+def test_a_folder_without_any_caption_gives_empty_captions(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.jpg", seed=i)
+    assert [r.text for r in scan_folder(tmp_path).records] == ["", "", ""]
+
+
+def test_split_is_stable_by_path_hash_and_val_root_is_separate(image_folder, tmp_path):
+    root = image_folder(per_class=10)
+    dm = FolderDataModule(root=str(root), val_fraction=0.3, image_size=8)
+    dm.setup()
+    train = {r.rel for r in dm.train_set.dataset.records} if hasattr(dm.train_set, "dataset") else \
+        {r.rel for r in dm.train_set.records}
+    val = {r.rel for r in dm.val_set.records}
+    assert train and val and not train & val and len(train | val) == 20
+    assert all(split_of(rel, 0.3) == "val" for rel in val)
+    write_image(root / "cat" / "new.png").with_suffix(".txt").write_text("new")  # adding files moves none
+    dm2 = FolderDataModule(root=str(root), val_fraction=0.3, image_size=8)
+    dm2.setup()
+    assert val <= {r.rel for r in dm2.val_set.records}
+
+    val_root = image_folder(classes=("dog",), per_class=3, root=tmp_path / "val")
+    dm3 = FolderDataModule(root=str(root), val_root=str(val_root), label_from="folder", image_size=8)
+    dm3.setup()
+    assert len(dm3.train_set) == 21 and len(dm3.val_set) == 3
+    assert next(iter(dm3.val_dataloader()))["label"].tolist() == [1, 1, 1]  # "dog" keeps the train id
+
+
+def test_train_and_val_size_cap_the_splits(image_folder):
+    dm = FolderDataModule(root=str(image_folder(per_class=10)), val_fraction=0.2, train_size=5, val_size=1)
+    dm.setup()
+    assert len(dm.train_set) == 5 and len(dm.val_set) == 1
+
+
+def write_broken(root: Path) -> list[str]:
+    """Every kind of broken input next to good ones; returns what must be reported."""
+    good = image_bytes("RGB", (64, 64), "JPEG")
+    (root / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "cat" / "zero.png").write_bytes(b"")
+    (root / "cat" / "notes.png").write_text("this is text, not a PNG")
+    (root / "dog" / "garbage.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBPVP8 junk")
+    for name in ("truncated", "zero", "notes"):
+        (root / "cat" / f"{name}.txt").write_text("a caption")
+    (root / "dog" / "garbage.txt").write_text("a caption")
+    write_image(root / "dog" / "uncaptioned.png")
+    (root / "dog" / "lonely.txt").write_text("a caption without an image")
+    return ["truncated.jpg", "zero.png", "notes.png", "garbage.webp", "uncaptioned.png", "lonely.txt"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_broken_files_are_replaced_and_counted(image_folder, num_workers, caplog):
+    root = image_folder(per_class=8)
+    names = write_broken(root)
+    dm = FolderDataModule(root=str(root), val_fraction=0.0, batch_size=4, image_size=16, num_workers=num_workers,
+                          max_skip_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="sdlight"):
+        dm.setup()
+    listing = "\n".join(r.message for r in caplog.records)
+    assert "uncaptioned.png: no caption" in listing and "lonely.txt: caption without an image" in listing
+    assert len(dm.train_set) == 20  # 16 good + 4 broken image files (found broken only when read)
+    read_before = dm.skips.read
+    raw = list(dm.train_dataloader())
+    assert all(b["image"].shape == (4, 3, 16, 16) for b in raw)  # broken items replaced: full batches
+    decoded = sum(int(b[SKIPPED].sum()) for b in raw)
+    assert decoded >= 4  # all 20 indices are visited: each broken file was read (and replaced) at least once
+    for b in raw:
+        dm.on_before_batch_transfer(b, 0)
+    assert dm.skips.skipped == 2 + decoded  # listing + decoding, counted across workers
+    assert dm.skips.read > read_before
+    assert all(any(n in e for n in names) for e in dm.skips.examples)
+
+
+def test_too_many_broken_files_stop_with_a_clear_error(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png")
+    for i in range(5):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"nope")
+    dm = FolderDataModule(root=str(tmp_path), val_fraction=0.0, batch_size=4, image_size=8, max_skip_fraction=0.2)
+    dm.setup()
+    for b in dm.train_dataloader():
+        dm.on_before_batch_transfer(b, 0)
+    with pytest.raises(TooManySkipped, match=r"skipped \d+ broken samples of \d+ read .*bad\d\.jpg"):
+        dm.skips.check(dm.skips.skipped, dm.skips.read, final=True)
+    # listing already shows it: more than the limit of the files lack captions
+    for i in range(5):
+        (tmp_path / f"c{i}.txt").write_text("x")
+    with pytest.raises(TooManySkipped, match="max_skip_fraction"):
+        FolderDataModule(root=str(tmp_path), max_skip_fraction=0.2).setup()
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        FolderDataModule(root=str(tmp_path / "missing")).setup()
+
+
+# ------------------------------------------------------------------------------ training from a folder
+TINY_TRAIN = ["data=folder", "data.num_workers=0", "data.batch_size=4", "trainer.max_epochs=1", "logger=csv",
+              "callbacks=none", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1"]
+
+
+def test_quickstart_vae_trains_from_a_folder_and_logs_skips(image_folder, train_cfg):
+    from sdlight.train import train
+
+    root = image_folder(per_class=8)
+    write_broken(root)
+    cfg = train_cfg(["+experiment=quickstart_vae", f"data.root={root}", "data.image_size=32",
+                     "data.max_skip_fraction=0.5", *TINY_TRAIN])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].state.finished and objects["model"].batches >= 4
+    assert float(metrics["data/skipped"]) >= 2 and "val/psnr" in metrics
+
+
+def test_class_ldm_trains_from_labelled_folders_and_refuses_unlabelled(image_folder, train_cfg, tmp_path):
+    from sdlight.train import train
+
+    root = image_folder(classes=("a", "b", "c"), per_class=4)
+    vae = random_stage1_checkpoint(tmp_path / "vae.ckpt")
+    common = ["+experiment=digits_ldm", f"data.root={root}", f"model.first_stage.ckpt={vae}",
+              "model.sample_every_n_steps=0", "model.conditioning.num_classes=3", *TINY_TRAIN]
+    metrics, objects = train(train_cfg(common + ["data.label_from=folder"]))
+    assert objects["trainer"].state.finished and "train/loss" in metrics
+    with pytest.raises(ValueError, match="label_from=folder"):
+        train(train_cfg(common))
+
+
+def test_text_ldm_trains_from_a_folder(image_folder, train_cfg, tmp_path):
+    assert "data.train_size=16" in TINY_TEXT_LDM  # the quickstart's sizes compose with data=folder
+    root = image_folder(per_class=10)
+    _, objects = train_tiny_text_ldm(tmp_path, ["data=folder", f"data.root={root}", "data.num_workers=0",
+                                                "logger=none"])
+    assert objects["trainer"].state.finished and len(objects["datamodule"].train_set) == 16
+
+
+def test_ddp_ranks_see_disjoint_folder_samples(image_folder, train_cfg, tmp_path):
+    from sdlight.train import train
+
+    root = image_folder(per_class=8)
+    cfg = train_cfg(["+experiment=quickstart_vae", f"data.root={root}", "data.val_fraction=0", "trainer=ddp_sim",
+                     "trainer.sync_batchnorm=false", "+trainer.limit_val_batches=0", *TINY_TRAIN])
+    with open_dict(cfg):
+        cfg.callbacks = {"keys": {"_target_": "imagefiles.KeyRecorder", "out": str(tmp_path)}}
+    train(cfg)
+    seen = [set(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 8  # 16 images, 2 ranks, 2 batches of 4 each
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
