@@ -64,3 +64,19 @@ class KeyRecorder(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.keys))
+
+
+def write_shards(out: Path, n: int, maxcount: int = 10, size: tuple[int, int] = (40, 36), start: int = 0,
+                 prefix: str = "s") -> list[Path]:
+    """n good samples in the img2dataset layout (image keys cycling jpg / png / webp / jpeg, txt, json, cls)
+    written by webdataset's own ShardWriter; returns the shard paths."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = [("jpg", "JPEG"), ("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")]
+    with wds.ShardWriter(str(out / f"{prefix}-%04d.tar"), maxcount=maxcount, verbose=0) as sink:
+        for i in range(start, start + n):
+            ext, fmt = kinds[i % len(kinds)]
+            sink.write({"__key__": f"{i:06d}", ext: image_bytes("RGB", size, fmt, seed=i), "txt": f"caption {i}",
+                        "json": {"index": i}, "cls": i % 3})
+    return sorted(out.glob(f"{prefix}-*.tar"))

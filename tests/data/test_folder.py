@@ -14,7 +14,7 @@ from sdlight.data.skips import SKIPPED, TooManySkipped
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from conftest import TINY_TEXT_LDM, random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
-from imagefiles import image_bytes, make_image_folder, write_image  # noqa: E402
+from imagefiles import image_bytes, make_image_folder, write_image, write_shards  # noqa: E402
 
 
 @pytest.fixture
@@ -220,3 +220,20 @@ def test_ddp_ranks_see_disjoint_folder_samples(image_folder, train_cfg, tmp_path
     seen = [set(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 8  # 16 images, 2 ranks, 2 batches of 4 each
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("data", ["folder", "webdataset"])
+def test_every_experiment_composes_with_real_data(train_cfg, image_folder, tmp_path, experiment, data):
+    import hydra
+
+    source = f"data.root={image_folder(per_class=2)}" if data == "folder" else \
+        f'data.urls="{write_shards(tmp_path / "shards", 4)[0]}"'
+    cfg = train_cfg([f"+experiment={experiment}", f"data={data}", source])
+    dm = hydra.utils.instantiate(cfg.data)
+    assert dm.image_size == cfg.model.get("image_size", dm.image_size)
+    if "quickstart" in experiment or "digits" in experiment:
+        assert dm.image_size == 32  # the CPU experiments stay CPU-sized on real data

@@ -1,0 +1,228 @@
+"""``data=webdataset data.urls=PATTERN``: tar shards in the img2dataset layout (``jpg|jpeg|png|webp`` image,
+``txt`` caption, optional ``json`` and ``cls``), local or any URL webdataset opens.
+
+Training draws shards with replacement (``ResampledShards``, seeded per rank and worker) through a shuffle
+buffer, and ``with_epoch`` fixes each worker's number of batches: every rank gets the same known number of
+batches per epoch, whatever was skipped, so Lightning sees epochs and no DDP rank waits on another.
+Validation is a fixed list of the first ``val_size`` samples of ``val_urls`` (else of ``urls``, which training
+then leaves out), held as encoded bytes and decoded like training images; being map-style, Lightning splits it
+over ranks with its DistributedSampler.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+
+import webdataset as wds
+from torch.utils.data import Dataset
+
+from sdlight.data.base import ImageDataModule
+from sdlight.data.folder import collate_counting_skips
+from sdlight.data.skips import MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, TooManySkipped
+from sdlight.data.transforms import BadImage, ImageTransform
+
+log = logging.getLogger("sdlight")
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """A brace pattern (``shards-{0000..0099}.tar``), ``::``-separated patterns, or a list of either."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out = [u for item in items for u in wds.shardlists.expand_urls(str(item))]
+    if not out:
+        raise ValueError(f"data.urls: no shards in {urls!r}")
+    return out
+
+
+def sample_fields(sample: dict) -> tuple[bytes, str, int]:
+    """(image bytes, caption, label) of a raw tar sample; raises BadImage when a part is missing."""
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image is None:
+        raise BadImage(f"no image ({'|'.join(IMAGE_KEYS)}) in the sample, only {sorted(_fields(sample))}")
+    if "txt" not in sample:
+        raise BadImage("no caption (txt)")
+    text = sample["txt"].decode("utf-8", errors="replace").strip()
+    label = int(sample["cls"].decode().strip()) if "cls" in sample else -1
+    return image, text, label
+
+
+def _fields(sample: dict) -> list[str]:
+    return [k for k in sample if not k.startswith("__")]
+
+
+def sample_name(sample: dict) -> str:
+    return f"{os.path.basename(str(sample.get('__url__', '?')))}:{sample.get('__key__', '?')}"
+
+
+class SkipCounting:
+    """The stages of a training pipeline that count what they drop; the count rides on the next good item.
+
+    Lives inside each DataLoader worker (a copy per worker), so nothing is shared between processes.
+    """
+
+    def __init__(self, transform: ImageTransform, exclude: frozenset = frozenset()):
+        self.transform, self.exclude = transform, exclude
+        self.pending, self.first = 0, ""
+
+    max_in_a_row = 1000  # resampled shards never end: without this, all-broken data would spin forever
+
+    def _skip(self, what: str) -> None:
+        self.pending += 1
+        self.first = self.first or what
+        if self.pending >= self.max_in_a_row:
+            raise TooManySkipped(f"data: {self.pending} broken samples in a row, e.g. {self.first}")
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset's exception handler: a truncated tar or unreadable shard is counted, never raised."""
+        self._skip(f"{exn.args[-1] if exn.args else '?'}: {type(exn).__name__}: {exn}")
+        return True
+
+    def decode(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            if (sample.get("__url__"), sample.get("__key__")) in self.exclude:
+                continue  # a validation sample
+            try:
+                image, text, label = sample_fields(sample)
+                item = {"image": self.transform(image), "text": text, "label": label, "key": sample["__key__"]}
+            except (BadImage, ValueError, OSError) as exc:
+                self._skip(f"{sample_name(sample)}: {exc}")
+                continue
+            item[SKIPPED], item[SKIPPED_FROM] = self.pending, self.first
+            self.pending, self.first = 0, ""
+            yield item
+
+
+def iter_samples(urls: Sequence[str], handler) -> Iterator[dict]:
+    """The raw samples of ``urls`` in order, read in this process."""
+    yield from wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=handler))
+
+
+def count_samples(urls: Sequence[str]) -> int:
+    """Samples with an image in local shards, from the tar headers alone (no image is decoded)."""
+    keys = set()
+    for url in urls:
+        path = url[len("file:"):] if url.startswith("file:") else url
+        if "://" in path or not os.path.isfile(path):
+            raise ValueError(f"cannot count the samples of {url!r}: set data.train_size (samples per epoch)")
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    base, _, ext = member.name.partition(".")
+                    if ext.lower() in IMAGE_KEYS:
+                        keys.add((url, base))
+        except (tarfile.TarError, OSError) as exc:
+            log.warning("data: %s: %s (counted up to there)", url, exc)
+    return len(keys)
+
+
+class EncodedSamples(ReplacingDataset):
+    """Raw samples held in memory, decoded on access; a broken one is replaced by the next."""
+
+    errors = (BadImage, ValueError, OSError)
+
+    def __init__(self, samples: list[dict], transform: ImageTransform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def name(self, index: int) -> str:
+        return sample_name(self.samples[index])
+
+    def load(self, index: int) -> dict:
+        sample = self.samples[index]
+        image, text, label = sample_fields(sample)
+        return {"image": self.transform(image), "text": text, "label": label, "key": sample["__key__"]}
+
+
+class WebDataModule(ImageDataModule):
+    """Shards for training (``urls``) and a fixed validation set (``val_urls`` or the head of ``urls``).
+
+    ``train_size``: samples per epoch over all ranks (None: counted from local shards). ``val_size``: samples
+    in the validation set (None: all of ``val_urls``; 256 from the head of ``urls``).
+    """
+
+    counts_skips = True
+    collate_fn = staticmethod(collate_counting_skips)
+
+    def __init__(self, urls: str | Sequence[str], val_urls: str | Sequence[str] | None = None,
+                 shuffle_buffer: int = 1000, resampled: bool = True, crop: str = "random", flip: bool = False,
+                 min_size: int = 0, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.urls = expand_urls(urls)
+        self.val_urls = expand_urls(val_urls) if val_urls else None
+        self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
+        self.crop, self.flip, self.min_size = crop, flip, min_size
+        self._val_keys: frozenset = frozenset()
+
+    def _transform(self, split: str) -> ImageTransform:
+        train = split == "train"
+        return ImageTransform(self.image_size, crop=self.crop if train else "center", flip=self.flip and train,
+                              min_size=self.min_size)
+
+    def _world(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def batches_per_worker(self) -> int:
+        """Each worker's batches per epoch: ``train_size`` over ranks, workers and the batch size, rounded up
+        (``with_epoch`` is per worker)."""
+        n = self.train_size if self.train_size is not None else count_samples(self.urls)
+        per_rank = max(1, math.ceil(n / (self._world() * self.batch_size)))
+        return math.ceil(per_rank / max(1, self.num_workers))
+
+    def build(self, split: str) -> Dataset:
+        if split == "val":
+            return self._build_val()
+        counting = SkipCounting(self._transform("train"), self._val_keys)
+        if self.resampled:
+            shards = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True)]
+        else:  # each shard once per pass, split over ranks and workers; with_epoch repeats the passes
+            shards = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
+            if len(self.urls) < self._world() * max(1, self.num_workers):
+                log.warning("data: %d shards for %d ranks x %d workers: some read none (use resampled=true)",
+                            len(self.urls), self._world(), max(1, self.num_workers))
+        n = self.batches_per_worker()
+        pipeline = wds.DataPipeline(
+            *shards,
+            wds.tarfile_to_samples(handler=counting.handler),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
+            counting.decode,
+            wds.batched(self.batch_size, collation_fn=collate_counting_skips, partial=False),
+        )
+        return pipeline.with_epoch(nbatches=n).with_length(n * max(1, self.num_workers), silent=True)
+
+    def _build_val(self) -> Dataset:
+        """Reads the validation samples once, decoding each to leave the broken ones out (and count them)."""
+        counting, transform = SkipCounting(self._transform("val")), self._transform("val")
+        limit = self.val_size if self.val_size is not None or self.val_urls else 256
+        samples, bad = [], []
+        for sample in iter_samples(self.val_urls or self.urls, counting.handler):
+            try:
+                transform(sample_fields(sample)[0])
+                samples.append(sample)
+            except (BadImage, ValueError, OSError) as exc:
+                bad.append(f"{sample_name(sample)}: {exc}")
+            if limit is not None and len(samples) >= limit:
+                break
+        if not self.val_urls:
+            self._val_keys = frozenset((s.get("__url__"), s.get("__key__")) for s in samples)
+        bad += [counting.first] * counting.pending
+        if bad:
+            self.skips.add(len(bad), len(bad) + len(samples), bad)
+            log.warning("data: %d broken samples left out of the validation set, e.g. %s", len(bad),
+                        "; ".join(bad[:MAX_EXAMPLES]))
+        if not samples:
+            log.warning("data: no validation samples in %s", (self.val_urls or self.urls)[:MAX_EXAMPLES])
+        return EncodedSamples(samples, transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:  # val first: training leaves out the samples it holds
+            self.val_set = self.build("val")
+            self.train_set = self.build("train")
+        super().setup(stage)
