@@ -60,7 +60,8 @@ class CrossAttention(nn.Module):
         else:
             # Explicit path: softmax in float32 (as CompVis does under _ATTN_PRECISION="fp32") so the hook sees
             # probabilities that sum to one even under half-precision autocast.
-            sim = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) * self.scale
+            wide = torch.promote_types(q.dtype, torch.float32)
+            sim = torch.einsum("bhid,bhjd->bhij", q.to(wide), k.to(wide)) * self.scale
             probs = sim.softmax(dim=-1)
             self.attention_hook(self, probs.flatten(0, 1))
             out = torch.einsum("bhij,bhjd->bhid", probs.to(v.dtype), v)

@@ -29,10 +29,10 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (statistics overflow in fp16)."""
+    """GroupNorm computed in at least float32 (statistics overflow in fp16); float64 stays float64."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:
