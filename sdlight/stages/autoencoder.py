@@ -12,7 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
-from sdlight.stages.common import all_finite
+from sdlight.stages.common import TrainingFlops, all_finite
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -98,6 +98,12 @@ class AutoencoderModule(L.LightningModule):
         if init_from:
             load_autoencoder_weights(autoencoder, init_from)
             log.info(f"Initialised the autoencoder from {init_from}")
+        self._flops = TrainingFlops()
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """The autoencoder's training FLOPs per batch, once the first batch has run (ThroughputMonitor)."""
+        return self._flops.value
 
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
@@ -129,7 +135,7 @@ class AutoencoderModule(L.LightningModule):
         # Only the generator's parameters enter its graph: otherwise -D(rec) leaves gradients on D that its own
         # step would then follow, against its objective.
         with self.toggled_optimizer(opt_g):
-            rec, posterior = self.autoencoder(x)
+            rec, posterior = self._flops(self.training, self.autoencoder, x)
             loss_g, log_g = self.loss(x, rec, posterior, part="generator", global_step=self.batches,
                                       last_layer=self.autoencoder.get_last_layer(), split="train")
         train_disc = self.batches >= self.loss.disc_start  # before that, D's step would change nothing

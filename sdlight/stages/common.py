@@ -1,9 +1,9 @@
 """Pieces the stage modules share: the rank-agreed finiteness check of their NaN guards, the warm-up EMA update
-of the latent diffusion model, and config values made plain for weights-only checkpoints."""
+of the latent diffusion model, config values made plain for weights-only checkpoints, and FLOPs counting."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -46,3 +46,22 @@ class WarmupEMA:
             return
         n = float(num_averaged)
         torch._foreach_lerp_(ema, current, 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
+
+
+class TrainingFlops:
+    """``flops_per_batch`` for Lightning's ``ThroughputMonitor`` (FLOPs/s and MFU): the trained network's forward
+    FLOPs on the first training batch, counted by ``torch.utils.flop_counter``, times 3 for forward + backward.
+    Frozen parts (the VAE encoder, a pretrained text tower) and the GAN's discriminator are not counted."""
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+    def __call__(self, training: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.value is not None or not training:
+            return fn(*args, **kwargs)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*args, **kwargs)
+        self.value = 3 * counter.get_total_flops()
+        return out

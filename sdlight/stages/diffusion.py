@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel
 from sdlight.conditioning.base import ConditionEncoder
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
-from sdlight.stages.common import WarmupEMA, all_finite, to_plain
+from sdlight.stages.common import TrainingFlops, WarmupEMA, all_finite, to_plain
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -127,6 +127,7 @@ class LatentDiffusion(L.LightningModule):
             self.model_ema = AveragedModel(self._ema_parts, multi_avg_fn=WarmupEMA(ema_decay),
                                            use_buffers=True).requires_grad_(False)
         self._last_step_seen, self._grads_since_step = 0, False
+        self._flops = TrainingFlops()
         # plain values only: checkpoints load with weights_only=True and rebuild the networks from these
         self.save_hyperparameters({
             "unet_config": to_plain(getattr(unet, "config", None)),
@@ -142,6 +143,11 @@ class LatentDiffusion(L.LightningModule):
     def condition_key(self) -> str | None:
         """The batch entry this model is conditioned on ("text", "label", "attributes"), or None."""
         return self.cond_stage_model.batch_key
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """The UNet's training FLOPs per batch, once the first batch has run (Lightning's ThroughputMonitor)."""
+        return self._flops.value
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -263,7 +269,8 @@ class LatentDiffusion(L.LightningModule):
         concat = None
         if self.concat_stage is not None:
             concat = self.make_concat(self.concat_stage.training_inputs(batch, generator), generator)
-        out = self.model(q_sample(z, t, noise, self.schedule), t, **self.condition(values, concat))
+        out = self._flops(self.training, self.model, q_sample(z, t, noise, self.schedule), t,
+                          **self.condition(values, concat))
         target = training_target(z, noise, t, self.schedule, self.prediction_type)
         weight = loss_weight(self.schedule.snr(t).to(z.device), self.prediction_type, self.loss_weighting,
                              self.snr_gamma)
