@@ -11,11 +11,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdlight.errors import UsageError
+
 AUTOENCODER_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint is missing, unreadable, or not of the kind that was asked for."""
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a legacy pickle: what ``torch.load`` can read at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -25,11 +34,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (a directory)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return {"state_dict": load_file(str(path))}
+        try:
+            return {"state_dict": load_file(str(path))}
+        except Exception as e:  # truncated or not safetensors at all
+            raise CheckpointError(f"could not read {path} as safetensors: {e}") from e
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a checkpoint: neither a torch.save file nor .safetensors "
+                              "(give a .ckpt written by sdlight.train, e.g. logs/<task>/runs/<time>/checkpoints/last.ckpt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files
@@ -114,6 +129,11 @@ def load_first_stage(ckpt: str | Path, autoencoder: nn.Module | None = None) -> 
     VAE / SD checkpoint and is loaded into it; without, ``ckpt`` must be one of our stage-1 checkpoints, which
     carry their architecture.
     """
+    if not Path(ckpt).is_file():
+        raise CheckpointError(
+            f"model.first_stage.ckpt={ckpt}: no such file. Stage 2 needs a trained stage 1: run its experiment first "
+            "(e.g. `python -m sdlight.train +experiment=quickstart_vae hydra.run.dir=logs/quickstart/vae`) and point "
+            "model.first_stage.ckpt at its checkpoints/last.ckpt (a +debug=fdr run writes no checkpoint)")
     if autoencoder is None:
         return load_autoencoder(ckpt)
     load_autoencoder_weights(autoencoder, ckpt)

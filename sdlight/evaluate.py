@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from sdlight.checkpoints import CheckpointError, load_autoencoder, read_checkpoint
-from sdlight.hydra_utils import CONFIG_PATH, register_resolvers
+from sdlight.errors import UsageError
+from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -42,8 +43,8 @@ def check_metrics(metrics: str | Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(str(n).strip() for n in names))
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or names}: choose from {list(METRICS)}, "
-                         "e.g. 'metrics=[fid,clip_score,adherence]'")
+        raise UsageError(f"metrics={names}: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                         f"{', '.join(METRICS)}, e.g. 'metrics=[fid,clip_score,adherence]'")
     return names
 
 
@@ -220,16 +221,19 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     from sdlight.callbacks.sampling import StandaloneTrainer
     from sdlight.diffusion import SAMPLERS
 
+    from sdlight.pipeline import check_sampling_options
+
     started = time.perf_counter()
     names = check_metrics(metrics)
     fid, clip, adherence = dict(fid or {}), dict(clip or {}), dict(adherence or {})
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    check_sampling_options(num_samples, steps, guidance, sampler=sampler)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
     _check_weights(names, fid, clip, feature_extractor, clip_model)
 
     module, stage, stored = load_model(ckpt, device)
     if stage == "autoencoder" and not set(names) <= set(RECONSTRUCTION_METRICS):
-        raise ValueError(f"{ckpt} is an autoencoder checkpoint: it is scored by rFID / KID of its reconstructions "
+        raise UsageError(f"{ckpt} is an autoencoder checkpoint: it is scored by rFID / KID of its reconstructions "
                          f"(metrics=[fid] or [fid,kid]); {sorted(set(names) - set(RECONSTRUCTION_METRICS))} "
                          "need a latent diffusion checkpoint")
     data_cfg = data_config(stored.get("data"), data)
@@ -279,11 +283,10 @@ def _settings(module: L.LightningModule, stage: str, ckpt: str | Path, names: li
     settings: dict[str, Any] = {"ckpt": str(ckpt), "stage": stage, "metrics": names, "num_samples": num_samples,
                                 "batch_size": batch_size, "seed": seed}
     if stage == "ldm":
-        from sdlight.diffusion import SAMPLERS
+        from sdlight.diffusion import sampler_name
 
         configured = getattr(module.sampler, "keywords", {}) or {}
-        func = getattr(module.sampler, "func", module.sampler)
-        name = next((k for k, f in SAMPLERS.items() if f is func), getattr(func, "__name__", None))
+        name = sampler_name(module.sampler)
         settings.update(
             steps=steps if steps is not None else configured.get("steps"),
             guidance=float(guidance if guidance is not None else module.guidance_scale),
@@ -321,11 +324,12 @@ def main(cfg: DictConfig) -> None:
     def node(name: str) -> dict[str, Any]:
         return OmegaConf.to_container(cfg.get(name), resolve=True) if cfg.get(name) is not None else {}
 
-    report = evaluate(cfg.ckpt, list(cfg.metrics) if OmegaConf.is_list(cfg.metrics) else cfg.metrics,
-                      cfg.num_samples, batch_size=cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
-                      sampler=cfg.sampler, seed=cfg.seed, use_ema=cfg.use_ema, device=cfg.device, data=node("data"),
-                      fid=node("fid"), clip=node("clip"), adherence=node("adherence"), out=cfg.out,
-                      sample_cache_gb=cfg.get("sample_cache_gb", 4.0))
+    with user_errors():
+        report = evaluate(cfg.ckpt, list(cfg.metrics) if OmegaConf.is_list(cfg.metrics) else cfg.metrics,
+                          cfg.num_samples, batch_size=cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
+                          sampler=cfg.sampler, seed=cfg.seed, use_ema=cfg.use_ema, device=cfg.device,
+                          data=node("data"), fid=node("fid"), clip=node("clip"), adherence=node("adherence"),
+                          out=cfg.out, sample_cache_gb=cfg.get("sample_cache_gb", 4.0))
     print_report(report)
     log.info(f"Scores and settings in {Path(cfg.out) / 'metrics.json'}")
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import re
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
+
+from sdlight.errors import UsageError
+from sdlight.weights import WeightsNotFoundError
 
 log = logging.getLogger("sdlight")
 
@@ -90,8 +98,11 @@ def finish_wandb() -> None:
             wandb.finish()
 
 
-def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None, resolve: bool = False) -> None:
-    """Prints the composed config as a rich tree (main groups first) and saves it as config_tree.log."""
+def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None, resolve: bool = False,
+                      full: bool = True) -> None:
+    """The composed config as a rich tree (main groups first), saved as config_tree.log in ``save_dir``; printed
+    whole with ``full``, else as a few lines: the config chosen in each group, the overrides, and where the
+    tree is."""
     import rich
     import rich.syntax
     import rich.tree
@@ -104,10 +115,52 @@ def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None, resol
         value = cfg[field]
         text = OmegaConf.to_yaml(value, resolve=resolve) if isinstance(value, DictConfig) else str(value)
         branch.add(rich.syntax.Syntax(text, "yaml"))
-    rich.print(tree)
+    saved = None
     if save_dir is not None:
-        with open(Path(save_dir, "config_tree.log"), "w") as f:
+        saved = Path(save_dir, "config_tree.log")
+        with open(saved, "w") as f:
             rich.print(tree, file=f)
+    if full:
+        rich.print(tree)
+        return
+    for line in config_summary(cfg, saved):
+        log.info(line)
+
+
+def config_summary(cfg: DictConfig, saved: Path | None) -> list[str]:
+    """A few lines in place of the whole tree: each group's chosen config, the command-line overrides, and the
+    files that hold the whole config."""
+    lines = []
+    try:
+        hc = hydra.core.hydra_config.HydraConfig.get()
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+        lines.append("Config: " + " ".join(f"{k}={v}" for k, v in choices.items()))
+        if hc.overrides.task:
+            lines.append("Overrides: " + " ".join(hc.overrides.task))
+    except ValueError:  # composed without @hydra.main
+        lines.append(f"Config: data={cfg.data.get('_target_', '?')} model={cfg.model.get('_target_', '?')}")
+    if saved is not None:
+        lines.append(f"Whole config: {saved} (print it here with extras.print_config=full)")
+    return lines
+
+
+# Lightning's lines that say nothing about the run: advertisements, and a note that our own summary callback is used
+_LIGHTNING_NOISE = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Drops Lightning's tips and a torch deprecation that Lightning triggers inside its own code (nothing a user
+    can act on); every other Lightning message and warning stays."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def apply_extras(cfg: DictConfig) -> None:
@@ -119,9 +172,10 @@ def apply_extras(cfg: DictConfig) -> None:
         warnings.filterwarnings("ignore")
     if extras.get("enforce_tags") and not cfg.get("tags"):
         raise ValueError("extras.enforce_tags is set but no tags were given: add tags=[...]")
-    if extras.get("print_config"):
+    mode = extras.get("print_config")
+    if mode:
         output_dir = cfg.get("paths", {}).get("output_dir")
-        print_config_tree(cfg, save_dir=output_dir, resolve=True)
+        print_config_tree(cfg, save_dir=output_dir, resolve=True, full=str(mode).lower() == "full")
 
 
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -131,9 +185,10 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     def wrapped(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
-        except Exception:
-            log.exception("Task failed")
-            raise
+        except Exception as err:
+            if _user_error(err) is None:
+                log.exception("Task failed")
+            raise  # a user's mistake is reported in one line by `user_errors` at the entry point
         finally:
             output_dir = cfg.get("paths", {}).get("output_dir")
             log.info(f"Output dir: {output_dir}")
@@ -142,13 +197,79 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     return wrapped
 
 
+USER_ERRORS = (UsageError, WeightsNotFoundError, MissingMandatoryValue)
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks and runs of spaces folded into single spaces."""
+    return re.sub(r"\s+", " ", message).strip()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """At an entry point: a user's mistake is logged as one line and the process exits with status 2.
+
+    Bugs keep their traceback; so does a mistake when ``HYDRA_FULL_ERROR=1``.
+    """
+    try:
+        yield
+    except Exception as raised:
+        err = _user_error(raised)
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if isinstance(err, MissingMandatoryValue):
+            key = err.full_key or "a value"
+            message = f"{key} is required and was not given: add {key}=... to the command line"
+        else:
+            message = str(err.args[0]) if err.args else str(err)
+        message = one_line(message)
+        print(f"Error: {message}", file=sys.stderr)
+        # the run's log file keeps it too (Hydra's console handler would print it a second time, on stdout)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        sys.exit(2)
+
+
+def _user_error(err: BaseException | None) -> BaseException | None:
+    """``err`` or the user error it wraps (``hydra.utils.instantiate`` re-raises with the original as cause)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err, seen = err.__cause__, seen + 1
+    return None
+
+
+def sweeping_with_optimizer() -> bool:
+    """True when this job is one of a multirun whose sweeper needs each job's return value (Optuna, ...)."""
+    try:
+        hc = hydra.core.hydra_config.HydraConfig.get()
+    except ValueError:  # composed without @hydra.main
+        return False
+    if hc.mode != hydra.types.RunMode.MULTIRUN:
+        return False
+    target = str((hc.get("sweeper") or {}).get("_target_", ""))
+    return not target.endswith("BasicSweeper")
+
+
 def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
-    """The value of ``name`` among the logged metrics, for sweepers; a clear error if it was never logged."""
+    """The value of ``name`` among the logged metrics, for sweepers.
+
+    Never logged (a run shorter than its first validation, say): a warning and ``None`` — except for a sweeper that
+    optimizes the value, which gets a one-line error.
+    """
     if not name:
         log.info("No optimized_metric set: returning nothing to the sweeper")
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+        message = (f"optimized_metric={name} was not logged by this run (it logged: {', '.join(sorted(metrics)) or 'nothing'}); "
+                   "validation may not have run: lower trainer.val_check_interval or set optimized_metric to one of those")
+        if sweeping_with_optimizer():
+            raise UsageError(message)
+        log.warning(message)
+        return None
     value = metrics[name]
     value = float(value.item() if hasattr(value, "item") else value)
     log.info(f"Retrieved metric value {name}={value}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from sdlight.data.folder import scan_folder
 from sdlight.data.skips import MAX_EXAMPLES
 from sdlight.data.transforms import BadImage, open_image, to_rgb
-from sdlight.hydra_utils import CONFIG_PATH, register_resolvers
+from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -94,9 +94,10 @@ def make_shards(src: str | Path, out: str | Path, maxcount: int = 10000, maxsize
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="make_shards")
 def main(cfg: DictConfig) -> None:
-    summary = make_shards(cfg.src, cfg.out, maxcount=cfg.maxcount, maxsize=cfg.maxsize, prefix=cfg.prefix,
-                          label_from=cfg.label_from, missing_caption=cfg.missing_caption,
-                          image_size=cfg.image_size, quality=cfg.quality, progress=cfg.progress)
+    with user_errors():
+        summary = make_shards(cfg.src, cfg.out, maxcount=cfg.maxcount, maxsize=cfg.maxsize, prefix=cfg.prefix,
+                              label_from=cfg.label_from, missing_caption=cfg.missing_caption,
+                              image_size=cfg.image_size, quality=cfg.quality, progress=cfg.progress)
     n = len(summary.shards)
     urls = f"{Path(cfg.out)}/{cfg.prefix}-{{000000..{n - 1:06d}}}.tar" if n else "(none)"
     log.info(f"Wrote {summary.written} samples to {n} shards in {cfg.out}, skipped {summary.skipped}"

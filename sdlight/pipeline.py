@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
-from sdlight.diffusion import SAMPLERS, inpaint_callback
+from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
+from sdlight.errors import UsageError
 from sdlight.stages.diffusion import LatentDiffusion
 
 log = logging.getLogger("sdlight")
@@ -36,6 +37,45 @@ class SampleResult:
     # per sample: (tokens, maps (T, H, W)) — cross-attention of each token, averaged over layers and steps
     attention: list[tuple[list[str], torch.Tensor]] | None = None
     latents: torch.Tensor | None = field(default=None, repr=False)
+
+
+def check_sampling_options(num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
+                           guidance_rescale: float = 0.0, strength: float = 0.6, eta: float = 0.0,
+                           sampler: str | None = None) -> None:
+    """The numeric sampling options, checked before anything is loaded; a :class:`UsageError` names the option
+    (as the sample CLI spells it), its value and what would work."""
+    def integer(name: str, value: Any, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name}={value!r}: give a whole number >= {low}")
+
+    integer("num_samples", num_samples, 1)
+    if steps is not None:
+        integer("steps", steps, 1)
+    if guidance is not None and not (isinstance(guidance, (int, float)) and guidance >= 0 and np.isfinite(guidance)):
+        raise UsageError(f"guidance={guidance!r}: classifier-free guidance scales are >= 0 (1 turns guidance off, "
+                         "3-8 is usual)")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise UsageError(f"guidance_rescale={guidance_rescale!r}: must be in [0, 1] (0.7 is usual, 0 turns it off)")
+    if not 0.0 <= strength <= 1.0:
+        raise UsageError(f"strength={strength!r}: img2img strength must be in [0, 1] (how much of the schedule to "
+                         "re-run: 0.3 keeps the image close, 1 ignores it)")
+    if not eta >= 0.0:
+        raise UsageError(f"eta={eta!r}: DDIM's eta must be >= 0 (0 deterministic, 1 DDPM-like)")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"sampler={sampler}: unknown; choose one of {', '.join(sorted(SAMPLERS))}")
+
+
+def check_image_file(path: str | Path | Image.Image | None, option: str) -> None:
+    """``path`` names a readable image (a typo here should not surface after the model has loaded)."""
+    if path is None or isinstance(path, Image.Image):
+        return
+    if not Path(path).is_file():
+        raise UsageError(f"{option}={path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:
+        raise UsageError(f"{option}={path}: not a readable image ({type(e).__name__})") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -155,6 +195,51 @@ class Pipeline:
         return cls(model, device)
 
     # ------------------------------------------------------------------------------------------- sampling
+    def describe_conditioning(self) -> str:
+        """How this model is conditioned, in the sample CLI's words."""
+        enc, key = self.model.cond_stage_model, self.model.condition_key
+        if key == "text":
+            return "text: use prompt= (or prompts_file=)"
+        if key == "label":
+            return f"class labels: use label=N with N in 0-{enc.num_classes - 1}"
+        if key == "attributes":
+            return f"attribute sets: use attributes=[...] with {len(enc.vocab_sizes)} ids, slot sizes {enc.vocab_sizes}"
+        return "nothing (unconditional): give num_samples only"
+
+    def check_conditions(self, conditions: Sequence[Any] | None) -> None:
+        """Conditions of the kind (and range) this model was trained on; a one-line :class:`UsageError` if not."""
+        key, enc = self.model.condition_key, self.model.cond_stage_model
+        this = f"this checkpoint is conditioned on {self.describe_conditioning()}"
+        if conditions is None:
+            if key is not None:
+                raise UsageError(f"{this}; no condition was given")
+            return
+        conditions = conditions.tolist() if isinstance(conditions, torch.Tensor) else list(conditions)
+        if key is None:
+            raise UsageError(f"{this}; drop prompt=/label=/attributes=")
+        if not conditions:
+            raise UsageError("no conditions were given (an empty list)")
+        if key == "text":
+            if not all(isinstance(c, str) for c in conditions):
+                raise UsageError(f"{this}, not label=/attributes=")
+            return
+        if key == "label":
+            if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in conditions):
+                raise UsageError(f"{this}, not prompt=")
+            bad = [c for c in conditions if not 0 <= c < enc.num_classes]
+            if bad:
+                raise UsageError(f"label={bad[0]}: this model has {enc.num_classes} classes "
+                                 f"(0-{enc.num_classes - 1})")
+            return
+        sizes = enc.vocab_sizes
+        for row in conditions:
+            if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != len(sizes):
+                raise UsageError(f"attributes={row!r}: {this}")
+            bad = [(i, v) for i, (v, n) in enumerate(zip(row, sizes)) if not (isinstance(v, int) and 0 <= v < n)]
+            if bad:
+                i, v = bad[0]
+                raise UsageError(f"attributes={list(row)}: id {v} in slot {i} is out of range (0-{sizes[i] - 1})")
+
     def tokens(self, prompt: str) -> list[str]:
         """The key tokens a text model attends to for ``prompt`` (start/end markers and padding included)."""
         tok = getattr(self.model.cond_stage_model, "tokenizer", None)
@@ -178,9 +263,14 @@ class Pipeline:
         (``model.concat=inpaint``) see the mask and the masked image; any other model blends the known region
         back at every step. ``lowres`` is the input of a super-resolution model."""
         m = self.model
+        check_sampling_options(num_samples, steps, guidance_scale, guidance_rescale, strength, eta, sampler)
+        for path, option in ((init_image, "init_image"), (mask, "mask"), (lowres, "lowres")):
+            check_image_file(path, option)
+        self.check_conditions(conditions)
+        if steps is not None and steps > m.schedule.num_timesteps:
+            raise UsageError(f"steps={steps}: this model was trained with {m.schedule.num_timesteps} timesteps, "
+                             "so at most that many steps")
         if conditions is None:
-            if m.condition_key:
-                raise ValueError(f"this model is conditioned on {m.condition_key!r}: give conditions")
             conds, batch_cond = [None] * num_samples, None
         else:
             conds = [c for c in conditions for _ in range(num_samples)]
@@ -211,16 +301,19 @@ class Pipeline:
             low = lowres if isinstance(lowres, Image.Image) else Image.open(lowres)
             low = torch.from_numpy(np.asarray(low.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
             kwargs["concat"] = m.make_concat({"lowres": (low / 127.5 - 1.0)[None].to(self.device)})
+        keep = None  # (pixels, mask): the known region, pasted back after decoding
         if init_image is not None:
             pixels = to_tensor_image(init_image, m.image_size)
             init_size = (init_image if isinstance(init_image, Image.Image) else Image.open(init_image)).size
             z0 = m.encode_images(pixels.to(self.device), sample=False).expand(n, -1, -1, -1)
-            if mask is not None and concat_kind == "InpaintingConcat":
+            if mask is not None:
                 pix_mask = F.interpolate(to_mask(mask, init_size), size=pixels.shape[-2:], mode="nearest")
+                keep = (pixels.to(self.device), pix_mask.to(self.device))
+            if mask is not None and concat_kind == "InpaintingConcat":
                 kwargs["concat"] = m.make_concat({"image": pixels.to(self.device), "mask": pix_mask.to(self.device)})
             elif mask is not None:
-                latent = to_mask(mask, init_size)
-                latent = F.interpolate(latent, size=m.latent_shape[1:], mode="nearest").to(self.device)
+                # a latent is regenerated when any pixel it covers is: the seam is generated, then pasted over
+                latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:]).to(self.device)
                 kwargs["callback"] = inpaint_callback(z0, latent, m.schedule, generator=generator)
             else:
                 x_T, kwargs["strength"] = z0, strength
@@ -240,8 +333,13 @@ class Pipeline:
         finally:
             if recorder is not None:
                 recorder.__exit__()
+        if keep is not None:
+            # the decoder sees the whole latent: whatever the prompt did to the generated region, the known pixels
+            # are the input's own (the latents alone keep them only up to the VAE's reconstruction)
+            known, pix_mask = keep
+            images = pix_mask * images + (1 - pix_mask) * known
         settings = {"steps": steps, "guidance_scale": scale, "guidance_rescale": guidance_rescale,
-                    "sampler": sampler or getattr(m.sampler, "func", m.sampler).__name__, "seed": seed,
+                    "sampler": sampler or sampler_name(m.sampler), "seed": seed,
                     "eta": eta, "use_ema": use_ema, "negative": negative,
                     "strength": strength if init_image is not None and mask is None else None,
                     "inpainting": mask is not None, "superres": lowres is not None}

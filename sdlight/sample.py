@@ -12,8 +12,9 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from PIL import PngImagePlugin
 
-from sdlight.hydra_utils import CONFIG_PATH, register_resolvers
-from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
+from sdlight.errors import UsageError
+from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
+from sdlight.pipeline import Pipeline, SampleResult, check_image_file, check_sampling_options, heatmap_overlay
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -23,21 +24,29 @@ def conditions_from(cfg: DictConfig) -> list[Any] | None:
     """The prompts, labels or attribute sets asked for on the command line (one of them, or none)."""
     given = {k: cfg.get(k) for k in ("prompt", "prompts_file", "label", "attributes") if cfg.get(k) is not None}
     if len(given) > 1:
-        raise ValueError(f"give one of prompt, prompts_file, label, attributes; got {sorted(given)}")
+        raise UsageError(f"give one of prompt=, prompts_file=, label=, attributes=; got {', '.join(sorted(given))}")
     if "prompt" in given:
         return [str(cfg.prompt)]
     if "prompts_file" in given:
-        lines = Path(cfg.prompts_file).read_text().splitlines()
+        path = Path(cfg.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"prompts_file={path}: no such file")
+        lines = path.read_text().splitlines()
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:
-            raise ValueError(f"{cfg.prompts_file} has no prompts")
+            raise UsageError(f"prompts_file={path} has no prompts (one per line; # starts a comment)")
         return prompts
     if "label" in given:
         labels = OmegaConf.to_container(cfg.label) if OmegaConf.is_list(cfg.label) else [cfg.label]
-        return [int(v) for v in labels]
+        if not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise UsageError(f"label={cfg.label}: give a class id or a list of them (label=7, 'label=[1,2]'); "
+                             "text models take prompt=")
+        return labels
     if "attributes" in given:
-        attrs = OmegaConf.to_container(cfg.attributes)
-        return [attrs] if attrs and not isinstance(attrs[0], list) else attrs
+        attrs = OmegaConf.to_container(cfg.attributes) if OmegaConf.is_list(cfg.attributes) else None
+        if not attrs:
+            raise UsageError(f"attributes={cfg.attributes}: give a list of ids ('attributes=[0,3,1]') or of lists")
+        return [attrs] if not isinstance(attrs[0], list) else attrs
     return None
 
 
@@ -72,13 +81,23 @@ def save(result: SampleResult, out: Path, ckpt: str) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    pipe = Pipeline.from_checkpoint(cfg.ckpt, device=cfg.device)
-    log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
-    result = pipe(conditions_from(cfg), cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
-                  guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,
-                  eta=cfg.eta, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image, strength=cfg.strength,
-                  mask=cfg.mask, lowres=cfg.lowres, save_attention=cfg.save_attention, progress=cfg.progress)
-    paths = save(result, Path(cfg.out), cfg.ckpt)
+    with user_errors():
+        # every option is checked before the checkpoint is read: a typo costs a second, not a model load
+        check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength, cfg.eta,
+                               cfg.sampler)
+        conditions = conditions_from(cfg)
+        for option in ("init_image", "mask", "lowres"):
+            check_image_file(cfg.get(option), option)
+        if cfg.mask is not None and cfg.init_image is None:
+            raise UsageError("mask= needs init_image=: the mask says which part of that image to regenerate")
+        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=cfg.device)
+        log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
+        result = pipe(conditions, cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
+                      guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,
+                      eta=cfg.eta, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image,
+                      strength=cfg.strength, mask=cfg.mask, lowres=cfg.lowres, save_attention=cfg.save_attention,
+                      progress=cfg.progress)
+        paths = save(result, Path(cfg.out), cfg.ckpt)
     log.info(f"Wrote {len(paths)} samples and grid.png to {cfg.out}")
 
 

@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdlight.callbacks.run_config import RunConfigInCheckpoint
 from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, instantiate_callbacks, instantiate_loggers,
-                                 metric_value, prepare_wandb, register_resolvers, task_wrapper)
+                                 metric_value, prepare_wandb, quiet_lightning, register_resolvers, task_wrapper,
+                                 user_errors)
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -30,12 +31,29 @@ def _strategy(trainer_cfg: DictConfig, model: L.LightningModule) -> dict[str, An
     return {}
 
 
+def check_resume(ckpt_path: str | None) -> None:
+    """``ckpt_path`` must be a readable checkpoint before anything is built (a typo should not cost a model load)."""
+    if ckpt_path is None:
+        return
+    from sdlight.checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(ckpt_path)
+    except CheckpointError as err:
+        raise CheckpointError(f"ckpt_path={ckpt_path}: {err}") from None
+    if "loops" not in ckpt and "state_dict" in ckpt:
+        raise CheckpointError(f"ckpt_path={ckpt_path} holds weights but no training state, so it cannot be resumed; "
+                              "use it as initialisation instead (model.init_from= for autoencoders)")
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Composes the run from ``cfg``, fits (resuming from ``ckpt_path``), optionally tests.
 
     Returns (metrics, objects); the metric named by ``optimized_metric`` is what sweepers optimize.
     """
+    check_resume(cfg.get("ckpt_path"))
+    quiet_lightning()
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -80,10 +98,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
-    if not (cfg.get("train", True) or cfg.get("test")):
-        return None  # nothing ran, nothing to optimize
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    with user_errors():
+        metrics, _ = train(cfg)
+        if not (cfg.get("train", True) or cfg.get("test")):
+            return None  # nothing ran, nothing to optimize
+        return metric_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -175,17 +175,13 @@ def resolve_weights(
         except Exception as err:  # HTTP errors, hash mismatch, interrupted transfer
             reason = f"the download failed: {err}"
 
-    lines = [f"Pretrained weights {filename!r} not found and not downloaded: {reason}."]
-    if entry is not None:
-        lines.append(f"  what: {entry.description}")
-    lines.append(f"  url: {url or '(none)'}")
-    lines.append("  searched:")
-    lines += [f"    - {s}" for s in searched]
-    lines.append(
-        f"  to supply it: fetch the URL on a machine with internet and put {filename!r} in a directory named by "
-        f"SDLIGHT_WEIGHTS=/dir (or in {hub}), or pass the file's path explicitly (the module's *_path option)."
-    )
-    raise WeightsNotFoundError("\n".join(lines))
+    # one line: the command-line tools print user errors as a single line
+    what = f" ({entry.description})" if entry is not None else ""
+    raise WeightsNotFoundError(
+        f"Pretrained weights {filename!r}{what} not found and not downloaded: {reason}. To supply it: fetch "
+        f"{url or '(no known URL)'} on a machine with internet and put it in a directory named by "
+        f"SDLIGHT_WEIGHTS=/dir (or in {hub}), or pass the file's path explicitly (the module's *_path option). "
+        f"Searched: {', '.join(searched)}.")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
 from sdlight.callbacks.sampling import SampleEvaluationCallback, to_unit_range
-from sdlight.conditioning.text import find_open_clip_weights
+from sdlight.conditioning.text import find_open_clip_weights, quiet_open_clip
 
 
 def load_open_clip_model(arch: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k",
@@ -31,7 +31,8 @@ def load_open_clip_model(arch: str = "ViT-B-32", pretrained: str | None = "laion
     release's image mean / std are attached as the model's preprocessing config.
     """
     path = find_open_clip_weights(arch, pretrained, checkpoint_path)
-    model = open_clip.create_model(arch, pretrained=None)
+    with quiet_open_clip():
+        model = open_clip.create_model(arch, pretrained=None)
     open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     release = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
     preprocess = dict(open_clip.get_model_preprocess_cfg(model))
@@ -101,7 +102,8 @@ class CLIPScoreCallback(SampleEvaluationCallback):
         if self.model is None:
             self.model = load_open_clip_model(self.arch, self.pretrained, self.checkpoint_path)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(self.arch, context_length=getattr(self.model, "context_length", 77))
+        with quiet_open_clip():
+            self.tokenizer = open_clip.get_tokenizer(self.arch, context_length=getattr(self.model, "context_length", 77))
         if getattr(pl_module, "condition_key", None) is None:
             rank_zero_warn("CLIPScoreCallback: the module is unconditional, so its samples ignore the prompts")
 

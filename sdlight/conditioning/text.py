@@ -6,9 +6,11 @@ cross-attention. The null condition is the empty caption, encoded like any other
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import open_clip
@@ -19,6 +21,19 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from .base import ConditionEncoder, as_text_list
+
+
+
+@contextlib.contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """open_clip logs each lookup ("Parsing model identifier…", "Loaded built-in … config") on the root logger at
+    INFO; under Hydra's logging those lines fill the terminal at every start. Hide INFO while it runs."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.INFO))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 class ClipTokenizer:
@@ -32,7 +47,8 @@ class ClipTokenizer:
     def __init__(self, arch: str = "ViT-B-32", max_length: int = 77) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for <sot> and <eot>, got {max_length}")
-        tokenizer = open_clip.get_tokenizer(arch, context_length=max_length)
+        with quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(arch, context_length=max_length)
         if not isinstance(tokenizer, SimpleTokenizer):
             name = type(tokenizer).__name__
             raise ValueError(f"{arch} uses {name}; choose an arch with the bundled CLIP BPE tokenizer")
@@ -289,13 +305,15 @@ def load_open_clip_text_model(
         raise ValueError(f"{arch} has a Hugging Face text tower; only open_clip's own text transformer is supported")
     if pretrained is None and checkpoint_path is None:
         # no pretrained weights asked for: the caller loads a full checkpoint that holds this tower's weights
-        model = open_clip.create_model(arch, pretrained=None)
+        with quiet_open_clip():
+            model = open_clip.create_model(arch, pretrained=None)
         del model.visual
         return model
     # locate the file first, so that a missing file fails fast, before a large model is initialised
     path = find_open_clip_weights(arch, pretrained, checkpoint_path)
     state = load_state_dict(path)
-    model = open_clip.create_model(arch, pretrained=None)
+    with quiet_open_clip():
+        model = open_clip.create_model(arch, pretrained=None)
     del model.visual
     state = text_state_dict(state)
     if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
@@ -352,7 +370,7 @@ def find_open_clip_weights(arch: str, pretrained: str | None, checkpoint_path: s
     try:
         return resolve_weights(f"open_clip-{arch}-{pretrained}{Path(remote).suffix}", url=url)
     except WeightsNotFoundError as err:
-        raise WeightsNotFoundError(f"{err}\n  also searched open_clip's cache: {', '.join(searched)}") from err
+        raise WeightsNotFoundError(f"{err} Also searched open_clip's cache: {', '.join(searched)}.") from None
 
 
 def _open_clip_cache_lookup(cfg: dict) -> tuple[Path | None, list[str]]:

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, default_collate
 from sdlight.data.base import ImageDataModule
 from sdlight.data.skips import MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, item_skip_fields
 from sdlight.data.transforms import IMAGE_EXTENSIONS, BadImage, ImageTransform
+from sdlight.errors import UsageError
 
 log = logging.getLogger("sdlight")
 
@@ -82,12 +83,12 @@ def scan_folder(root: str | Path, missing_caption: str = "skip", label_from: str
     a VAE or a class-conditioned model needs none. ``classes``: the class list of another split (val_root).
     """
     if missing_caption not in ("skip", "empty"):
-        raise ValueError(f"missing_caption must be 'skip' or 'empty', got {missing_caption!r}")
+        raise UsageError(f"data.missing_caption={missing_caption}: must be skip or empty")
     if label_from not in (None, "folder"):
-        raise ValueError(f"label_from must be null or 'folder', got {label_from!r}")
+        raise UsageError(f"data.label_from={label_from}: must be null or folder")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root: no such directory: {root}")
+        raise UsageError(f"data.root={root}: no such directory")
     images, sidecars = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -172,7 +173,7 @@ class FolderDataModule(ImageDataModule):
                  flip: bool = False, min_size: int = 0, **kwargs):
         super().__init__(**kwargs)
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UsageError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
         self.root, self.val_root, self.val_fraction = root, val_root, val_fraction
         self.label_from, self.missing_caption = label_from, missing_caption
         self.crop, self.flip, self.min_size = crop, flip, min_size
@@ -207,7 +208,7 @@ class FolderDataModule(ImageDataModule):
                             "; ".join(skipped[:MAX_EXAMPLES]))
             self.skips.check(len(skipped), train.found + val.found, final=True)
             if not train.records:
-                raise ValueError(f"data.root={self.root}: no usable images (extensions {IMAGE_EXTENSIONS})")
+                raise UsageError(f"data.root={self.root}: no usable images (extensions {IMAGE_EXTENSIONS})")
         return self._scans
 
     def build(self, split: str) -> Dataset:

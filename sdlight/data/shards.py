@@ -24,6 +24,7 @@ from sdlight.data.base import ImageDataModule
 from sdlight.data.folder import collate_counting_skips
 from sdlight.data.skips import MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, TooManySkipped
 from sdlight.data.transforms import BadImage, ImageTransform
+from sdlight.errors import UsageError
 
 log = logging.getLogger("sdlight")
 
@@ -35,7 +36,7 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     items = [urls] if isinstance(urls, str) else list(urls)
     out = [u for item in items for u in wds.shardlists.expand_urls(str(item))]
     if not out:
-        raise ValueError(f"data.urls: no shards in {urls!r}")
+        raise UsageError(f"data.urls={urls!r}: no shards")
     return out
 
 
@@ -108,7 +109,7 @@ def count_samples(urls: Sequence[str]) -> int:
     for url in urls:
         path = url[len("file:"):] if url.startswith("file:") else url
         if "://" in path or not os.path.isfile(path):
-            raise ValueError(f"cannot count the samples of {url!r}: set data.train_size (samples per epoch)")
+            raise UsageError(f"cannot count the samples of {url!r}: set data.train_size (samples per epoch)")
         try:
             with tarfile.open(path) as tar:
                 for member in tar:

@@ -16,13 +16,15 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from sdlight.errors import UsageError
+
 log = logging.getLogger("sdlight")
 
 SKIPPED, SKIPPED_FROM = "_skipped", "_skipped_from"
 MAX_EXAMPLES = 5
 
 
-class TooManySkipped(RuntimeError):
+class TooManySkipped(UsageError):
     """More than ``max_skip_fraction`` of the samples read were broken."""
 
 
@@ -31,7 +33,7 @@ class SkipTally:
 
     def __init__(self, max_skip_fraction: float = 0.1, min_reads: int = 100):
         if not 0 <= max_skip_fraction <= 1:
-            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+            raise UsageError(f"data.max_skip_fraction={max_skip_fraction}: must be in [0, 1]")
         self.max_skip_fraction, self.min_reads = max_skip_fraction, min_reads
         self.skipped = self.read = 0
         self.examples: list[str] = []

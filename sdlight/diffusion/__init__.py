@@ -23,6 +23,7 @@ from .samplers import (
     sample_ddpm,
     sample_dpmpp_2m,
     sample_euler,
+    sampler_name,
 )
 from .schedules import SCHEDULES, NoiseSchedule, at, make_betas, rescale_zero_terminal_snr
 from .weighting import WEIGHTINGS, diffusion_loss, loss_weight
@@ -34,5 +35,6 @@ __all__ = [
     "PREDICTION_TYPES",
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
+    "sampler_name",
     "cfg_denoiser", "rescale_guidance",
 ]

@@ -255,3 +255,10 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
 }
+
+
+def sampler_name(sampler: Callable | None) -> str | None:
+    """The user-facing name (``ddim``) of a sampler function or of a ``functools.partial`` of one."""
+    func = getattr(sampler, "func", sampler)
+    name = next((k for k, f in SAMPLERS.items() if f is func), None)
+    return name or (getattr(func, "__name__", None) if func is not None else None)

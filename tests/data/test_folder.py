@@ -166,7 +166,7 @@ def test_too_many_broken_files_stop_with_a_clear_error(tmp_path):
         (tmp_path / f"c{i}.txt").write_text("x")
     with pytest.raises(TooManySkipped, match="max_skip_fraction"):
         FolderDataModule(root=str(tmp_path), max_skip_fraction=0.2).setup()
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(ValueError, match="no such directory"):
         FolderDataModule(root=str(tmp_path / "missing")).setup()
 
 

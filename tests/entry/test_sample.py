@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import sdlight
+import sdlight.pipeline
 from sdlight.checkpoints import CheckpointError
 from sdlight.diffusion import inpaint_callback
 from sdlight.pipeline import Pipeline, to_pil
@@ -73,6 +74,47 @@ def test_inpainting_keeps_the_known_region(pipe):
     assert out.settings["inpainting"] is True
 
 
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_blended_inpainting_keeps_the_known_pixels_whatever_the_prompt(pipe, guidance, sampler):
+    """A white image, its right half to regenerate, and a prompt that contradicts the kept half: the kept half
+    comes back exactly (pasted over the decoder's output), and the regenerated half is the model's."""
+    init = Image.new("RGB", (32, 32), "white")
+    right = np.zeros((32, 32), np.uint8)
+    right[:, 16:] = 255
+    out = pipe(["a blue square at the top on a black background"], num_samples=2, steps=5, seed=0,
+               guidance_scale=guidance, sampler=sampler, init_image=init, mask=Image.fromarray(right))
+    got = _arr(out.images)
+    assert (got[:, :, :16] == 255).all()  # the known half, untouched
+    assert (got[:, :, 16:] != 255).any()  # the other half generated
+    # the generated half is the sampler's output decoded, not the input
+    free = pipe(["a blue square at the top on a black background"], num_samples=2, steps=5, seed=0,
+                guidance_scale=guidance, sampler=sampler)
+    assert not np.array_equal(got[:, :, 16:], _arr(free.images)[:, :, 16:])
+
+
+def test_blended_inpainting_regenerates_every_latent_a_masked_pixel_touches(pipe):
+    """A mask edge inside a latent cell: that whole cell is regenerated (so the seam is generated, then the known
+    pixels are pasted over it), never kept with half of its pixels asked to change."""
+    m = pipe.model
+    seen = {}
+    original = sdlight.pipeline.inpaint_callback
+
+    def spy(known, mask, schedule, **kw):
+        seen["mask"] = mask
+        return original(known, mask, schedule, **kw)
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 14:] = 255  # column 14 lies inside latent column 3 (f=4)
+    try:
+        sdlight.pipeline.inpaint_callback = spy
+        pipe([PROMPT], steps=2, init_image=Image.new("RGB", (32, 32)), mask=Image.fromarray(mask))
+    finally:
+        sdlight.pipeline.inpaint_callback = original
+    cols = seen["mask"][0, 0, 0]
+    assert cols.tolist() == [0, 0, 0, 1, 1, 1, 1, 1] and m.latent_shape[1:] == (8, 8)
+
+
 def test_attention_maps_sum_to_one_over_tokens(pipe):
     result = pipe([PROMPT], num_samples=1, steps=2, save_attention=True)
     tokens, maps = result.attention[0]
@@ -86,13 +128,13 @@ def test_bad_inputs_give_clear_errors(pipe, tiny_text_ldm, tmp_path):
         Pipeline.from_checkpoint(tmp_path / "nope.ckpt")
     with pytest.raises(CheckpointError, match="not a latent diffusion checkpoint"):
         Pipeline.from_checkpoint(tiny_text_ldm[1])
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match="sampler=heun3: unknown"):
         pipe([PROMPT], steps=2, sampler="heun3")
     with pytest.raises(ValueError, match="needs an init_image"):
         pipe([PROMPT], steps=2, mask=Image.new("L", (32, 32)))
     with pytest.raises(ValueError, match="same size"):
         pipe([PROMPT], steps=2, init_image=Image.new("RGB", (32, 32)), mask=Image.new("L", (16, 16)))
-    with pytest.raises(ValueError, match="give conditions"):
+    with pytest.raises(ValueError, match="no condition was given"):
         pipe(None, steps=2)
     with pytest.warns(UserWarning, match="resized"):
         pipe([PROMPT], steps=2, init_image=Image.new("RGB", (48, 40)), strength=0.5)

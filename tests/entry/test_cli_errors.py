@@ -1,0 +1,128 @@
+"""Every common mistake on the command line is answered in one line that names it, with exit status 2 and no
+traceback; a run too short to log its optimized metric still exits 0."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
+
+PROMPT = "a red circle in the center on a white background"
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SDLIGHT_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true",
+               SDLIGHT_ROOT=str(tmp_path), SDLIGHT_WEIGHTS=str(tmp_path / "no-weights"), **extra)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_cli(tool, args, tmp_path, timeout=300, **env):
+    return subprocess.run([sys.executable, "-m", f"sdlight.{tool}", *args], cwd=tmp_path,
+                          env=_env(tmp_path, **env), capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(out, *needles):
+    """Exit 2, no traceback, and exactly one output line carries the message (with every needle in it)."""
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    lines = [ln for ln in text.splitlines() if all(n in ln for n in needles)]
+    assert len(lines) == 1, text[-3000:]
+    assert lines[0] in out.stderr and lines[0].startswith("Error: ")
+    assert "\\n" not in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def class_ldm(tmp_path_factory):
+    """A tiny class-conditional LDM on shapes (24 classes), trained for two steps on a RANDOM-INIT stage 1."""
+    root = tmp_path_factory.mktemp("class_ldm")
+    train_tiny_text_ldm(root, ["logger=none", "model/conditioning=class", "model.conditioning.num_classes=24"])
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def notes(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a checkpoint\n")
+    return path
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["num_samples=0"], ["num_samples=0", ">= 1"]),
+    (["num_samples=-1"], ["num_samples=-1", ">= 1"]),
+    (["guidance=-1"], ["guidance=-1", ">= 0"]),
+    (["steps=0"], ["steps=0"]),
+    (["strength=1.5"], ["strength=1.5", "[0, 1]"]),
+    (["sampler=heun3"], ["sampler=heun3", "ddim"]),
+    (["init_image=missing.png"], ["init_image=missing.png", "no such file"]),
+    (["label=seven"], ["label=seven", "prompt="]),
+])
+def test_sample_option_mistakes_fail_before_loading(tmp_path, args, needles):
+    # the checkpoint does not even exist: options are checked first
+    out = run_cli("sample", ["ckpt=nowhere.ckpt", f"prompt={PROMPT}" if "label" not in args[0] else "seed=0",
+                             *args], tmp_path)
+    assert_one_line(out, *needles)
+
+
+def test_sample_checkpoint_mistakes(tmp_path, notes):
+    assert_one_line(run_cli("sample", ["ckpt=nowhere.ckpt", "prompt=x"], tmp_path), "nowhere.ckpt", "not found")
+    assert_one_line(run_cli("sample", [f"ckpt={notes}", "prompt=x"], tmp_path), "notes.txt", "not a checkpoint")
+
+
+def test_sample_condition_kind_and_range(tmp_path, tiny_text_ldm, class_ldm):
+    line = assert_one_line(run_cli("sample", [f"ckpt={tiny_text_ldm[0]}", "label=7"], tmp_path), "conditioned on text")
+    assert "prompt=" in line and "not label=" in line
+    line = assert_one_line(run_cli("sample", [f"ckpt={class_ldm}", f"prompt={PROMPT}"], tmp_path),
+                           "conditioned on class labels")
+    assert "label=N with N in 0-23" in line and "not prompt=" in line
+    assert_one_line(run_cli("sample", [f"ckpt={class_ldm}", "label=42"], tmp_path),
+                    "label=42: this model has 24 classes (0-23)")
+    assert_one_line(run_cli("sample", [f"ckpt={class_ldm}", f"steps={10**6}", "label=1"], tmp_path),
+                    "steps=1000000", "1000 timesteps")
+
+
+def test_train_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, notes):
+    out = run_cli("train", ["+experiment=quickstart_vae", f"ckpt_path={notes}", "logger=none"], tmp_path)
+    assert_one_line(out, "ckpt_path=", "notes.txt", "not a checkpoint")
+
+
+def test_stage_two_without_a_stage_one_checkpoint(tmp_path):
+    out = run_cli("train", ["+experiment=quickstart_ldm", "logger=none", "model.first_stage.ckpt=vae/last.ckpt"],
+                  tmp_path)
+    line = assert_one_line(out, "model.first_stage.ckpt=vae/last.ckpt", "no such file")
+    assert "+experiment=quickstart_vae" in line and "+debug=fdr run writes no checkpoint" in line
+    out = run_cli("train", ["model=ldm", "logger=none"], tmp_path)
+    assert_one_line(out, "model.first_stage.ckpt is required")
+
+
+def test_missing_open_clip_weights_are_reported_once_in_one_line(tmp_path):
+    vae = random_stage1_checkpoint(tmp_path / "vae.ckpt")
+    out = run_cli("train", ["+experiment=quickstart_ldm", "logger=none", f"model.first_stage.ckpt={vae}",
+                            "model/conditioning=open_clip", "model.unet.context_dim=1024"], tmp_path)
+    line = assert_one_line(out, "open_clip-ViT-H-14-laion2b_s32b_b79k")
+    assert "SDLIGHT_WEIGHTS" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_evaluate_mistakes(tmp_path):
+    assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "num_samples=0"], tmp_path), "num_samples=0")
+    assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "metrics=[fid,sharpness]"], tmp_path), "sharpness",
+                    "clip_score")
+
+
+def test_runs_shorter_than_their_first_validation_exit_zero(tmp_path):
+    """`trainer.max_steps=3` stops before the epoch's validation: val/psnr was never logged. A single run and a
+    plain sweep of such runs warn and exit 0."""
+    tiny = ["+experiment=quickstart_vae", "data.train_size=64", "data.val_size=8", "data.batch_size=8",
+            "trainer.max_steps=3", "logger=none", "~callbacks.rich_progress_bar", "~callbacks.model_summary"]
+    out = run_cli("train", tiny, tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "optimized_metric=val/psnr was not logged" in out.stdout + out.stderr
+    out = run_cli("train", ["-m", *tiny, "model.optimizer.lr=1e-4,2e-4"], tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+
