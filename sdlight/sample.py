@@ -50,8 +50,18 @@ def conditions_from(cfg: DictConfig) -> list[Any] | None:
     return None
 
 
-def save(result: SampleResult, out: Path, ckpt: str) -> list[Path]:
-    """Writes each sample as a PNG with its settings in the PNG text chunks, a grid, and attention maps."""
+def grid_scale(size: int, scale: int | None = None, min_side: int = 128) -> int:
+    """The grid's integer upscale: ``scale`` if given, else the least that shows each image at ``min_side`` px."""
+    if scale is not None:
+        if scale < 1:
+            raise UsageError(f"grid_scale={scale}: give a whole number >= 1 (or null for automatic)")
+        return int(scale)
+    return max(1, -(-min_side // size))
+
+
+def save(result: SampleResult, out: Path, ckpt: str, scale: int | None = None) -> list[Path]:
+    """Writes each sample as a PNG with its settings in the PNG text chunks, a grid (upscaled with nearest
+    neighbours so that small images can be seen; the single PNGs keep their size), and attention maps."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, cond) in enumerate(zip(result.images, result.conditions)):
@@ -66,6 +76,9 @@ def save(result: SampleResult, out: Path, ckpt: str) -> list[Path]:
     grid = torchvision.utils.make_grid(
         [torchvision.transforms.functional.to_tensor(im) for im in result.images],
         nrow=max(1, len(result.images) // max(1, len(set(map(str, result.conditions))))), padding=2)
+    factor = grid_scale(result.images[0].size[0], scale)
+    if factor > 1:
+        grid = grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # nearest: pixels stay sharp
     torchvision.utils.save_image(grid, out / "grid.png")
     if result.attention:
         for i, (tokens, maps) in enumerate(result.attention):
@@ -86,6 +99,7 @@ def main(cfg: DictConfig) -> None:
         check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength, cfg.eta,
                                cfg.sampler)
         conditions = conditions_from(cfg)
+        grid_scale(1, cfg.get("grid_scale"))
         for option in ("init_image", "mask", "lowres"):
             check_image_file(cfg.get(option), option)
         if cfg.mask is not None and cfg.init_image is None:
@@ -97,7 +111,7 @@ def main(cfg: DictConfig) -> None:
                       eta=cfg.eta, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image,
                       strength=cfg.strength, mask=cfg.mask, lowres=cfg.lowres, save_attention=cfg.save_attention,
                       progress=cfg.progress)
-        paths = save(result, Path(cfg.out), cfg.ckpt)
+        paths = save(result, Path(cfg.out), cfg.ckpt, cfg.get("grid_scale"))
     log.info(f"Wrote {len(paths)} samples and grid.png to {cfg.out}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -173,13 +174,31 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+class PlainProgress:
+    """``advance(n)`` that logs ``description: done/total (elapsed)`` at each tenth of ``total`` and at the end."""
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total, self.done, self.next = description, total, 0, max(1, total // 10)
+        self.start = time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.done >= self.next or self.done >= self.total:
+            log.info(f"{self.description}: {self.done}/{self.total} ({time.perf_counter() - self.start:.1f} s)")
+            self.next = self.done + max(1, self.total // 10)
+
+
 @contextmanager
 def progress_bar(trainer: L.Trainer, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on rank 0 in a terminal (else silent); yields ``advance(n)``.
+    """A rich progress bar on rank 0 in a terminal; yields ``advance(n)``. Without a terminal (SLURM logs, CI,
+    ``nohup``), where rich prints nothing, rank 0 logs a plain line every 10 % instead.
 
     Inside a running ``RichProgressBar`` the task joins its display: rich allows one live display per console.
     """
-    enabled = trainer.is_global_zero and sys.stdout.isatty()
+    if trainer.is_global_zero and not sys.stdout.isatty():
+        yield PlainProgress(description, total)
+        return
+    enabled = trainer.is_global_zero
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     shared = getattr(trainer.progress_bar_callback, "progress", None) if enabled else None

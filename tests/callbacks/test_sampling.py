@@ -200,3 +200,19 @@ def test_log_metrics_reaches_loggers_and_callback_metrics(tmp_path):
     logger.save()
     assert float(trainer.callback_metrics["val/fid"]) == 12.5
     assert "val/fid" in (tmp_path / "x" / "version_0" / "metrics.csv").read_text()
+
+
+def test_progress_without_a_terminal_is_logged_in_plain_lines(caplog, monkeypatch):
+    import logging
+    import sys
+
+    from sdlight.callbacks.sampling import StandaloneTrainer, progress_bar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # a SLURM log, CI, nohup
+    with caplog.at_level(logging.INFO, logger="sdlight"):
+        with progress_bar(StandaloneTrainer(val_dataloaders=None), "FID: sampling", 25) as advance:
+            for _ in range(25):
+                advance(1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FID: sampling")]
+    assert [ln.split(" (")[0] for ln in lines] == [f"FID: sampling: {n}/25" for n in (2, 4, 6, 8, 10, 12, 14, 16,
+                                                                                      18, 20, 22, 24, 25)]

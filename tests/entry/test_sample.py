@@ -160,6 +160,11 @@ def test_sample_cli_writes_pngs_grid_and_metadata(tiny_text_ldm, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     pngs = sorted(out.glob("0*.png"))
     assert len(pngs) == 4 and (out / "grid.png").is_file()
+    # 2 x 2 samples of 32 px with 2 px padding, upscaled 4x with nearest neighbours so that it can be seen
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[:2] == (4 * (2 * 32 + 3 * 2),) * 2
+    assert np.array_equal(grid, grid[::4, ::4].repeat(4, 0).repeat(4, 1))
+    assert Image.open(pngs[0]).size == (32, 32)
     meta = json.loads(Image.open(pngs[0]).text["sdlight"])
     assert meta["seed"] == 3 and meta["sampler"] == "dpmpp_2m" and meta["condition"] == PROMPT
     assert Image.open(pngs[0]).text["prompt"] == PROMPT

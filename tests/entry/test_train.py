@@ -44,7 +44,7 @@ def test_train_saves_last_checkpoint_and_resumes(train_cfg, tmp_path):
     assert objects2["model"].batches == 2 * batches  # resumed, not restarted
 
 
-def test_wandb_offline_writes_run_files(train_cfg, tmp_path, monkeypatch, caplog):
+def test_wandb_offline_writes_run_files(train_cfg, tmp_path, monkeypatch, caplog, capfd):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the key check alone must switch to offline
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -59,6 +59,7 @@ def test_wandb_offline_writes_run_files(train_cfg, tmp_path, monkeypatch, caplog
     files = {p.name for p in runs[0].rglob("*")}
     assert any(f.endswith(".wandb") for f in files)  # the event log that `wandb sync` uploads
     assert "config.yaml" in files or any(f.endswith(".wandb") for f in files)
+    assert "anonymous" not in capfd.readouterr().err  # W&B's deprecation warning, which Lightning's logger triggers
 
 
 def test_optimized_metric_is_returned(train_cfg):
@@ -76,6 +77,9 @@ def test_cli_run_and_multirun(tmp_path):
     args = [sys.executable, "-m", "sdlight.train", *TINY, "+debug=fdr"]
     out = subprocess.run(args, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout + out.stderr
+    assert "Tip:" not in printed and "LeafSpec" not in printed  # Lightning's advertisements, a torch deprecation
+    assert "Overrides: " in printed and "data:" not in printed  # the config in a few lines, not the whole tree
     runs = list((tmp_path / "logs" / "debug" / "runs").iterdir())
     assert len(runs) == 1
     assert (runs[0] / ".hydra" / "config.yaml").is_file() and (runs[0] / "config_tree.log").is_file()
