@@ -44,7 +44,7 @@ def test_cpu_experiments_instantiate(train_cfg, experiment, tmp_path):
 
 @pytest.mark.parametrize("group,option", [("trainer", t) for t in ("cpu", "gpu", "ddp", "ddp_sim", "fsdp")]
                          + [("logger", lg) for lg in ("wandb", "csv", "tensorboard", "many", "none")]
-                         + [("data", d) for d in ("shapes", "digits")] + [("callbacks", "none")])
+                         + [("data", d) for d in ("shapes", "digits", "folder", "webdataset")] + [("callbacks", "none")])
 def test_groups_compose(train_cfg, group, option):
     cfg = train_cfg([f"{group}={option}"])
     assert group in cfg
