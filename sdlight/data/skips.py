@@ -63,7 +63,8 @@ class SkipTally:
         return f"skipped {skipped} broken samples of {read} read ({share:.1%}); first: {eg}"
 
     def warn_if_new(self) -> None:
-        if self.skipped > self.warned_at:
+        # at 1, 2, 4, 8 ... skips: a dataset with many broken files does not print a line per batch
+        if self.skipped >= max(1, 2 * self.warned_at):
             log.warning("data: %s", self.message())
             self.warned_at = self.skipped
 
