@@ -43,8 +43,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         except Exception as e:  # truncated or not safetensors at all
             raise CheckpointError(f"could not read {path} as safetensors: {e}") from e
     if not _looks_like_torch_file(path):
-        raise CheckpointError(f"{path} is not a checkpoint: neither a torch.save file nor .safetensors "
-                              "(give a .ckpt written by sdlight.train, e.g. logs/<task>/runs/<time>/checkpoints/last.ckpt)")
+        raise CheckpointError(f"{path} is not a checkpoint: neither a torch.save file nor .safetensors (give a "
+                              ".ckpt written by sdlight.train, e.g. logs/<task>/runs/<time>/checkpoints/last.ckpt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files

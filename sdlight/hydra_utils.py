@@ -171,7 +171,7 @@ def apply_extras(cfg: DictConfig) -> None:
         log.info("Ignoring Python warnings (extras.ignore_warnings=True)")
         warnings.filterwarnings("ignore")
     if extras.get("enforce_tags") and not cfg.get("tags"):
-        raise ValueError("extras.enforce_tags is set but no tags were given: add tags=[...]")
+        raise UsageError("extras.enforce_tags is set but no tags were given: add tags=[...]")
     mode = extras.get("print_config")
     if mode:
         output_dir = cfg.get("paths", {}).get("output_dir")
@@ -264,8 +264,9 @@ def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
         log.info("No optimized_metric set: returning nothing to the sweeper")
         return None
     if name not in metrics:
-        message = (f"optimized_metric={name} was not logged by this run (it logged: {', '.join(sorted(metrics)) or 'nothing'}); "
-                   "validation may not have run: lower trainer.val_check_interval or set optimized_metric to one of those")
+        logged = ", ".join(sorted(metrics)) or "nothing"
+        message = (f"optimized_metric={name} was not logged by this run (it logged: {logged}); validation may not "
+                   "have run: lower trainer.val_check_interval or set optimized_metric to one of those")
         if sweeping_with_optimizer():
             raise UsageError(message)
         log.warning(message)

@@ -103,7 +103,8 @@ class CLIPScoreCallback(SampleEvaluationCallback):
             self.model = load_open_clip_model(self.arch, self.pretrained, self.checkpoint_path)
         self.model.eval().requires_grad_(False)
         with quiet_open_clip():
-            self.tokenizer = open_clip.get_tokenizer(self.arch, context_length=getattr(self.model, "context_length", 77))
+            length = getattr(self.model, "context_length", 77)
+            self.tokenizer = open_clip.get_tokenizer(self.arch, context_length=length)
         if getattr(pl_module, "condition_key", None) is None:
             rank_zero_warn("CLIPScoreCallback: the module is unconditional, so its samples ignore the prompts")
 
