@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per loader")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (see DESIGN.md)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (one per core when workers share the machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
