@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import MissingMandatoryValue
 
 from sdlight.errors import UsageError
@@ -197,7 +198,8 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     return wrapped
 
 
-USER_ERRORS = (UsageError, WeightsNotFoundError, MissingMandatoryValue)
+# Lightning's MisconfigurationException: trainer options this machine cannot honour (trainer=gpu without a GPU, ...)
+USER_ERRORS = (UsageError, WeightsNotFoundError, MissingMandatoryValue, MisconfigurationException)
 
 
 def one_line(message: str) -> str:
@@ -222,6 +224,8 @@ def user_errors() -> Iterator[None]:
             message = f"{key} is required and was not given: add {key}=... to the command line"
         else:
             message = str(err.args[0]) if err.args else str(err)
+        if isinstance(err, MisconfigurationException):
+            message = f"the trainer settings cannot run here: {message}"
         message = one_line(message)
         print(f"Error: {message}", file=sys.stderr)
         # the run's log file keeps it too (Hydra's console handler would print it a second time, on stdout)

@@ -90,8 +90,7 @@ def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "ini
         image = Image.open(image)
     image = image.convert("RGB")
     if image.size != (size, size):
-        log.warning(f"{what} is {image.size[0]}x{image.size[1]}; resized to the model's {size}x{size}")
-        warnings.warn(f"{what} resized from {image.size[0]}x{image.size[1]} to {size}x{size}", stacklevel=3)
+        warnings.warn(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}", stacklevel=3)
         image = image.resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
     return (x / 127.5 - 1.0).unsqueeze(0)

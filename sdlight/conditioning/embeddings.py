@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sdlight.errors import UsageError
+
 from .base import ConditionEncoder
 
 
@@ -52,7 +54,7 @@ class ClassEmbedder(ConditionEncoder):
         if values.ndim != 1:
             raise ValueError(f"expected labels of shape (B,), got {tuple(values.shape)}")
         if values.numel() and not 0 <= int(values.min()) <= int(values.max()) <= self.num_classes:
-            raise ValueError(f"class labels must be in [0, {self.num_classes}), got {values.min()}..{values.max()}: "
+            raise UsageError(f"class labels must be in [0, {self.num_classes}), got {values.min()}..{values.max()}: "
                              "-1 is an image without a class (data=folder needs data.label_from=folder); a label "
                              "too large needs model.conditioning.num_classes set to the data's number of classes")
         return self.embedding(values.long())[:, None, :]

@@ -109,6 +109,12 @@ def test_missing_open_clip_weights_are_reported_once_in_one_line(tmp_path):
     assert "SDLIGHT_WEIGHTS" in line and "HF_HUB_OFFLINE=1" in line
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_trainer_without_a_gpu(tmp_path):
+    out = run_cli("train", ["+experiment=quickstart_vae", "trainer=gpu", "logger=none"], tmp_path)
+    assert_one_line(out, "the trainer settings cannot run here", "gpu")
+
+
 def test_evaluate_mistakes(tmp_path):
     assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "num_samples=0"], tmp_path), "num_samples=0")
     assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "metrics=[fid,sharpness]"], tmp_path), "sharpness",
