@@ -148,6 +148,10 @@ class FIDCallback(SampleEvaluationCallback):
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        if getattr(trainer.datamodule, "has_images", True) is False:
+            rank_zero_warn("FID: the data (a latent cache) holds no real images, so FID is skipped during training; "
+                           "score the checkpoint with python -m sdlight.evaluate data=<the image data>")
+            return {}
         reconstruct = not hasattr(pl_module, "generate")
         if reconstruct and not hasattr(pl_module, "autoencoder"):
             raise TypeError(f"{type(pl_module).__name__} has neither generate() nor .autoencoder: nothing to score")

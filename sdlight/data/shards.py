@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import webdataset as wds
 from torch.utils.data import Dataset
@@ -52,6 +52,18 @@ def sample_fields(sample: dict) -> tuple[bytes, str, int]:
     return image, text, label
 
 
+class ImageSample:
+    """A raw tar sample → ``{image, text, label, key}``; raises BadImage / ValueError / OSError when broken.
+    (A class, not a closure: DataLoader workers and DDP spawn pickle it.)"""
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> dict:
+        image, text, label = sample_fields(sample)
+        return {"image": self.transform(image), "text": text, "label": label, "key": sample["__key__"]}
+
+
 def _fields(sample: dict) -> list[str]:
     return [k for k in sample if not k.startswith("__")]
 
@@ -66,8 +78,8 @@ class SkipCounting:
     Lives inside each DataLoader worker (a copy per worker), so nothing is shared between processes.
     """
 
-    def __init__(self, transform: ImageTransform, exclude: frozenset = frozenset()):
-        self.transform, self.exclude = transform, exclude
+    def __init__(self, load: Callable[[dict], dict], exclude: frozenset = frozenset()):
+        self.load, self.exclude = load, exclude
         self.pending, self.first = 0, ""
 
     max_in_a_row = 1000  # resampled shards never end: without this, all-broken data would spin forever
@@ -88,8 +100,7 @@ class SkipCounting:
             if (sample.get("__url__"), sample.get("__key__")) in self.exclude:
                 continue  # a validation sample
             try:
-                image, text, label = sample_fields(sample)
-                item = {"image": self.transform(image), "text": text, "label": label, "key": sample["__key__"]}
+                item = self.load(sample)
             except (BadImage, ValueError, OSError) as exc:
                 self._skip(f"{sample_name(sample)}: {exc}")
                 continue
@@ -126,8 +137,8 @@ class EncodedSamples(ReplacingDataset):
 
     errors = (BadImage, ValueError, OSError)
 
-    def __init__(self, samples: list[dict], transform: ImageTransform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[dict], load: Callable[[dict], dict]):
+        self.samples, self.load_sample = samples, load
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -136,9 +147,7 @@ class EncodedSamples(ReplacingDataset):
         return sample_name(self.samples[index])
 
     def load(self, index: int) -> dict:
-        sample = self.samples[index]
-        image, text, label = sample_fields(sample)
-        return {"image": self.transform(image), "text": text, "label": label, "key": sample["__key__"]}
+        return self.load_sample(self.samples[index])
 
 
 class WebDataModule(ImageDataModule):
@@ -166,6 +175,14 @@ class WebDataModule(ImageDataModule):
         return ImageTransform(self.image_size, crop=self.crop if train else "center", flip=self.flip and train,
                               min_size=self.min_size)
 
+    def sample_loader(self, split: str) -> Callable[[dict], dict]:
+        """What turns a raw tar sample of ``split`` into a batch item (subclasses read other layouts)."""
+        return ImageSample(self._transform(split))
+
+    def count_samples(self) -> int:
+        """Training samples in the local shards (for the epoch length when ``train_size`` is not given)."""
+        return count_samples(self.urls)
+
     def _world(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else 1
@@ -173,14 +190,14 @@ class WebDataModule(ImageDataModule):
     def batches_per_worker(self) -> int:
         """Each worker's batches per epoch: ``train_size`` over ranks, workers and the batch size, rounded up
         (``with_epoch`` is per worker)."""
-        n = self.train_size if self.train_size is not None else count_samples(self.urls)
+        n = self.train_size if self.train_size is not None else self.count_samples()
         per_rank = max(1, math.ceil(n / (self._world() * self.batch_size)))
         return math.ceil(per_rank / max(1, self.num_workers))
 
     def build(self, split: str) -> Dataset:
         if split == "val":
             return self._build_val()
-        counting = SkipCounting(self._transform("train"), self._val_keys)
+        counting = SkipCounting(self.sample_loader("train"), self._val_keys)
         if self.resampled:
             shards = [wds.ResampledShards(self.urls, seed=self.seed, deterministic=True)]
         else:  # each shard once per pass, split over ranks and workers; with_epoch repeats the passes
@@ -200,12 +217,13 @@ class WebDataModule(ImageDataModule):
 
     def _build_val(self) -> Dataset:
         """Reads the validation samples once, decoding each to leave the broken ones out (and count them)."""
-        counting, transform = SkipCounting(self._transform("val")), self._transform("val")
+        load = self.sample_loader("val")
+        counting = SkipCounting(load)
         limit = self.val_size if self.val_size is not None or self.val_urls else 256
         samples, bad = [], []
         for sample in iter_samples(self.val_urls or self.urls, counting.handler):
             try:
-                transform(sample_fields(sample)[0])
+                load(sample)
                 samples.append(sample)
             except (BadImage, ValueError, OSError) as exc:
                 bad.append(f"{sample_name(sample)}: {exc}")
@@ -220,7 +238,7 @@ class WebDataModule(ImageDataModule):
                         "; ".join(bad[:MAX_EXAMPLES]))
         if not samples:
             log.warning("data: no validation samples in %s", (self.val_urls or self.urls)[:MAX_EXAMPLES])
-        return EncodedSamples(samples, transform)
+        return EncodedSamples(samples, load)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:  # val first: training leaves out the samples it holds

@@ -1,14 +1,19 @@
 """Pieces the stage modules share: the rank-agreed finiteness check of their NaN guards, the warm-up EMA update
-of the latent diffusion model, config values made plain for weights-only checkpoints, and FLOPs counting."""
+of the latent diffusion model and the swap of its weights, config values made plain for weights-only checkpoints,
+FLOPs counting and the names of the per-timestep validation losses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def to_plain(value: Any) -> Any:
@@ -65,3 +70,34 @@ class TrainingFlops:
             out = fn(*args, **kwargs)
         self.value = 3 * counter.get_total_flops()
         return out
+
+
+@contextlib.contextmanager
+def swapped_weights(live: Iterable[nn.Module], other: Iterable[nn.Module]) -> Iterator[None]:
+    """Copies ``other``'s parameters and buffers into ``live`` (same structure) for the block, then restores them."""
+    live_t = [p for m in live for p in (*m.parameters(), *m.buffers())]
+    other_t = [p for m in other for p in (*m.parameters(), *m.buffers())]
+    backup = [p.detach().clone() for p in live_t]
+    for p, q in zip(live_t, other_t):
+        p.data.copy_(q.data)
+    try:
+        yield
+    finally:
+        for p, b in zip(live_t, backup):
+            p.data.copy_(b)
+
+
+def timestep_bucket_names(num_timesteps: int, buckets: int) -> list[str]:
+    """``val/loss_tLLLL-HHHH`` for the buckets ``t * buckets // num_timesteps`` (inclusive bounds)."""
+    bounds = [math.ceil(k * num_timesteps / buckets) for k in range(buckets + 1)]
+    return [f"val/loss_t{bounds[k]:04d}-{bounds[k + 1] - 1:04d}" for k in range(buckets)]
+
+
+def silence_eval_mode_warning(module: nn.Module, frozen_roots: Sequence[nn.Module]) -> None:
+    """Lightning warns about every eval-mode module when training starts; silence exactly the count of the frozen
+    parts' modules, so that any other module left in eval mode still warns."""
+    frozen = {id(m) for root in frozen_roots for m in root.modules()}
+    in_eval = [m for m in module.modules() if not m.training]
+    if in_eval and all(id(m) in frozen for m in in_eval):
+        warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start",
+                                category=PossibleUserWarning)

@@ -5,32 +5,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from sdlight.checkpoints import load_pretrained
 from sdlight.conditioning.base import ConditionEncoder
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
-from sdlight.stages.common import TrainingFlops, WarmupEMA, all_finite, to_plain
+from sdlight.stages.common import (TrainingFlops, WarmupEMA, all_finite, silence_eval_mode_warning,
+                                   swapped_weights, timestep_bucket_names, to_plain)
 from sdlight.stages.images import log_grid, to_grid
+from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 
 log = logging.getLogger("sdlight")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 SCALE_FACTOR_SEED = 0  # posterior samples of the scale-factor estimate: the same value on every run
-
-
-def timestep_bucket_names(num_timesteps: int, buckets: int) -> list[str]:
-    """``val/loss_tLLLL-HHHH`` for the buckets ``t * buckets // num_timesteps`` (inclusive bounds)."""
-    bounds = [math.ceil(k * num_timesteps / buckets) for k in range(buckets + 1)]
-    return [f"val/loss_t{bounds[k]:04d}-{bounds[k + 1] - 1:04d}" for k in range(buckets)]
 
 
 class DiffusionWrapper(nn.Module):
@@ -59,6 +54,10 @@ class LatentDiffusion(L.LightningModule):
     ``scale_factor`` (a buffer, so it is saved in checkpoints) is given, or estimated once at the start of
     training as 1 / std of the posterior samples of ``scale_factor_batches`` training batches, pooled over ranks;
     a resumed run keeps the stored value.
+
+    Batches carry ``image`` or a latent cache's posterior (``latent_mean``, ``latent_std``, see
+    sdlight.stages.latents): both become the same posterior, and all that follows is shared. A cache made by
+    another autoencoder is refused at setup; cached contexts of the model's own frozen text encoder replace it.
 
     An EMA of the trainable parts (UNet, and the condition encoder when it trains) is kept in ``model_ema`` and
     used for validation and sampling; the frozen autoencoder and text encoders are never copied. It is updated
@@ -93,6 +92,8 @@ class LatentDiffusion(L.LightningModule):
         timestep_buckets: int = 4,
         max_nonfinite_steps: int = 20,
         concat: nn.Module | None = None,
+        init_from: str | None = None,
+        init_from_ema: bool = True,
     ):
         super().__init__()
         if not 0 <= p_uncond <= 1:
@@ -118,6 +119,9 @@ class LatentDiffusion(L.LightningModule):
         self.timestep_buckets, self.max_nonfinite_steps = timestep_buckets, max_nonfinite_steps
         self.nonfinite_skips, self._nonfinite_in_a_row = 0, 0
         self._val_stats: Tensor | None = None  # (buckets, 2): sum of losses, count
+        if init_from:  # released SD weights (or another run's), loaded before the EMA copies them
+            for line in load_pretrained(init_from, unet, self.first_stage_model, conditioning, init_from_ema):
+                log.info(line)
         trainable = [self.model] + ([conditioning] if any(p.requires_grad for p in conditioning.parameters())
                                     else [])
         # the averaged parts, unregistered (they are already submodules; registering twice duplicates keys)
@@ -128,6 +132,7 @@ class LatentDiffusion(L.LightningModule):
                                            use_buffers=True).requires_grad_(False)
         self._last_step_seen, self._grads_since_step = 0, False
         self._flops = TrainingFlops()
+        self._cached_contexts, self._use_cached_contexts = CachedContexts(), False
         # plain values only: checkpoints load with weights_only=True and rebuild the networks from these
         self.save_hyperparameters({
             "unet_config": to_plain(getattr(unet, "config", None)),
@@ -159,23 +164,27 @@ class LatentDiffusion(L.LightningModule):
         self.first_stage_model.eval()  # frozen: no dropout, fixed norms
         return self
 
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        manifest = getattr(datamodule, "manifest", None)  # a latent cache's (sdlight.data.latents)
+        if manifest is not None:
+            if self.image_size is None:  # data=latents without an image size: the cache's
+                self.image_size = self.hparams["image_size"] = int(manifest["image_size"])
+            self._use_cached_contexts = check_cache(manifest, self.first_stage_model, self.cond_stage_model,
+                                                    self.concat_stage is not None,
+                                                    getattr(datamodule, "first_stage_ckpt", None))
+
     def on_fit_start(self) -> None:
-        # Lightning warns about every eval-mode module when training starts; the frozen parts (the stage-1 VAE, a
-        # pretrained text tower) are in eval mode on purpose. Silence exactly their count, so that any other
-        # module left in eval mode still warns.
-        frozen_roots = [self.first_stage_model] + [
-            m for m in self.cond_stage_model.modules()
-            if any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())]
-        frozen = {id(m) for root in frozen_roots for m in root.modules()}
-        in_eval = [m for m in self.modules() if not m.training]
-        if in_eval and all(id(m) in frozen for m in in_eval):
-            warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start",
-                                    category=PossibleUserWarning)
+        # the frozen parts (the stage-1 VAE, a pretrained text tower) are in eval mode on purpose
+        silence_eval_mode_warning(self, [self.first_stage_model] + [
+            m for m in self.cond_stage_model.modules() if is_frozen(m)])
 
     @torch.no_grad()
-    def encode_images(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
-        """``scale_factor`` times a posterior sample (or the mode) of the frozen autoencoder, in float32."""
-        posterior = self.first_stage_model.encode(x)
+    def encode_images(self, x: Tensor | dict[str, Any], sample: bool = True,
+                      generator: torch.Generator | None = None) -> Tensor:
+        """``scale_factor`` times a posterior sample (or the mode) of the frozen autoencoder, in float32, for
+        images or a batch (of images or of a latent cache's posteriors: one path for both)."""
+        posterior = posterior_of(x if isinstance(x, dict) else {"image": x}, self.first_stage_model, self.device)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.scale_factor * z.float()
 
@@ -224,7 +233,7 @@ class LatentDiffusion(L.LightningModule):
             for i, batch in enumerate(loader):
                 if i >= self.scale_factor_batches:
                     break
-                z = self.first_stage_model.encode(batch["image"].to(self.device)).sample(generator).double()
+                z = posterior_of(batch, self.first_stage_model, self.device).sample(generator).double()
                 stats += torch.stack([stats.new_tensor(z.numel()), z.sum(), (z * z).sum()])
         if self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
@@ -257,10 +266,13 @@ class LatentDiffusion(L.LightningModule):
         ``t`` and ``noise`` default to fresh draws; ``generator`` (if given) draws them, the posterior sample
         and the condition dropout, which makes the result a function of the batch and the generator's seed.
         """
-        z = self.encode_images(batch["image"], generator=generator)
+        z = self.encode_images(batch, generator=generator)
         values = batch.get(self.condition_key) if self.condition_key else None
-        if values is not None and p_uncond > 0:
+        cached = self._use_cached_contexts and CONTEXT in batch
+        if values is not None and p_uncond > 0 and not cached:
             values = self.cond_stage_model.drop(values, p_uncond, generator=generator)
+        elif cached:  # the frozen text encoder's contexts, with the same dropout draw
+            context = self._cached_contexts(self.cond_stage_model, batch, p_uncond, generator, z.device)
         if t is None:
             t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator=generator, device=z.device)
         if noise is None:
@@ -269,8 +281,8 @@ class LatentDiffusion(L.LightningModule):
         concat = None
         if self.concat_stage is not None:
             concat = self.make_concat(self.concat_stage.training_inputs(batch, generator), generator)
-        out = self._flops(self.training, self.model, q_sample(z, t, noise, self.schedule), t,
-                          **self.condition(values, concat))
+        kwargs = {"context": context, "concat": concat} if cached else self.condition(values, concat)
+        out = self._flops(self.training, self.model, q_sample(z, t, noise, self.schedule), t, **kwargs)
         target = training_target(z, noise, t, self.schedule, self.prediction_type)
         weight = loss_weight(self.schedule.snr(t).to(z.device), self.prediction_type, self.loss_weighting,
                              self.snr_gamma)
@@ -291,7 +303,7 @@ class LatentDiffusion(L.LightningModule):
             return None
         self._nonfinite_in_a_row = 0
         self._grads_since_step = True
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size_of(batch))
         self.log("train/nonfinite_skips", float(self.nonfinite_skips))
         return loss
 
@@ -341,16 +353,8 @@ class LatentDiffusion(L.LightningModule):
         if not enabled or self.model_ema is None or int(self.model_ema.n_averaged) == 0:
             yield
             return
-        live = [p for m in self._ema_parts for p in (*m.parameters(), *m.buffers())]
-        ema = [p for m in self.model_ema.module for p in (*m.parameters(), *m.buffers())]
-        backup = [p.detach().clone() for p in live]
-        for p, q in zip(live, ema):
-            p.data.copy_(q.data)
-        try:
+        with swapped_weights(self._ema_parts, self.model_ema.module):
             yield
-        finally:
-            for p, b in zip(live, backup):
-                p.data.copy_(b)
 
     @torch.no_grad()
     def generate(self, conditions: Any = None, num_samples: int | None = None, *, steps: int | None = None,
