@@ -58,13 +58,7 @@ class ReconstructionModule(L.LightningModule):
 
 def _peek(path: str | Path) -> dict[str, Any]:
     """The checkpoint's dict, memory-mapped where possible so a multi-GB file is not read twice."""
-    path = Path(path)
-    if path.is_file() and path.suffix != ".safetensors":
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # legacy (non-zip) files cannot be mapped: read_checkpoint says what is wrong
-            pass
-    return read_checkpoint(path)
+    return read_checkpoint(path, mmap=True)
 
 
 def load_model(path: str | Path, device: str | torch.device | None = "auto"

@@ -185,18 +185,8 @@ def resolve_weights(
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Load a state dict on CPU: ``.safetensors`` via safetensors, anything else with ``weights_only=True``.
+    """Load a state dict on CPU through the package's one reader (:func:`sdlight.checkpoints.read_checkpoint`:
+    safetensors, or ``weights_only=True``). A Lightning/CompVis checkpoint is unwrapped to its state dict."""
+    from sdlight.checkpoints import read_checkpoint, state_dict_of
 
-    A Lightning/CompVis checkpoint (``{"state_dict": {...}, ...}``) is unwrapped to its state dict.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise TypeError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    return state_dict_of(read_checkpoint(path))
