@@ -309,6 +309,11 @@ def load_open_clip_text_model(
             model = open_clip.create_model(arch, pretrained=None)
         del model.visual
         return model
+    tag = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    if tag.get("quick_gelu") and not config.get("quick_gelu"):
+        # the weights were trained with QuickGELU: under GELU every context would silently differ
+        raise ValueError(f"arch={arch} with pretrained={pretrained}: these weights need QuickGELU; use "
+                         f"arch={arch}-quickgelu (same weights and tokenizer)")
     # locate the file first, so that a missing file fails fast, before a large model is initialised
     path = find_open_clip_weights(arch, pretrained, checkpoint_path)
     state = load_state_dict(path)
