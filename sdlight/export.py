@@ -1,0 +1,230 @@
+"""Export entry point: a trained latent diffusion model as a diffusers folder or one single-file SD checkpoint.
+
+    python -m sdlight.export ckpt=PATH format=diffusers out=DIR            # StableDiffusionPipeline.from_pretrained
+    python -m sdlight.export ckpt=PATH format=single_file out=FILE.safetensors   # ComfyUI, AUTOMATIC1111
+
+EMA weights by default (``use_ema=false`` for the raw ones), ``dtype=fp16|bf16|fp32``. Files are written with
+safetensors and json only: neither diffusers nor transformers is needed to export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sdlight import convert
+from sdlight.checkpoints import CONDITIONING_FILE
+from sdlight.diffusion import sampler_name
+from sdlight.errors import UsageError
+from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
+from sdlight.stages.diffusion import LatentDiffusion
+
+log = logging.getLogger("sdlight")
+register_resolvers()
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("diffusers", "single_file")
+DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers these configs are written for
+PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+SCHEDULERS = {  # our samplers' diffusers counterparts, configured to take the same steps
+    "ddim": ("DDIMScheduler", {"set_alpha_to_one": True, "clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small", "clip_sample": False}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                 "lower_order_final": True, "final_sigmas_type": "zero"}),
+    "euler": ("EulerDiscreteScheduler", {"final_sigmas_type": "zero"}),
+}
+
+
+def _cast(sd: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Floating tensors in ``dtype``, contiguous and unshared (safetensors refuses shared storage)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().clone() for k, v in sd.items()}
+
+
+def compvis_weights(model: LatentDiffusion, use_ema: bool = True) -> dict[str, Tensor]:
+    """The UNet, VAE and condition encoder under their CompVis names, EMA weights swapped in when asked."""
+    with model.ema_weights(use_ema):
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()
+              if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
+    return sd
+
+
+def text_export(model: LatentDiffusion) -> tuple[dict[str, Tensor], dict[str, Any], Any] | None:
+    """(Hugging Face CLIPTextModel weights, its config, the open_clip tokenizer) for an open_clip text tower whose
+    diffusers counterpart exists; None for every other condition encoder."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.transformer import QuickGELU
+
+    encoder = model.cond_stage_model
+    if not hasattr(encoder, "tower") or not isinstance(getattr(encoder.tokenizer, "tokenizer", None), SimpleTokenizer):
+        return None
+    tower = encoder.tower
+    block = tower.transformer.resblocks[0]
+    layers = len(tower.transformer.resblocks) - (encoder.layer == "penultimate")  # SD 2 drops the last block
+    sd = {k: v.detach() for k, v in tower.state_dict().items()}
+    config = convert.hf_clip_text_config(sd, block.attn.num_heads, layers, isinstance(block.mlp.gelu, QuickGELU))
+    return convert.open_clip_to_hf(sd, layers), config, encoder.tokenizer
+
+
+def single_file(model: LatentDiffusion, use_ema: bool = True, dtype: torch.dtype = torch.float32
+                ) -> dict[str, Tensor]:
+    """The state dict of an original SD checkpoint: ``model.diffusion_model.*``, ``first_stage_model.*`` and
+    ``cond_stage_model.*`` as SD 1.x (Hugging Face CLIP, ``transformer.text_model.*``) or SD 2.x (open_clip,
+    ``model.*``) tools read them, plus CompVis' schedule buffers; no optimizer, discriminator or LPIPS."""
+    sd = compvis_weights(model, use_ema)
+    encoder = model.cond_stage_model
+    if hasattr(encoder, "tower") and encoder.layer == "last":  # the SD 1.x text encoder: Hugging Face layout
+        sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
+        tower = {k: v.detach() for k, v in encoder.tower.state_dict().items()}
+        layers = len(encoder.tower.transformer.resblocks)
+        sd.update({"cond_stage_model.transformer." + k: v
+                   for k, v in convert.open_clip_to_hf(tower, layers, "text_model.").items()})
+    out = _cast(sd, dtype)
+    # kept in float32: tools read the noise schedule from these (CompVis register_schedule names)
+    ab = model.schedule.alphas_cumprod
+    out.update({"betas": model.schedule.betas.float(), "alphas_cumprod": ab.float(),
+                "alphas_cumprod_prev": torch.cat([ab.new_ones(1), ab[:-1]]).float(),
+                "scale_factor": model.scale_factor.detach().float().clone()})
+    return out
+
+
+def scheduler_config(model: LatentDiffusion) -> dict[str, Any]:
+    """The diffusers scheduler of the model's training schedule, prediction type and sampler (DDIM if the sampler
+    has no counterpart), with its timestep spacing."""
+    name = sampler_name(model.sampler) or "ddim"
+    cls, extra = SCHEDULERS.get(name, SCHEDULERS["ddim"])
+    betas = model.schedule.betas
+    n, start, end = len(betas), float(betas[0]), float(betas[-1])
+    config = {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": n,
+              "beta_start": start, "beta_end": end, "beta_schedule": "linear", "trained_betas": None,
+              "prediction_type": PREDICTION[model.prediction_type], "steps_offset": 1,
+              "timestep_spacing": getattr(model.sampler, "keywords", {}).get("spacing", "leading"), **extra}
+    f64 = torch.float64
+    named = {"linear": torch.linspace(start, end, n, dtype=f64),
+             "scaled_linear": torch.linspace(start**0.5, end**0.5, n, dtype=f64) ** 2}
+    for schedule, candidate in named.items():
+        if torch.allclose(candidate, betas, rtol=1e-6, atol=0):
+            config["beta_schedule"] = schedule
+            return config
+    config["trained_betas"] = betas.tolist()  # cosine, sigmoid, zero terminal SNR: the exact table
+    return config
+
+
+def tokenizer_files(tokenizer: Any, out: Path) -> None:
+    """open_clip's CLIP BPE tokenizer as a Hugging Face ``CLIPTokenizer`` folder, padding with id 0 ("!") as
+    ours does (SD 2's choice; the contexts of padding positions then match training)."""
+    tok = tokenizer.tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    # open_clip spells the two special tokens <start_of_text> / <end_of_text>; same ids, CLIP's original names
+    names = {tok.sot_token_id: "<|startoftext|>", tok.eot_token_id: "<|endoftext|>"}
+    vocab = {names.get(i, t): i for t, i in tok.encoder.items()}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "!"}
+    _json(out / "special_tokens_map.json", special)
+    _json(out / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
+                                          "do_lower_case": True, "errors": "replace", **special})
+
+
+def _json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def write_diffusers(model: LatentDiffusion, out: str | Path, use_ema: bool = True,
+                    dtype: torch.dtype = torch.float32) -> list[str]:
+    """Writes the diffusers folder; returns the component folders written. Models with a diffusers text encoder
+    get a ``model_index.json`` (a whole ``StableDiffusionPipeline``); the others get unet/, vae/, scheduler/ and
+    their own condition encoder's weights in ``sdlight_conditioning.safetensors``."""
+    out = Path(out)
+    sd = compvis_weights(model, use_ema)
+    unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    vae = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    unet_cfg = model.model.diffusion_model.config
+    vae_cfg = model.first_stage_model.config
+    unet_json = {**convert.diffusers_unet_config(unet_cfg), "_diffusers_version": DIFFUSERS_VERSION}
+    vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor)),
+                "_diffusers_version": DIFFUSERS_VERSION}
+    if model.concat_stage is not None:
+        unet_json["in_channels"] = unet_cfg["in_channels"]  # z_t plus the concatenated channels
+    tables = (convert.unet_key_map(unet, unet_cfg), convert.vae_key_map(vae, len(vae_cfg["ch_mult"])))
+    for name, weights, table, config, squeeze in (("unet", unet, tables[0], unet_json, False),
+                                                 ("vae", vae, tables[1], vae_json, True)):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        save_file(_cast(convert.apply_map(weights, table, squeeze), dtype),
+                  str(out / name / "diffusion_pytorch_model.safetensors"))
+        _json(out / name / "config.json", config)
+    scheduler = scheduler_config(model)
+    _json(out / "scheduler" / "scheduler_config.json", scheduler)
+    written = ["unet", "vae", "scheduler"]
+    text = text_export(model) if model.concat_stage is None else None
+    if text is not None:
+        weights, config, tokenizer = text
+        (out / "text_encoder").mkdir(parents=True, exist_ok=True)
+        save_file(_cast(weights, dtype), str(out / "text_encoder" / "model.safetensors"))
+        _json(out / "text_encoder" / "config.json", config)
+        tokenizer_files(tokenizer, out / "tokenizer")
+        _json(out / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", scheduler["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False})
+        return written + ["text_encoder", "tokenizer"]
+    cond = {k[len("cond_stage_model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    if cond:
+        save_file(_cast(cond, dtype), str(out / CONDITIONING_FILE))
+        written.append(CONDITIONING_FILE)
+    encoder = type(model.cond_stage_model).__name__
+    (out / "README.md").write_text(
+        f"# Exported by sdlight\n\nThis model is conditioned by sdlight's {encoder}"
+        f"{' with concatenated inputs (' + type(model.concat_stage).__name__ + ')' if model.concat_stage else ''}"
+        ", which has no diffusers pipeline counterpart, so there is no model_index.json. Load the parts on their "
+        "own: `UNet2DConditionModel.from_pretrained(DIR, subfolder=\"unet\")`, `AutoencoderKL.from_pretrained(DIR, "
+        f"subfolder=\"vae\")`, `{scheduler['_class_name']}.from_pretrained(DIR, subfolder=\"scheduler\")`; the "
+        f"condition encoder's weights are in {CONDITIONING_FILE} (sdlight's key names), and `model.init_from=DIR` "
+        "reads the whole folder back into sdlight.\n")
+    return written
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Every option checked before the checkpoint is read."""
+    if cfg.format not in FORMATS:
+        raise UsageError(f"format={cfg.format}: choose diffusers (a folder) or single_file (one .safetensors)")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"dtype={cfg.dtype}: choose one of {', '.join(DTYPES)}")
+    out = Path(str(cfg.out))
+    if cfg.format == "single_file" and out.suffix != ".safetensors":
+        raise UsageError(f"out={out}: format=single_file writes one file; give a name ending in .safetensors")
+    if cfg.format == "diffusers" and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        raise UsageError(f"out={out}: format=diffusers writes a folder; give a new or empty directory")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+def main(cfg: DictConfig) -> None:
+    from sdlight.pipeline import Pipeline
+
+    with user_errors():
+        check_options(cfg)
+        model = Pipeline.from_checkpoint(cfg.ckpt, device="cpu").model
+        dtype, out = DTYPES[cfg.dtype], Path(str(cfg.out))
+        weights = "EMA" if cfg.use_ema and model.model_ema is not None else "raw"
+        if cfg.format == "single_file":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save_file(single_file(model, cfg.use_ema, dtype), str(out))
+            log.info(f"Wrote {out} ({weights} weights, {cfg.dtype}, sampler: {sampler_name(model.sampler)})")
+            return
+        parts = write_diffusers(model, out, cfg.use_ema, dtype)
+    log.info(f"Wrote {', '.join(parts)} to {out} ({weights} weights, {cfg.dtype})")
+
+
+if __name__ == "__main__":
+    main()
