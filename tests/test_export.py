@@ -241,3 +241,11 @@ def test_quickgelu_weights_need_the_quickgelu_arch():
 
     with pytest.raises(ValueError, match="arch=ViT-L-14-quickgelu"):
         load_open_clip_text_model("ViT-L-14", "openai")
+
+
+def test_sd15_finetune_experiment_composes(train_cfg):
+    cfg = train_cfg(["+experiment=sd15_finetune", "model.init_from=/weights/v1-5.safetensors", "data=folder",
+                     "data.root=/images"])
+    assert cfg.model.init_from == "/weights/v1-5.safetensors" and cfg.model.first_stage.ckpt is None
+    assert cfg.model.unet.context_dim == 768 and cfg.model.conditioning.arch == "ViT-L-14-quickgelu"
+    assert cfg.model.first_stage.autoencoder.ch == 128 and cfg.data.image_size == 512
