@@ -249,3 +249,41 @@ def test_sd15_finetune_experiment_composes(train_cfg):
     assert cfg.model.init_from == "/weights/v1-5.safetensors" and cfg.model.first_stage.ckpt is None
     assert cfg.model.unet.context_dim == 768 and cfg.model.conditioning.arch == "ViT-L-14-quickgelu"
     assert cfg.model.first_stage.autoencoder.ch == 128 and cfg.data.image_size == 512
+
+
+@pytest.mark.slow
+def test_sd15_architecture_exports_exactly(tmp_path):
+    """SD 1.5's UNet (860M), kl_f8 VAE and CLIP ViT-L/14 text tower, random: export → diffusers / transformers load
+    the folder → the same outputs at 8x8 latents."""
+    from omegaconf import OmegaConf
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    unet_cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(conf / "unet" / "sd15.yaml")).items()
+                if k != "_target_"}
+    vae_cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(conf / "autoencoder" / "kl_f8.yaml")).items()
+               if k != "_target_"}
+    torch.manual_seed(0)
+    tower = _build_text_tower(768, CLIPTextCfg(context_length=77, vocab_size=49408, width=768, heads=12, layers=12),
+                              quick_gelu=True)
+    model = LatentDiffusion(UNetModel(**unet_cfg), NoiseSchedule.make("scaled_linear"),
+                            OpenCLIPTextEncoder("ViT-L-14-quickgelu", layer="last", model=tower),
+                            AutoencoderKL(**vae_cfg), functools.partial(torch.optim.AdamW), scale_factor=0.18215,
+                            ema_decay=None, image_size=64).eval()
+    randomize_(model.model.diffusion_model)
+    write_diffusers(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
+        x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([321])
+        with torch.no_grad():
+            context = model.cond_stage_model(["a photograph of an astronaut riding a horse"])
+            ids, _ = model.cond_stage_model.tokenizer(["a photograph of an astronaut riding a horse"])
+            assert rel_err(text(ids)[0], context) <= 1e-4
+            del text
+            ours = model.model.diffusion_model(x, t, context=context)
+            unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet", **LOAD).eval()
+            assert rel_err(unet(x, t, encoder_hidden_states=context).sample, ours) <= 1e-4
+            del unet
+            vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "vae", **LOAD).eval()
+            assert rel_err(vae.decode(x).sample, model.first_stage_model.decode(x)) <= 1e-4
