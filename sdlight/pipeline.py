@@ -186,6 +186,7 @@ class Pipeline:
         config = copy.deepcopy(config)
         # the weights of every part are in this checkpoint: build the architecture only
         config["first_stage"] = {"_target_": "sdlight.nn.autoencoder.AutoencoderKL", **hparams["first_stage_config"]}
+        config["init_from"] = None  # a fine-tuned run's starting weights: overwritten below, and maybe moved since
         if str(config["conditioning"].get("_target_", "")).endswith("OpenCLIPTextEncoder"):
             config["conditioning"].update(pretrained=None, checkpoint_path=None)
         model: LatentDiffusion = hydra.utils.instantiate(config)

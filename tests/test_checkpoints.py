@@ -41,8 +41,12 @@ def test_read_checkpoint_formats_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.ckpt"):
         read_checkpoint(tmp_path / "missing.ckpt")
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint: neither a torch.save file nor .safetensors"):
         read_checkpoint(tmp_path / "broken.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(64)}}, tmp_path / "whole.ckpt")
+    (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:200])  # a zip cut short
+    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+        read_checkpoint(tmp_path / "truncated.ckpt")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="holds a list, not a checkpoint dict"):
         read_checkpoint(tmp_path / "list.pt")
