@@ -294,3 +294,44 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
                "Check that the autoencoder config matches the file (kl_f8 for SD).")
     return [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
             *_text_weights(conditioning, text, hf_prefix, where)]
+
+
+# ------------------------------------------------------------------------------------------ fault tolerance
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` such that a process killed at any moment leaves either the old file or the new
+    one: written to ``path.tmp`` in the same folder, fsynced, renamed over ``path``, and the folder fsynced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # the rename itself survives a power loss only once the directory entry is on disk
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+
+
+def newest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
+    """The most recently written ``*.ckpt`` under ``folder`` that reads and holds training state (a truncated or
+    foreign file is passed over), and the reasons the newer ones were passed over."""
+    folder = Path(folder)
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if folder.is_dir() else []
+    skipped = []
+    for path in candidates:
+        try:
+            ckpt = read_checkpoint(path, mmap=True)
+        except CheckpointError as err:
+            skipped.append(f"{path.name}: {err}")
+            continue
+        if "loops" in ckpt or "global_step" in ckpt:
+            return path, skipped
+        skipped.append(f"{path.name}: no training state")
+    return None, skipped

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from sdlight.callbacks.preemption import Preempted
+from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume
 from sdlight.callbacks.run_config import RunConfigInCheckpoint
 from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, instantiate_callbacks, instantiate_loggers,
                                  metric_value, prepare_wandb, quiet_lightning, register_resolvers, task_wrapper,
@@ -29,6 +32,38 @@ def _strategy(trainer_cfg: DictConfig, model: L.LightningModule) -> dict[str, An
         start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[strategy]
         return {"strategy": DDPStrategy(find_unused_parameters=True, start_method=start)}
     return {}
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume: ``ckpt_path`` as given; ``ckpt_path=last`` (or a run directory) for the newest
+    readable checkpoint of this run directory (of that one); with ``resume=auto`` (``resume=slurm``, the default:
+    inside a SLURM job, so a requeued job continues) the newest of this run directory if there is one."""
+    from pathlib import Path
+
+    from sdlight.checkpoints import newest_checkpoint
+    from sdlight.errors import UsageError
+
+    ckpt, resume = cfg.get("ckpt_path"), str(cfg.get("resume") or "never")
+    if resume not in ("never", "auto", "slurm"):
+        raise UsageError(f"resume={resume}: must be never, auto or slurm")
+    run_dir = Path(cfg.paths.output_dir)
+    if ckpt is not None and ckpt != "last" and not Path(ckpt).is_dir():
+        return str(ckpt)
+    if ckpt is None and not (resume == "auto" or (resume == "slurm" and "SLURM_JOB_ID" in os.environ)):
+        return None
+    folder = run_dir / "checkpoints" if ckpt in (None, "last") else Path(ckpt)
+    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    found, passed = newest_checkpoint(folder)
+    for reason in passed:
+        log.warning(f"Resume: passing over {reason}")
+    if found is None:
+        if ckpt is not None:
+            raise UsageError(f"ckpt_path={ckpt}: no readable checkpoint in {folder} (to continue an earlier run, run "
+                             "in its directory: hydra.run.dir=<that run's directory> ckpt_path=last)")
+        log.info(f"resume={resume}: no checkpoint in {folder} yet, starting a new run")
+        return None
+    log.info(f"Resuming from {found}")
+    return str(found)
 
 
 def check_resume(ckpt_path: str | None) -> None:
@@ -52,7 +87,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Returns (metrics, objects); the metric named by ``optimized_metric`` is what sweepers optimize.
     """
-    check_resume(cfg.get("ckpt_path"))
+    ckpt_path = resume_path(cfg)
+    check_resume(ckpt_path)
     quiet_lightning()
     apply_extras(cfg)
     if cfg.get("seed") is not None:
@@ -64,7 +100,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    callbacks.append(RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    callbacks += [RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)), ExactResume()]
     prepare_wandb(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: `logger=none` must still run
@@ -75,14 +111,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
 
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
+    # checkpoints written through a temporary file and a rename: a kill mid-write keeps the previous one
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 **_strategy(cfg.trainer, model))
+                                                 **_strategy(cfg.trainer, model), **plugins)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
+               "loggers": loggers, "trainer": trainer}
     if cfg.get("train", True):
         log.info("Starting training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except Preempted as stop:  # saved at a step boundary; exit 0 (a requeued SLURM job resumes from it)
+            log.warning(str(stop))
+            return dict(trainer.callback_metrics), objects
     metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test"):
@@ -90,9 +134,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update(trainer.callback_metrics)
-
-    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
-               "loggers": loggers, "trainer": trainer}
     return metrics, objects
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sized
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader
 from sdlight.data.skips import SkipMonitor, SkipTally
 
 
@@ -64,9 +67,22 @@ class ImageDataModule(L.LightningDataModule):
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                       persistent_workers=self.persistent_workers)
         if isinstance(dataset, IterableDataset):  # batches are made inside the pipeline; no len, no shuffle
-            return DataLoader(dataset, batch_size=None, **common)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate_fn,
-                          drop_last=shuffle and len(dataset) >= self.batch_size, **common)
+            return (StreamLoader if shuffle else DataLoader)(dataset, batch_size=None, **common)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn, **common)
+        return self._resumable_loader(dataset, common)
+
+    def _resumable_loader(self, dataset: Dataset, common: dict) -> DataLoader:
+        """The training loader: a seeded order per epoch, split over ranks, whose position a checkpoint keeps
+        (sdlight.data.resumable). The seed is the run's (``seed_everything`` puts it in PL_GLOBAL_SEED)."""
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        items = SeededItems(dataset)
+        sampler = ResumableSampler(items, num_replicas=world, rank=rank, seed=seed)
+        return ResumableLoader(items, batch_size=self.batch_size, sampler=sampler,
+                               collate_fn=self.collate_fn, drop_last=sampler.num_samples >= self.batch_size,
+                               generator=torch.Generator().manual_seed(seed), **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -307,13 +307,17 @@ class LatentDiffusion(L.LightningModule):
         self.log("train/nonfinite_skips", float(self.nonfinite_skips))
         return loss
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: checkpoints saved by callbacks at a batch's end must include it
+        if self.model_ema is not None and self._grads_since_step:
+            self.model_ema.update_parameters(self._ema_parts)
+        self._grads_since_step = False
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         if self.global_step == self._last_step_seen:
             return  # an accumulation micro-step: no optimizer step yet
         self._last_step_seen = self.global_step
-        if self.model_ema is not None and self._grads_since_step:
-            self.model_ema.update_parameters(self._ema_parts)
-        self._grads_since_step = False
         if self.sample_every_n_steps and self.global_step % self.sample_every_n_steps == 0:
             self.log_samples(batch)
 
