@@ -318,12 +318,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         pass
 
 
-def newest_checkpoint(folder: str | Path) -> tuple[Path | None, list[str]]:
-    """The most recently written ``*.ckpt`` under ``folder`` that reads and holds training state (a truncated or
+def newest_checkpoint(*folders: str | Path) -> tuple[Path | None, list[str]]:
+    """The most recently written ``*.ckpt`` in ``folders`` that reads and holds training state (a truncated or
     foreign file is passed over), and the reasons the newer ones were passed over."""
-    folder = Path(folder)
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) \
-        if folder.is_dir() else []
+    found = [p for folder in map(Path, folders) if folder.is_dir() for p in folder.glob("*.ckpt")]
+    candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     skipped = []
     for path in candidates:
         try:

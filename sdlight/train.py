@@ -8,7 +8,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdlight.callbacks.preemption import Preempted
 from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume
@@ -53,7 +53,11 @@ def resume_path(cfg: DictConfig) -> str | None:
         return None
     folder = run_dir / "checkpoints" if ckpt in (None, "last") else Path(ckpt)
     folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
-    found, passed = newest_checkpoint(folder)
+    folders = [folder]
+    job = os.environ.get("SLURM_JOB_ID")
+    if ckpt is None and job:  # a requeued job keeps its id: its earlier run directories end with it (slurm_suffix)
+        folders += [d / "checkpoints" for d in run_dir.parent.glob(f"*_{job}") if d != run_dir]
+    found, passed = newest_checkpoint(*folders)
     for reason in passed:
         log.warning(f"Resume: passing over {reason}")
     if found is None:
@@ -64,6 +68,14 @@ def resume_path(cfg: DictConfig) -> str | None:
         return None
     log.info(f"Resuming from {found}")
     return str(found)
+
+
+def wandb_id_from_slurm(cfg: DictConfig) -> None:
+    """Inside a SLURM job, the W&B run id is ``<task>-<job id>``: a requeued job logs on in its own W&B run."""
+    node, job = (cfg.get("logger") or {}).get("wandb"), os.environ.get("SLURM_JOB_ID")
+    if node and job and not node.get("id"):
+        with open_dict(node):
+            node.id = f"{cfg.task_name}-{job}"
 
 
 def check_resume(ckpt_path: str | None) -> None:
@@ -101,6 +113,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += [RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)), ExactResume()]
+    wandb_id_from_slurm(cfg)
     prepare_wandb(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger: `logger=none` must still run

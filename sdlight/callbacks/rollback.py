@@ -1,0 +1,54 @@
+"""Loss spikes: after N non-finite steps in a row, roll the weights back to the last checkpoint and go on.
+
+The stages skip a batch whose loss is not finite and raise after ``max_nonfinite_steps`` in a row; a long run
+would rather go back to its last good weights. Only the weights, EMA and optimizer states come back: the data and
+the random streams keep going forward, so the rolled-back run does not replay the batches that diverged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from sdlight.checkpoints import newest_checkpoint, read_checkpoint
+
+log = logging.getLogger("sdlight")
+
+
+class NonFiniteRollback(L.Callback):
+    """Restores the newest readable checkpoint's weights and optimizer states after ``after_nonfinite`` non-finite
+    steps in a row (None: never; it must be below the model's ``max_nonfinite_steps``, which stops the run), at
+    most ``max_rollbacks`` times."""
+
+    def __init__(self, after_nonfinite: int | None = None, max_rollbacks: int = 3):
+        self.after_nonfinite, self.max_rollbacks = after_nonfinite, max_rollbacks
+        self.rollbacks = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        limit = getattr(pl_module, "max_nonfinite_steps", None)
+        if self.after_nonfinite and limit is not None and self.after_nonfinite >= limit:
+            log.warning(f"callbacks.rollback.after_nonfinite={self.after_nonfinite} is not below the model's "
+                        f"max_nonfinite_steps={limit}: the run stops before it could roll back")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        in_a_row = getattr(pl_module, "_nonfinite_in_a_row", 0)
+        if not self.after_nonfinite or in_a_row < self.after_nonfinite or self.rollbacks >= self.max_rollbacks:
+            return
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir, "checkpoints")
+        path, _ = newest_checkpoint(folder)
+        if path is None:
+            log.warning(f"{in_a_row} non-finite steps in a row but no checkpoint in {folder} to roll back to")
+            return
+        ckpt = read_checkpoint(path)
+        pl_module.load_state_dict(ckpt["state_dict"])
+        for optimizer, state in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
+            optimizer.load_state_dict(state)
+        pl_module._nonfinite_in_a_row = 0
+        self.rollbacks += 1
+        log.warning(f"{in_a_row} non-finite steps in a row at step {trainer.global_step}: weights and optimizer "
+                    f"rolled back to {path} (step {ckpt.get('global_step')}), data goes on "
+                    f"(rollback {self.rollbacks} of at most {self.max_rollbacks})")
