@@ -14,7 +14,8 @@ from sdlight.callbacks.fid import FIDCallback
 from sdlight.hydra_utils import instantiate_callbacks
 from sdlight.weights import WeightsNotFoundError
 
-DEFAULT = {"model_checkpoint", "model_summary", "rich_progress_bar", "lr_monitor"}
+DEFAULT = {"model_checkpoint", "model_summary", "rich_progress_bar", "lr_monitor", "preemption", "progress_log",
+           "rollback"}
 TINY_VAE = ["+experiment=quickstart_vae", "data.train_size=16", "data.val_size=8", "data.batch_size=4",
             "trainer.max_epochs=1", "logger=csv", "~callbacks.rich_progress_bar", "~callbacks.model_summary"]
 
