@@ -27,10 +27,15 @@ CONFIG_PATH = "pkg://sdlight.conf"
 
 
 def register_resolvers() -> None:
-    """``${slurm_suffix:}`` → ``_<job id>`` inside a SLURM job, else empty (run directory names)."""
+    """Run directory names. ``${slurm_suffix:}`` → ``_<job id>`` inside a SLURM job, else empty (sweep
+    directories); ``${run_name:STAMP}`` → ``slurm_<job id>`` inside a SLURM job, else STAMP, so that a requeued job
+    (same job id) comes back to its own run directory, its checkpoints and its log."""
     if not OmegaConf.has_resolver("slurm_suffix"):
         OmegaConf.register_new_resolver(
             "slurm_suffix", lambda: f"_{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else "")
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver(
+            "run_name", lambda stamp: f"slurm_{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else stamp)
 
 
 def _instantiate_dict(cfg: DictConfig | None, what: str) -> list[Any]:

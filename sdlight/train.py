@@ -55,7 +55,7 @@ def resume_path(cfg: DictConfig) -> str | None:
     folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     folders = [folder]
     job = os.environ.get("SLURM_JOB_ID")
-    if ckpt is None and job:  # a requeued job keeps its id: its earlier run directories end with it (slurm_suffix)
+    if ckpt is None and job:  # a requeued job keeps its id and its run directory; older runs named *_<job id>
         folders += [d / "checkpoints" for d in run_dir.parent.glob(f"*_{job}") if d != run_dir]
     found, passed = newest_checkpoint(*folders)
     for reason in passed:

@@ -104,3 +104,16 @@ def test_rollback_after_nonfinite_steps(tmp_path, caplog):
         trainer.fit(Spiky(), data)
     assert rollback.rollbacks == 1
     assert any("rolled back to" in r.message for r in caplog.records)
+
+
+def test_a_slurm_job_has_one_run_directory_across_requeues(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from sdlight.hydra_utils import register_resolvers
+
+    register_resolvers()
+    cfg = OmegaConf.create({"dir": "runs/${run_name:2026-01-01_00-00-00}"})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert cfg.dir == "runs/2026-01-01_00-00-00"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert cfg.dir == "runs/slurm_4242"  # the same after a requeue: same job id, no time in the name
