@@ -138,7 +138,8 @@ def _write_shard(path: Path, thunks: list[Thunk], first: int, first_stage: nn.Mo
     loader = DataLoader(_Loads(thunks), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     written, bad, error = 0, [], StorageError()
     position = first
-    with wds.TarWriter(str(tmp)) as sink:
+    # a whole-second mtime: a float one makes tarfile add a 1 KiB pax header to every member
+    with wds.TarWriter(str(tmp), mtime=int(time.time())) as sink:
         for items in loader:
             keys = [f"{position + j:09d}" for j in range(len(items))]
             position += len(items)

@@ -128,7 +128,10 @@ class LatentsDataModule(WebDataModule):
         if not shards:
             raise UsageError(f"data.root={root}: the cache has no training samples")
         val = [str(Path(root) / s) for s in splits.get("val", {}).get("shards", [])]
-        super().__init__(urls=shards, val_urls=val or None, shuffle_buffer=shuffle_buffer, resampled=resampled,
+        if not val:  # holding out the head of a small cache could leave training nothing; validate on it instead
+            log.warning("data: the cache %s has no val split: validation reads training samples", root)
+            val, val_size = shards, val_size if val_size is not None else min(256, splits["train"]["samples"])
+        super().__init__(urls=shards, val_urls=val, shuffle_buffer=shuffle_buffer, resampled=resampled,
                          seed=seed, image_size=cached,
                          train_size=train_size if train_size is not None else int(splits["train"]["samples"]),
                          val_size=val_size, **kwargs)
