@@ -175,7 +175,8 @@ def test_broken_images_are_skipped_and_broken_or_missing_shards_counted(tmp_path
     (src / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
     (src / "cat" / "broken.txt").write_text("broken")
     folder = FolderDataModule(root=str(src), val_fraction=0.25, image_size=16, max_skip_fraction=0.5)
-    manifest = encode_dataset(stages.tiny_vae(0), folder, tmp_path / "c", shard_size=2, progress=False)
+    manifest = encode_dataset(stages.tiny_vae(0), folder, tmp_path / "c", shard_size=2, num_workers=2,
+                              progress=False)  # images decoded in DataLoader workers
     splits = manifest["splits"]
     assert splits["train"]["samples"] + splits["val"]["samples"] == 12 and len(splits["train"]["shards"]) >= 4
     assert splits["train"]["skipped"] + splits["val"]["skipped"] == 1
@@ -191,6 +192,23 @@ def test_broken_images_are_skipped_and_broken_or_missing_shards_counted(tmp_path
     assert dm.skips.skipped > 0 and any("train-00000" in e for e in dm.skips.examples)
     with pytest.raises(ValueError, match="bytes, expected"):
         from_bytes(b"\0" * 10, torch.float16, (2, 4, 4, 4), "x.latent")
+
+
+def test_shards_are_encoded_once_each_with_the_held_out_validation_samples_apart(tmp_path):
+    from imagefiles import write_shards
+
+    from sdlight.data.shards import WebDataModule
+
+    write_shards(tmp_path / "s", 12, maxcount=5)
+    shards = WebDataModule(urls=str(tmp_path / "s" / "s-{0000..0002}.tar"), val_size=4, image_size=16,
+                           crop="random", num_workers=0)
+    manifest = encode_dataset(stages.tiny_vae(0), shards, tmp_path / "c", shard_size=5, progress=False)
+    assert [manifest["splits"][s]["samples"] for s in ("train", "val")] == [8, 4]
+    dm = LatentsDataModule(root=str(tmp_path / "c"), batch_size=4, resampled=False, shuffle_buffer=1)
+    dm.setup()
+    train = [t for b in dm.train_dataloader() for t in dm.on_before_batch_transfer(b, 0)["text"]]
+    val = [t for b in dm.val_dataloader() for t in dm.on_before_batch_transfer(b, 0)["text"]]
+    assert sorted(train) == sorted(f"caption {i}" for i in range(4, 12)) and val == [f"caption {i}" for i in range(4)]
 
 
 # ------------------------------------------------------------------------------ training through train()
