@@ -43,7 +43,7 @@ def check_metrics(metrics: str | Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(str(n).strip() for n in names))
     unknown = [n for n in names if n not in METRICS]
     if unknown or not names:
-        raise UsageError(f"metrics={names}: unknown {', '.join(unknown) or 'empty list'}; choose from "
+        raise UsageError(f"metrics=[{','.join(names)}]: unknown {', '.join(unknown) or 'empty list'}; choose from "
                          f"{', '.join(METRICS)}, e.g. 'metrics=[fid,clip_score,adherence]'")
     return names
 

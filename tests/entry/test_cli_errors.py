@@ -117,7 +117,7 @@ def test_gpu_trainer_without_a_gpu(tmp_path):
 
 def test_evaluate_mistakes(tmp_path):
     assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "num_samples=0"], tmp_path), "num_samples=0")
-    assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "metrics=[fid,sharpness]"], tmp_path), "sharpness",
+    assert_one_line(run_cli("evaluate", ["ckpt=x.ckpt", "metrics=[fid,sharpness]"], tmp_path), "metrics=[fid,sharpness]: unknown sharpness",
                     "clip_score")
 
 
