@@ -231,6 +231,10 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
                          f"(metrics=[fid] or [fid,kid]); {sorted(set(names) - set(RECONSTRUCTION_METRICS))} "
                          "need a latent diffusion checkpoint")
     data_cfg = data_config(stored.get("data"), data)
+    if str(data_cfg.get("_target_", "")).endswith("LatentsDataModule") and {"fid", "kid"} & set(names):
+        raise UsageError("this run trained on cached latents (data=latents), and FID/KID compare against real "
+                         "images: name the image dataset the cache was made from, e.g. data=folder "
+                         "data.root=DIR (or data=shapes)")
     loader = val_loader(data_cfg)
     image_size = getattr(module, "image_size", None)
     if image_size is not None and data_cfg.get("image_size") not in (None, image_size):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def make_shards(src: str | Path, out: str | Path, maxcount: int = 10000, maxsize
     summary = ShardSummary(skipped=len(scan.skipped), skipped_examples=scan.skipped[:MAX_EXAMPLES],
                            classes=scan.classes)
     pattern = str(out / f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+    # an integer mtime: a float one costs every tar member a 1 KiB pax header
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=int(time.time())) as sink:
         for rec in tqdm(scan.records, desc="make_shards", unit="img", disable=not progress):
             try:
                 ext, data, (w, h) = encode(src / rec.rel, image_size, quality)

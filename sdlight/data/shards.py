@@ -243,5 +243,10 @@ class WebDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:  # val first: training leaves out the samples it holds
             self.val_set = self.build("val")
+            if not self.val_urls and self._val_keys and self.train_size is None \
+                    and len(self._val_keys) >= self.count_samples():
+                # training would skip every sample it reads, forever
+                raise UsageError(f"data.val_size={self.val_size} holds out every sample of data.urls: give a smaller "
+                                 "data.val_size or a separate data.val_urls")
             self.train_set = self.build("train")
         super().setup(stage)

@@ -72,6 +72,13 @@ def test_train_size_defaults_to_the_samples_in_local_shards_and_val_urls_are_sep
         WebDataModule(urls="https://example.invalid/s-{0..1}.tar", batch_size=2).batches_per_worker()
 
 
+def test_a_validation_head_that_takes_every_sample_is_refused(tmp_path):
+    shards = write_shards(tmp_path / "s", 6, maxcount=10)
+    dm = WebDataModule(urls=[str(p) for p in shards], val_size=6, batch_size=2, image_size=8)
+    with pytest.raises(ValueError, match="data.val_size=6 holds out every sample"):
+        dm.setup()  # training would otherwise skip every sample it reads, forever
+
+
 def test_unresampled_shards_are_split_over_workers(tmp_path):
     shards = write_shards(tmp_path, 20, maxcount=5)
     dm = WebDataModule(urls=pattern(shards), resampled=False, val_urls=str(shards[0]), val_size=2,

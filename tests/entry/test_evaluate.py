@@ -181,6 +181,12 @@ def test_autoencoder_checkpoint_gets_rfid_of_its_reconstructions(ckpts):
         evaluate(ckpts[1], ["fid"], 6, device="cpu", feature_extractor=extractor)
 
 
+def test_fid_of_a_run_on_cached_latents_asks_for_the_images(ckpts):
+    latents = {"_target_": "sdlight.data.latents.LatentsDataModule", "root": "cache"}
+    with pytest.raises(ValueError, match="cached latents .*name the image dataset"):
+        evaluate(ckpts[0], ["fid"], 6, device="cpu", data=latents, feature_extractor=RandomInitFeatureExtractorForTest())
+
+
 def test_unknown_metric_or_sampler_is_a_clear_error(ckpts):
     with pytest.raises(ValueError, match=r"metrics=\[fidd,adherence\]: unknown fidd; choose from fid, kid, clip_score"):
         evaluate(ckpts[0], ["fidd", "adherence"])
