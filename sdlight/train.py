@@ -16,6 +16,7 @@ from sdlight.callbacks.run_config import RunConfigInCheckpoint
 from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, instantiate_callbacks, instantiate_loggers,
                                  metric_value, prepare_wandb, quiet_lightning, register_resolvers, task_wrapper,
                                  user_errors)
+from sdlight.threads import set_torch_threads
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -102,6 +103,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt_path = resume_path(cfg)
     check_resume(ckpt_path)
     quiet_lightning()
+    set_torch_threads()  # the CPUs granted to this process (affinity, cgroup quota), unless OMP_NUM_THREADS is set
     apply_extras(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

@@ -8,6 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDLIGHT_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# pytest-xdist workers share the CPUs: each worker, and the CLI subprocesses it starts, gets CPUs / workers
+# threads instead of one per CPU each, which would spin against each other (see sdlight/threads.py)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and hasattr(os, "sched_getaffinity"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,9 +21,10 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from sdlight.hydra_utils import register_resolvers  # noqa: E402
+from sdlight.threads import available_cpus  # noqa: E402
 
 register_resolvers()
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), available_cpus() // _workers)))
 
 
 def compose_train(overrides: list[str], output_dir) -> DictConfig:
