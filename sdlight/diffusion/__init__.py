@@ -15,6 +15,8 @@ from .process import (
     to_x0_eps,
     training_target,
 )
+from .denoisers import x0_denoiser
+from .grids import GRIDS, exponential_sigmas, karras_sigmas, make_sigmas, nearest_timestep, sigma_to_t
 from .samplers import (
     SAMPLERS,
     inpaint_callback,
@@ -22,7 +24,9 @@ from .samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
+    sample_heun,
     sampler_name,
 )
 from .schedules import SCHEDULES, NoiseSchedule, at, make_betas, rescale_zero_terminal_snr
@@ -35,6 +39,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
-    "sampler_name",
+    "sampler_name", "sample_heun", "sample_dpmpp_2m_sde",
+    "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "x0_denoiser",
     "cfg_denoiser", "rescale_guidance",
 ]

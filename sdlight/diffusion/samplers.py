@@ -16,62 +16,20 @@ All samplers step to alpha_bar = 1 (no noise) at the end.
 """
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun
+from .grids import SPACINGS, finite_terminal, make_timesteps
 from .process import q_sample, to_x0_eps
+from .sampling_utils import Callback, Denoiser, after_step, progress_bar, randn_like
 from .schedules import NoiseSchedule
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor, Tensor], Tensor | None]
-SPACINGS = ("leading", "trailing", "linspace")
-
-
-def make_timesteps(steps: int, num_train_timesteps: int, spacing: str = "leading", steps_offset: int = 1) -> Tensor:
-    """Descending (steps,) long tensor of training timesteps, as diffusers' ``timestep_spacing``.
-
-    leading: ``arange(steps) * (T // steps) + steps_offset`` (Stable Diffusion uses offset 1);
-    trailing: ``round(T - i * T / steps) - 1``, which starts at T - 1 (Lin et al., 2023, Table 2);
-    linspace: ``round(linspace(0, T - 1, steps))``.
-    """
-    T = num_train_timesteps
-    if not 0 < steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
-    if spacing == "leading":
-        ratio = T // steps
-        # the offset may not push the first timestep past T - 1 (steps == T with offset 1 would)
-        offset = min(steps_offset, T - 1 - (steps - 1) * ratio)
-        return (torch.arange(steps, dtype=torch.long) * ratio + offset).flip(0)
-    if spacing == "trailing":
-        return (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long() - 1
-    if spacing == "linspace":
-        return torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().flip(0)
-    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
-
-
-def _progress(items: Iterable, enabled: bool, total: int) -> Iterable:
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(items, total=total)
-    except ImportError:
-        pass
-    try:
-        from rich.progress import track
-
-        return track(items, total=total)
-    except ImportError:
-        return items
-
-
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    # draw on the generator's device (a CPU generator gives the same samples on any accelerator), then move
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+__all__ = ["SPACINGS", "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
+           "sample_heun", "sample_dpmpp_2m_sde", "inpaint_callback", "SAMPLERS", "sampler_name",
+           "Callback", "Denoiser"]
 
 
 def _start(x: Tensor, schedule: NoiseSchedule, steps: int, spacing: str, strength: float, generator):
@@ -84,7 +42,7 @@ def _start(x: Tensor, schedule: NoiseSchedule, steps: int, spacing: str, strengt
         keep = min(int(steps * strength), steps)  # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps
         ts = ts[steps - keep :]
         if ts:
-            noise = _randn(x, generator)
+            noise = randn_like(x, generator)
             x = q_sample(x, ts[0], noise, schedule)
     return ts, x
 
@@ -98,25 +56,6 @@ def _call(denoise: Denoiser, x: Tensor, t: int, schedule: NoiseSchedule, predict
 def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
     return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
 
-
-def _after_step(callback: Callback | None, i: int, t_next: int, x: Tensor) -> Tensor:
-    if callback is None:
-        return x
-    out = callback(i, torch.full((x.shape[0],), t_next, dtype=torch.long, device=x.device), x)
-    return x if out is None else out.to(x)
-
-
-def _finite_terminal(schedule: NoiseSchedule) -> NoiseSchedule:
-    """Schedule with alpha_bar(T) raised to 2**-24 when it is 0, so the sigma-space samplers see a finite sigma.
-
-    The same fix as diffusers' Euler and DPM-Solver schedulers under ``rescale_betas_zero_snr``.
-    """
-    ab = schedule.alphas_cumprod
-    if ab[-1] > 0:
-        return schedule
-    betas = schedule.betas.clone()
-    betas[-1] = 1 - 2.0**-24 / ab[-2]
-    return NoiseSchedule(betas)
 
 
 @torch.no_grad()
@@ -132,7 +71,7 @@ def sample_ddpm(
     """
     dtype = x.dtype
     ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    for i in _progress(range(len(ts)), progress, len(ts)):
+    for i in progress_bar(range(len(ts)), progress, len(ts)):
         t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
         x0, _ = _call(denoise, x, t, schedule, prediction_type)
         if clip_x0 is not None:
@@ -142,8 +81,8 @@ def sample_ddpm(
         x = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(a / a_next) * (1 - a_next) / (1 - a)) * x
         if t_next >= 0:
             var = (1 - a_next) / (1 - a) * beta
-            x = x + math.sqrt(var) * _randn(x, generator)
-        x = _after_step(callback, i, t_next, x)
+            x = x + math.sqrt(var) * randn_like(x, generator)
+        x = after_step(callback, i, t_next, x)
     return x.to(dtype)
 
 
@@ -156,7 +95,7 @@ def sample_ddim(
     """DDIM (Song et al., 2021): eta = 0 is the deterministic ODE sampler, eta = 1 matches DDPM's variance."""
     dtype = x.dtype
     ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    for i in _progress(range(len(ts)), progress, len(ts)):
+    for i in progress_bar(range(len(ts)), progress, len(ts)):
         t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
         x0, eps = _call(denoise, x, t, schedule, prediction_type)
         if clip_x0 is not None:
@@ -165,39 +104,8 @@ def sample_ddim(
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * _randn(x, generator)
-        x = _after_step(callback, i, t_next, x)
-    return x.to(dtype)
-
-
-@torch.no_grad()
-def sample_dpmpp_2m(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
-    spacing: str = "leading", strength: float = 1.0, generator: torch.Generator | None = None,
-    callback: Callback | None = None, progress: bool = False,
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al., 2022): second-order multistep in log-SNR time on the data prediction.
-
-    Matches diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
-    lower_order_final=True)``: the first step is first order (DDIM) and the last one lands on x0_hat.
-    """
-    dtype = x.dtype
-    schedule = _finite_terminal(schedule)
-    ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    x0_prev, h_prev = None, None
-    for i in _progress(range(len(ts)), progress, len(ts)):
-        t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _ = _call(denoise, x, t, schedule, prediction_type)
-        if t_next < 0:
-            x = x0  # sigma_next = 0: every order of the update reduces to the data prediction
-        else:
-            a, a_next = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
-            lam, lam_next = 0.5 * math.log(a / (1 - a)), 0.5 * math.log(a_next / (1 - a_next))
-            h = lam_next - lam
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
-            x = math.sqrt((1 - a_next) / (1 - a)) * x - math.sqrt(a_next) * math.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-        x = _after_step(callback, i, t_next, x)
+            x = x + sigma * randn_like(x, generator)
+        x = after_step(callback, i, t_next, x)
     return x.to(dtype)
 
 
@@ -215,16 +123,16 @@ def sample_euler(
     DDIM at eta = 0.
     """
     dtype = x.dtype
-    schedule = _finite_terminal(schedule)
+    schedule = finite_terminal(schedule)
     ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    for i in _progress(range(len(ts)), progress, len(ts)):
+    for i in progress_bar(range(len(ts)), progress, len(ts)):
         t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
         s = float(schedule.sigmas[t])
         s_next = 0.0 if t_next < 0 else float(schedule.sigmas[t_next])
         x0, _ = _call(denoise, x, t, schedule, prediction_type)
         r, c, c_next = s_next / s, math.sqrt(1 + s**2), math.sqrt(1 + s_next**2)
         x = (r * c / c_next) * x + ((1 - r) / c_next) * x0
-        x = _after_step(callback, i, t_next, x)
+        x = after_step(callback, i, t_next, x)
     return x.to(dtype)
 
 
@@ -239,7 +147,7 @@ def inpaint_callback(
     ``known`` itself after the last step, as diffusers' inpainting pipelines do for non-inpainting UNets.
     """
     if noise is None:
-        noise = _randn(known, generator)
+        noise = randn_like(known, generator)
 
     def blend(i: int, t: Tensor, x: Tensor) -> Tensor:
         k = known.to(x) if int(t[0]) < 0 else q_sample(known.to(x), t, noise.to(x), schedule)
@@ -254,6 +162,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
     "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }
 
 
