@@ -11,6 +11,7 @@ metrics that need them. Results are printed as a table and written to ``<out>/me
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -199,6 +200,7 @@ def _check_weights(names: list[str], fid: Mapping[str, Any], clip: Mapping[str, 
 
 def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samples: int = 1000, *,
              batch_size: int = 50, steps: int | None = 50, guidance: float | None = None, sampler: str | None = None,
+             sampler_options: Mapping[str, Any] | None = None,
              seed: int = 0, use_ema: bool = True, device: str | torch.device | None = "auto",
              data: Mapping[str, Any] | None = None, fid: Mapping[str, Any] | None = None,
              clip: Mapping[str, Any] | None = None, adherence: Mapping[str, Any] | None = None,
@@ -208,19 +210,23 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     ``<out>/metrics.json`` when ``out`` is given.
 
     ``data`` overrides the checkpoint's datamodule config (see :func:`data_config`); ``fid``, ``clip`` and
-    ``adherence`` are the options of those callbacks (the nodes of ``conf/evaluate.yaml``).
+    ``adherence`` are the options of those callbacks (the nodes of ``conf/evaluate.yaml``). ``sampler_options``
+    go to the sampler (``sampler``, or the model's configured one), as in :class:`sdlight.pipeline.Pipeline`.
     ``feature_extractor`` (images in [0, 1] → ``(B, F)``, with ``num_features``) stands in for the Inception
     and ``clip_model`` for the open_clip model, as in the callbacks.
     """
     from sdlight.callbacks.sampling import StandaloneTrainer
     from sdlight.diffusion import SAMPLERS
 
-    from sdlight.pipeline import check_sampling_options
+    from sdlight.pipeline import check_sampling_options, given_options, resolve_sampler_options
 
     started = time.perf_counter()
     names = check_metrics(metrics)
     fid, clip, adherence = dict(fid or {}), dict(clip or {}), dict(adherence or {})
     check_sampling_options(num_samples, steps, guidance, sampler=sampler)
+    options = given_options(sampler_options)
+    if sampler is not None:  # checked before the checkpoint is read; against the model's sampler once it is
+        resolve_sampler_options(sampler, SAMPLERS[sampler], options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
     _check_weights(names, fid, clip, feature_extractor, clip_model)
@@ -249,6 +255,10 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     if stage == "ldm":
         generating = len(callbacks)  # every metric callback samples for a diffusion model
         sampler_fn = SAMPLERS[sampler] if sampler is not None else None
+        if options:  # the model's configured sampler takes them when no sampler is named
+            sampler_fn = sampler_fn or module.sampler
+            resolve_sampler_options(sampler, sampler_fn, options)
+            sampler_fn = functools.partial(sampler_fn, **options)
         with SharedSamples(module, sampler_fn, uses=generating, max_bytes=sample_cache_gb * 2**30) as shared:
             for callback in callbacks:
                 callback.setup(trainer, module, "validate")
@@ -262,6 +272,8 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     report = {"scores": {k.removeprefix("val/"): v for k, v in scores.items()},
               "settings": _settings(module, stage, ckpt, names, num_samples, batch_size, steps, guidance, sampler,
                                     seed, use_ema, data_cfg, fid, clip, stored)}
+    if stage == "ldm":
+        report["settings"]["sampler_options"] = options
     report["settings"]["seconds"] = round(time.perf_counter() - started, 2)
     if out is not None:
         path = Path(out) / "metrics.json"
@@ -325,7 +337,8 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         report = evaluate(cfg.ckpt, list(cfg.metrics) if OmegaConf.is_list(cfg.metrics) else cfg.metrics,
                           cfg.num_samples, batch_size=cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
-                          sampler=cfg.sampler, seed=cfg.seed, use_ema=cfg.use_ema, device=cfg.device,
+                          sampler=cfg.sampler, sampler_options=node("sampler_options"), seed=cfg.seed,
+                          use_ema=cfg.use_ema, device=cfg.device,
                           data=node("data"), fid=node("fid"), clip=node("clip"), adherence=node("adherence"),
                           out=cfg.out, sample_cache_gb=cfg.get("sample_cache_gb", 4.0))
     print_report(report)

@@ -13,7 +13,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import hydra
 import numpy as np
@@ -23,6 +23,7 @@ from PIL import Image
 
 from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
+from sdlight.diffusion import sampler_options as options_of
 from sdlight.errors import UsageError
 from sdlight.stages.diffusion import LatentDiffusion
 
@@ -40,7 +41,7 @@ class SampleResult:
 
 
 def check_sampling_options(num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
-                           guidance_rescale: float = 0.0, strength: float = 0.6, eta: float = 0.0,
+                           guidance_rescale: float = 0.0, strength: float = 0.6, eta: float | None = None,
                            sampler: str | None = None) -> None:
     """The numeric sampling options, checked before anything is loaded; a :class:`UsageError` names the option
     (as the sample CLI spells it), its value and what would work."""
@@ -59,10 +60,37 @@ def check_sampling_options(num_samples: int = 1, steps: int | None = None, guida
     if not 0.0 <= strength <= 1.0:
         raise UsageError(f"strength={strength!r}: img2img strength must be in [0, 1] (how much of the schedule to "
                          "re-run: 0.3 keeps the image close, 1 ignores it)")
-    if not eta >= 0.0:
-        raise UsageError(f"eta={eta!r}: DDIM's eta must be >= 0 (0 deterministic, 1 DDPM-like)")
+    if eta is not None and not eta >= 0.0:
+        raise UsageError(f"eta={eta!r}: eta must be >= 0 (DDIM: 0 deterministic, 1 DDPM-like)")
     if sampler is not None and sampler not in SAMPLERS:
         raise UsageError(f"sampler={sampler}: unknown; choose one of {', '.join(sorted(SAMPLERS))}")
+
+
+def given_options(node: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``sampler_options`` a CLI was given: its config lists every option as null (so that
+    ``sampler_options.eta=0.5`` needs no ``+``); the nulls mean "the sampler's default" and are dropped."""
+    return {str(k): v for k, v in (node or {}).items() if v is not None}
+
+
+def resolve_sampler_options(name: str | None, sampler: Callable | None, options: Mapping[str, Any] | None = None,
+                            eta: float | None = None) -> dict[str, Any]:
+    """The keyword options for ``sampler`` (registered as ``name``): ``options`` plus the ``eta`` shortcut.
+
+    An option the sampler does not take is a :class:`UsageError` naming it and the options the sampler has, so
+    ``sampler=euler sampler_options.eta=0.5`` fails before anything runs instead of being ignored.
+    """
+    resolved = dict(options or {})
+    if eta is not None:
+        resolved.setdefault("eta", eta)  # the sample CLI's older `eta=` spelling of sampler_options.eta
+    if sampler is None or not resolved:
+        return resolved
+    allowed = options_of(sampler)
+    unknown = [k for k in resolved if k not in allowed]
+    if unknown:
+        label = name or sampler_name(sampler)
+        raise UsageError(f"sampler_options.{unknown[0]}: sampler {label} has no such option; its options: "
+                         f"{', '.join(allowed) or 'none'}")
+    return resolved
 
 
 def check_image_file(path: str | Path | Image.Image | None, option: str) -> None:
@@ -253,7 +281,8 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, conditions: Sequence[Any] | None = None, num_samples: int = 1, *, steps: int | None = None,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative: Any = None,
-                 sampler: str | None = None, eta: float = 0.0, seed: int = 0, use_ema: bool = True,
+                 sampler: str | None = None, eta: float | None = None,
+                 sampler_options: Mapping[str, Any] | None = None, seed: int = 0, use_ema: bool = True,
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
                  mask: Image.Image | str | Path | None = None, lowres: Image.Image | str | Path | None = None,
                  save_attention: bool = False, progress: bool = False) -> SampleResult:
@@ -261,7 +290,9 @@ class Pipeline:
         unconditional model). ``init_image`` + ``strength`` is img2img (SDEdit); ``init_image`` + ``mask``
         inpaints the white region of the mask (the rest is kept): models trained for inpainting
         (``model.concat=inpaint``) see the mask and the masked image; any other model blends the known region
-        back at every step. ``lowres`` is the input of a super-resolution model."""
+        back at every step. ``lowres`` is the input of a super-resolution model. ``sampler_options`` go to the
+        sampler function (``{"eta": 0.5}``, ``{"grid": "karras"}``, ``{"s_churn": 1.0}``; see
+        :func:`sdlight.diffusion.sampler_options`); ``eta`` is a shortcut for ``sampler_options["eta"]``."""
         m = self.model
         check_sampling_options(num_samples, steps, guidance_scale, guidance_rescale, strength, eta, sampler)
         for path, option in ((init_image, "init_image"), (mask, "mask"), (lowres, "lowres")):
@@ -279,14 +310,9 @@ class Pipeline:
         neg = None
         if negative is not None:
             neg = [negative] * n if isinstance(negative, str) else list(negative) * num_samples
-        kwargs: dict[str, Any] = {"progress": progress}
-        fn = None
-        if sampler is not None:
-            if sampler not in SAMPLERS:
-                raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-            fn = SAMPLERS[sampler]
-            if sampler == "ddim":
-                kwargs["eta"] = eta
+        fn = SAMPLERS[sampler] if sampler is not None else None
+        options = resolve_sampler_options(sampler, fn or m.sampler, sampler_options, eta)
+        kwargs: dict[str, Any] = {"progress": progress, **options}
         generator = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn((n, *m.latent_shape), generator=generator)  # CPU noise: same samples on any device
         scale = m.guidance_scale if guidance_scale is None else guidance_scale
@@ -340,7 +366,7 @@ class Pipeline:
             images = pix_mask * images + (1 - pix_mask) * known
         settings = {"steps": steps, "guidance_scale": scale, "guidance_rescale": guidance_rescale,
                     "sampler": sampler or sampler_name(m.sampler), "seed": seed,
-                    "eta": eta, "use_ema": use_ema, "negative": negative,
+                    "eta": options.get("eta"), "sampler_options": options, "use_ema": use_ema, "negative": negative,
                     "strength": strength if init_image is not None and mask is None else None,
                     "inpainting": mask is not None, "superres": lowres is not None}
         attention = None

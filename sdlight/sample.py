@@ -12,9 +12,11 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from PIL import PngImagePlugin
 
+from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.pipeline import Pipeline, SampleResult, check_image_file, check_sampling_options, heatmap_overlay
+from sdlight.pipeline import (Pipeline, SampleResult, check_image_file, check_sampling_options, given_options,
+                              heatmap_overlay, resolve_sampler_options)
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -96,8 +98,11 @@ def save(result: SampleResult, out: Path, ckpt: str, scale: int | None = None) -
 def main(cfg: DictConfig) -> None:
     with user_errors():
         # every option is checked before the checkpoint is read: a typo costs a second, not a model load
-        check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength, cfg.eta,
-                               cfg.sampler)
+        check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength,
+                               cfg.get("eta"), cfg.sampler)
+        options = given_options(cfg.get("sampler_options"))
+        if cfg.sampler is not None:
+            resolve_sampler_options(cfg.sampler, SAMPLERS[cfg.sampler], options, cfg.get("eta"))
         conditions = conditions_from(cfg)
         grid_scale(1, cfg.get("grid_scale"))
         for option in ("init_image", "mask", "lowres"):
@@ -108,7 +113,7 @@ def main(cfg: DictConfig) -> None:
         log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
         result = pipe(conditions, cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
                       guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,
-                      eta=cfg.eta, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image,
+                      eta=cfg.get("eta"), sampler_options=options, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image,
                       strength=cfg.strength, mask=cfg.mask, lowres=cfg.lowres, save_attention=cfg.save_attention,
                       progress=cfg.progress)
         paths = save(result, Path(cfg.out), cfg.ckpt, cfg.get("grid_scale"))

@@ -28,6 +28,7 @@ from .samplers import (
     sample_euler,
     sample_heun,
     sampler_name,
+    sampler_options,
 )
 from .schedules import SCHEDULES, NoiseSchedule, at, make_betas, rescale_zero_terminal_snr
 from .weighting import WEIGHTINGS, diffusion_loss, loss_weight
@@ -39,7 +40,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
-    "sampler_name", "sample_heun", "sample_dpmpp_2m_sde",
+    "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde",
     "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "x0_denoiser",
     "cfg_denoiser", "rescale_guidance",
 ]

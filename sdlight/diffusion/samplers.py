@@ -15,8 +15,10 @@ The state is kept in float32 (or float64 when given) whatever the model's dtype;
 All samplers step to alpha_bar = 1 (no noise) at the end.
 """
 
+import inspect
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -28,7 +30,7 @@ from .sampling_utils import Callback, Denoiser, after_step, progress_bar, randn_
 from .schedules import NoiseSchedule
 
 __all__ = ["SPACINGS", "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
-           "sample_heun", "sample_dpmpp_2m_sde", "inpaint_callback", "SAMPLERS", "sampler_name",
+           "sample_heun", "sample_dpmpp_2m_sde", "inpaint_callback", "SAMPLERS", "sampler_name", "sampler_options",
            "Callback", "Denoiser"]
 
 
@@ -161,14 +163,47 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "dpmpp_2m": sample_dpmpp_2m,
+    # the pairing most Stable Diffusion users know by name; the same function with grid="karras"
+    "dpmpp_2m_karras": partial(sample_dpmpp_2m, grid="karras"),
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_karras": partial(sample_dpmpp_2m_sde, grid="karras"),
     "euler": sample_euler,
     "heun": sample_heun,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }
+# what the caller supplies (the model's parametrisation, the seed, the hooks) or names with its own option
+# (steps, img2img strength): everything else a sampler takes is one of its user-facing options
+_NOT_OPTIONS = {"prediction_type", "generator", "callback", "progress", "steps", "strength"}
+
+
+def _parts(sampler: Callable) -> tuple[Callable, dict]:
+    """(function, keywords) of a sampler function or a (nested) ``functools.partial`` of one."""
+    keywords: dict = {}
+    while isinstance(sampler, partial):
+        keywords = {**sampler.keywords, **keywords}
+        sampler = sampler.func
+    return sampler, keywords
+
+
+def sampler_options(sampler: Callable) -> tuple[str, ...]:
+    """The options a sampler takes (``eta``, ``spacing``, ``grid``, ``s_churn`` ...), in signature order: its
+    keyword-only parameters less those every sampler is given by its caller."""
+    func, _ = _parts(sampler)
+    params = inspect.signature(func).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS)
 
 
 def sampler_name(sampler: Callable | None) -> str | None:
-    """The user-facing name (``ddim``) of a sampler function or of a ``functools.partial`` of one."""
-    func = getattr(sampler, "func", sampler)
-    name = next((k for k, f in SAMPLERS.items() if f is func), None)
-    return name or (getattr(func, "__name__", None) if func is not None else None)
+    """The user-facing name (``ddim``) of a sampler function or of a ``functools.partial`` of one.
+
+    A partial carrying the keywords of a registered variant gets that variant's name (a configured
+    ``sample_dpmpp_2m`` with ``grid: karras`` is ``dpmpp_2m_karras``).
+    """
+    if sampler is None:
+        return None
+    func, keywords = _parts(sampler)
+    best, best_size = None, -1
+    for name, registered in SAMPLERS.items():
+        f, kw = _parts(registered)
+        if f is func and all(keywords.get(k) == v for k, v in kw.items()) and len(kw) > best_size:
+            best, best_size = name, len(kw)
+    return best or getattr(func, "__name__", None)

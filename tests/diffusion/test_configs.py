@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sdlight.diffusion import SAMPLERS, NoiseSchedule, make_betas
+from sdlight.diffusion import SAMPLERS, NoiseSchedule, make_betas, sampler_name
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
 
@@ -29,12 +29,15 @@ def test_schedule_configs(name, b1, bT):
     assert zsched.alphas_cumprod[-1] == 0
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m", "euler"])
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sampler_configs(name):
+    """Every registered sampler has a config node, and the node is that sampler (sampler_name reads it back)."""
     cfg = OmegaConf.load(CONF / "sampler" / f"{name}.yaml")
     sampler = instantiate(cfg)
-    assert isinstance(sampler, functools.partial) and sampler.func is SAMPLERS[name]
-    assert sampler.keywords["steps"] == (250 if name == "ddpm" else 50)
+    registered = SAMPLERS[name]
+    assert isinstance(sampler, functools.partial) and sampler.func is getattr(registered, "func", registered)
+    assert sampler_name(sampler) == name
+    assert sampler.keywords["steps"] == {"ddpm": 250, "ddim": 50, "dpmpp_2m": 50, "euler": 50}.get(name, 25)
     x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     out = sampler(lambda x, t: 0.1 * x, x, NoiseSchedule.make(), steps=4, prediction_type="eps",
                   generator=torch.Generator().manual_seed(0))
