@@ -27,6 +27,7 @@ from .samplers import (
     sample_dpmpp_2m_sde,
     sample_euler,
     sample_heun,
+    sample_unipc,
     sampler_name,
     sampler_options,
 )
@@ -40,7 +41,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
-    "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde",
+    "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc",
     "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "x0_denoiser",
     "cfg_denoiser", "rescale_guidance",
 ]

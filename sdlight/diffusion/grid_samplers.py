@@ -147,3 +147,62 @@ def sample_dpmpp_2m_sde(
         raise ValueError(f"eta must be >= 0, got {eta}")
     return _dpmpp(denoise, x, schedule, steps, prediction_type, spacing, grid, strength, generator, callback,
                   progress, eta=eta)
+
+
+def _unipc_update(x: Tensor, s: float, s_next: float, x0: Tensor, older: tuple[Tensor, float] | None,
+                  x0_next: Tensor | None = None) -> Tensor:
+    """One UniPC update from grid sigma ``s`` (sample ``x``, data prediction ``x0``) to ``s_next``, B(h) = e^h - 1.
+
+    Predictor (``x0_next`` None): with ``older = (x0 at sigma_older, sigma_older)`` second order (rho = 1/2),
+    else first order (DDIM). Corrector (``x0_next`` the model's data prediction at ``s_next``): the same step
+    again, with the new node's difference weighted by the solution of the order conditions (Zhao et al., 2023).
+    """
+    (a_next, sv_next), (_, sv) = _vp(s_next), _vp(s)
+    h = math.log(s / s_next)  # lambda = -log sigma
+    h_phi_1 = math.expm1(-h)
+    x_new = (sv_next / sv) * x - a_next * h_phi_1 * x0
+    b_h = h_phi_1  # "bh2"
+    d1, rk = None, None
+    if older is not None:
+        x0_older, s_older = older
+        rk = math.log(s / s_older) / h  # (lambda_older - lambda) / h
+        d1 = (x0_older - x0) / rk
+    if x0_next is None:
+        return x_new if d1 is None else x_new - a_next * b_h * 0.5 * d1
+    d1_next = x0_next - x0
+    if d1 is None:
+        return x_new - a_next * b_h * 0.5 * d1_next
+    # order conditions sum_k rho_k rk^(i-1) = b_i, i = 1, 2, with rk = 1 for the new node
+    phi_k1 = h_phi_1 / -h - 1
+    b1, b2 = phi_k1 / b_h, (phi_k1 / -h - 0.5) * 2 / b_h
+    rho_older = (b1 - b2) / (1 - rk)
+    rho_next = b1 - rho_older
+    return x_new - a_next * b_h * (rho_older * d1 + rho_next * d1_next)
+
+
+@torch.no_grad()
+def sample_unipc(
+    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 20, prediction_type: str = "eps",
+    spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
+    generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
+) -> Tensor:
+    """UniPC (Zhao et al., 2023), 2nd order, on the data prediction: each model call first corrects the last
+    step (UniC, no extra call) and then predicts the next (UniP). Matches diffusers' ``UniPCMultistepScheduler``
+    (``solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True``); good images in 10-20 steps.
+    """
+    dtype = x.dtype
+    sigmas, ts, x = _grid_start(x, schedule, steps, spacing, grid, strength, generator, round_t=True)
+    d_x0 = x0_denoiser(denoise, prediction_type)
+    n = len(ts)
+    last = None  # (x before the previous predictor step, its sigma, its x0, the node before it or None)
+    for i in progress_bar(range(n), progress, n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = d_x0(x, s, ts[i])
+        if last is not None:
+            x = _unipc_update(last[0], last[1], s, last[2], last[3], x0_next=x0)
+        order = min(2, n - i, i + 1)  # first order to start (one node) and to end (onto sigma = 0)
+        older = (last[2], last[1]) if order == 2 and last is not None else None
+        last = (x, s, x0, older)  # the corrector of this step, at the next call, has the predictor's order
+        x = x0 if s_next == 0 else _unipc_update(x, s, s_next, x0, older)
+        x = _callback(callback, i, s_next, schedule, x)
+    return x.to(dtype)

@@ -23,14 +23,14 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun
+from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun, sample_unipc
 from .grids import SPACINGS, finite_terminal, make_timesteps
 from .process import q_sample, to_x0_eps
 from .sampling_utils import Callback, Denoiser, after_step, progress_bar, randn_like
 from .schedules import NoiseSchedule
 
 __all__ = ["SPACINGS", "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
-           "sample_heun", "sample_dpmpp_2m_sde", "inpaint_callback", "SAMPLERS", "sampler_name", "sampler_options",
+           "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc", "inpaint_callback", "SAMPLERS", "sampler_name", "sampler_options",
            "Callback", "Denoiser"]
 
 
@@ -169,6 +169,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m_sde_karras": partial(sample_dpmpp_2m_sde, grid="karras"),
     "euler": sample_euler,
     "heun": sample_heun,
+    "unipc": sample_unipc,
 }
 # what the caller supplies (the model's parametrisation, the seed, the hooks) or names with its own option
 # (steps, img2img strength): everything else a sampler takes is one of its user-facing options

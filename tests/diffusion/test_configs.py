@@ -37,7 +37,7 @@ def test_sampler_configs(name):
     registered = SAMPLERS[name]
     assert isinstance(sampler, functools.partial) and sampler.func is getattr(registered, "func", registered)
     assert sampler_name(sampler) == name
-    assert sampler.keywords["steps"] == {"ddpm": 250, "ddim": 50, "dpmpp_2m": 50, "euler": 50}.get(name, 25)
+    assert sampler.keywords["steps"] == {"ddpm": 250, "ddim": 50, "dpmpp_2m": 50, "euler": 50, "unipc": 20}.get(name, 25)
     x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     out = sampler(lambda x, t: 0.1 * x, x, NoiseSchedule.make(), steps=4, prediction_type="eps",
                   generator=torch.Generator().manual_seed(0))
