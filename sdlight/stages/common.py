@@ -87,6 +87,43 @@ def swapped_weights(live: Iterable[nn.Module], other: Iterable[nn.Module]) -> It
             p.data.copy_(b)
 
 
+class HeldWeights:
+    """Another set of weights (the EMA) held in ``live`` modules across many calls — a validation epoch — with
+    one copy in and one copy out, instead of a copy in and out (and a clone of every parameter) per batch."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.backup: list[Tensor] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.backup is not None
+
+    def begin(self, live: Iterable[nn.Module], other: Iterable[nn.Module]) -> None:
+        self.tensors = [p for m in live for p in (*m.parameters(), *m.buffers())]
+        self.backup = [p.detach().clone() for p in self.tensors]
+        for p, q in zip(self.tensors, [q for m in other for q in (*m.parameters(), *m.buffers())]):
+            p.data.copy_(q.data)
+
+    def end(self) -> None:
+        if self.backup is not None:
+            for p, b in zip(self.tensors, self.backup):
+                p.data.copy_(b)
+        self.tensors, self.backup = [], None
+
+    @contextlib.contextmanager
+    def live(self) -> Iterator[None]:
+        """The live weights back for the block (e.g. ``generate(use_ema=False)`` during validation)."""
+        held = [p.detach().clone() for p in self.tensors]
+        for p, b in zip(self.tensors, self.backup or []):
+            p.data.copy_(b)
+        try:
+            yield
+        finally:
+            for p, h in zip(self.tensors, held):
+                p.data.copy_(h)
+
+
 def timestep_bucket_names(num_timesteps: int, buckets: int) -> list[str]:
     """``val/loss_tLLLL-HHHH`` for the buckets ``t * buckets // num_timesteps`` (inclusive bounds)."""
     bounds = [math.ceil(k * num_timesteps / buckets) for k in range(buckets + 1)]
@@ -101,3 +138,18 @@ def silence_eval_mode_warning(module: nn.Module, frozen_roots: Sequence[nn.Modul
     if in_eval and all(id(m) in frozen for m in in_eval):
         warnings.filterwarnings("ignore", message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start",
                                 category=PossibleUserWarning)
+
+
+_NO_DECAY = (nn.Embedding, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
+
+
+def decay_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: weight decay for the weights of linear maps and
+    convolutions, none (``weight_decay=0``) for biases, norms and embeddings, whose decay only pulls scales and
+    lookup rows towards zero (nanoGPT's split). Frozen parameters are left out."""
+    no_decay = {id(p) for m in module.modules() if isinstance(m, _NO_DECAY) for p in m.parameters(recurse=False)}
+    decay, rest = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]

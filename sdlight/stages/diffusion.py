@@ -17,7 +17,8 @@ from sdlight.checkpoints import load_pretrained
 from sdlight.conditioning.base import ConditionEncoder
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
-from sdlight.stages.common import (TrainingFlops, WarmupEMA, all_finite, silence_eval_mode_warning,
+from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, decay_groups,
+                                   silence_eval_mode_warning,
                                    swapped_weights, timestep_bucket_names, to_plain)
 from sdlight.stages.images import log_grid, to_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
@@ -131,7 +132,7 @@ class LatentDiffusion(L.LightningModule):
             self.model_ema = AveragedModel(self._ema_parts, multi_avg_fn=WarmupEMA(ema_decay),
                                            use_buffers=True).requires_grad_(False)
         self._last_step_seen, self._grads_since_step = 0, False
-        self._flops = TrainingFlops()
+        self._flops, self._held_ema = TrainingFlops(), HeldWeights()
         self._cached_contexts, self._use_cached_contexts = CachedContexts(), False
         # plain values only: checkpoints load with weights_only=True and rebuild the networks from these
         self.save_hyperparameters({
@@ -252,8 +253,8 @@ class LatentDiffusion(L.LightningModule):
 
     # -------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]  # frozen parts and the EMA copy excluded
-        optimizer = self.optimizer_factory(params)
+        # frozen parts and the EMA copy excluded; no weight decay on biases, norms and embeddings
+        optimizer = self.optimizer_factory(decay_groups(self))
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
@@ -324,6 +325,8 @@ class LatentDiffusion(L.LightningModule):
     # ------------------------------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val_stats = torch.zeros(self.timestep_buckets, 2, dtype=torch.float64, device=self.device)
+        if self.model_ema is not None and int(self.model_ema.n_averaged) > 0 and not self._held_ema.active:
+            self._held_ema.begin(self._ema_parts, self.model_ema.module)  # once per epoch, not per batch
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # fixed posterior samples, noise and timesteps per batch: losses are comparable across evaluations
@@ -338,6 +341,7 @@ class LatentDiffusion(L.LightningModule):
         self._val_stats[:, 1].index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
 
     def on_validation_epoch_end(self) -> None:
+        self._held_ema.end()  # after the callbacks' epoch-end hooks, which Lightning runs first
         stats, self._val_stats = self._val_stats, None
         if stats is None:
             return
@@ -354,6 +358,10 @@ class LatentDiffusion(L.LightningModule):
     def ema_weights(self, enabled: bool = True) -> Iterator[None]:
         """Swaps the EMA weights in for the duration (no-op without EMA, or before its first update, when the
         EMA is by definition the live weights)."""
+        if self._held_ema.active:  # inside a validation epoch: the EMA is already in
+            with contextlib.nullcontext() if enabled else self._held_ema.live():
+                yield
+            return
         if not enabled or self.model_ema is None or int(self.model_ema.n_averaged) == 0:
             yield
             return
