@@ -20,7 +20,7 @@ from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss
 from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, decay_groups,
                                    silence_eval_mode_warning,
                                    swapped_weights, timestep_bucket_names, to_plain)
-from sdlight.stages.images import log_grid, to_grid
+from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 
 log = logging.getLogger("sdlight")
@@ -422,27 +422,4 @@ class LatentDiffusion(L.LightningModule):
 
     def log_samples(self, batch: dict[str, Any] | None = None) -> None:
         """A grid of samples for fixed conditions (``log_conditions``, else the batch's first ones), rank 0 only."""
-        if self._trainer is None or not self.trainer.is_global_zero or self.sampler is None:
-            return
-        n = self.num_log_samples
-        conditions = None
-        if self.condition_key:
-            conditions = self.log_conditions or (batch or {}).get(self.condition_key)
-            if conditions is None:
-                return
-            conditions = self.condition_values(conditions[:n])
-            n = len(conditions)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        concat, rows = None, []
-        if self.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
-            if batch is None:
-                return
-            n = min(n, batch["image"].shape[0])
-            conditions = conditions[:n] if conditions is not None else None
-            part = {k: v[:n] for k, v in batch.items()}
-            concat = self.make_concat(self.concat_stage.training_inputs(part, gen), gen)
-            rows = [part["image"]]
-        x_T = torch.randn((n, *self.latent_shape), generator=gen)
-        images = self.generate(conditions, n if conditions is None else None, x_T=x_T, generator=gen, concat=concat)
-        caption = " | ".join(map(str, conditions)) if isinstance(conditions, list) else None
-        log_grid(self, "samples", to_grid(rows + [images], nrow=n), caption=caption)
+        log_sample_grid(self, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -44,3 +45,32 @@ def log_grid(module: L.LightningModule, key: str, grid: torch.Tensor, caption: s
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return path
+
+
+def log_sample_grid(module: L.LightningModule, batch: dict[str, Any] | None = None) -> None:
+    """A latent diffusion module's grid of samples for fixed conditions (its ``log_conditions``, else the
+    batch's first ones), logged by rank 0; inpainting / super-resolution models show their input row too."""
+    if module._trainer is None or not module.trainer.is_global_zero or module.sampler is None:
+        return
+    n = module.num_log_samples
+    conditions = None
+    if module.condition_key:
+        conditions = module.log_conditions or (batch or {}).get(module.condition_key)
+        if conditions is None:
+            return
+        conditions = module.condition_values(conditions[:n])
+        n = len(conditions)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    concat, rows = None, []
+    if module.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
+        if batch is None:
+            return
+        n = min(n, batch["image"].shape[0])
+        conditions = conditions[:n] if conditions is not None else None
+        part = {k: v[:n] for k, v in batch.items()}
+        concat = module.make_concat(module.concat_stage.training_inputs(part, gen), gen)
+        rows = [part["image"]]
+    x_T = torch.randn((n, *module.latent_shape), generator=gen)
+    images = module.generate(conditions, n if conditions is None else None, x_T=x_T, generator=gen, concat=concat)
+    caption = " | ".join(map(str, conditions)) if isinstance(conditions, list) else None
+    log_grid(module, "samples", to_grid(rows + [images], nrow=n), caption=caption)
