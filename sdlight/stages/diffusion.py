@@ -106,7 +106,7 @@ class LatentDiffusion(L.LightningModule):
         self.cond_stage_model = conditioning
         # channels concatenated to z_t (inpainting mask + masked image, low-res image), built from the batch
         self.concat_stage = concat
-        self.schedule = schedule
+        self.schedule, self._schedule_here = schedule, None
         self.optimizer_factory, self.lr_scheduler_factory, self.sampler = optimizer, lr_scheduler, sampler
         self.prediction_type, self.loss_type = prediction_type, loss_type
         self.loss_weighting, self.snr_gamma, self.p_uncond = loss_weighting, snr_gamma, p_uncond
@@ -149,6 +149,13 @@ class LatentDiffusion(L.LightningModule):
     def condition_key(self) -> str | None:
         """The batch entry this model is conditioned on ("text", "label", "attributes"), or None."""
         return self.cond_stage_model.batch_key
+
+    def schedule_on(self, device: torch.device) -> NoiseSchedule:
+        """The schedule with its tables on ``device``, moved once (not at every step); the samplers keep the CPU
+        one, whose scalars they read without a device sync."""
+        if self._schedule_here is None or self._schedule_here.betas.device != torch.device(device):
+            self._schedule_here = self.schedule.to(device)
+        return self._schedule_here
 
     @property
     def flops_per_batch(self) -> int | None:
@@ -283,10 +290,10 @@ class LatentDiffusion(L.LightningModule):
         if self.concat_stage is not None:
             concat = self.make_concat(self.concat_stage.training_inputs(batch, generator), generator)
         kwargs = {"context": context, "concat": concat} if cached else self.condition(values, concat)
-        out = self._flops(self.training, self.model, q_sample(z, t, noise, self.schedule), t, **kwargs)
-        target = training_target(z, noise, t, self.schedule, self.prediction_type)
-        weight = loss_weight(self.schedule.snr(t).to(z.device), self.prediction_type, self.loss_weighting,
-                             self.snr_gamma)
+        schedule = self.schedule_on(z.device)
+        out = self._flops(self.training, self.model, q_sample(z, t, noise, schedule), t, **kwargs)
+        target = training_target(z, noise, t, schedule, self.prediction_type)
+        weight = loss_weight(schedule.snr(t), self.prediction_type, self.loss_weighting, self.snr_gamma)
         return diffusion_loss(out.float(), target.float(), weight, self.loss_type), t
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:

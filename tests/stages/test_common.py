@@ -100,3 +100,23 @@ def test_a_validation_epoch_holds_the_ema_once_and_live_weights_are_reachable(tm
     assert swaps == []  # no per-batch swap
     assert torch.equal(seen["live_inside"], live) and torch.equal(seen["after_live"], ema)
     assert torch.equal(out_w(), live)  # the live weights came back exactly
+
+
+def test_the_training_schedule_is_moved_to_the_device_once():
+    module = tiny_ldm()
+    moves = []
+    original = type(module.schedule).to
+
+    def spy(schedule, device):
+        moves.append(str(device))
+        return original(schedule, device)
+
+    type(module.schedule).to = spy
+    try:
+        batch = next(iter(shapes_loader(4, 4)))
+        for _ in range(3):
+            module.losses(batch)
+    finally:
+        type(module.schedule).to = original
+    assert moves == ["cpu"]  # once, then reused by every step
+    assert module.schedule_on("cpu") is module.schedule_on(torch.device("cpu"))
