@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdlight.diffusion.draw import draw
+
 
 class ConditionEncoder(nn.Module, ABC):
     """Maps ``batch[batch_key]`` to a context tensor ``(B, L, context_dim)``, or ``None`` when unconditional."""
@@ -50,9 +52,8 @@ class ConditionEncoder(nn.Module, ABC):
 
 def drop_mask(n: int, p: float, generator: torch.Generator | None = None) -> Tensor:
     """Boolean ``(n,)`` mask, each entry True with probability ``p``; drawn on the generator's device."""
-    device = generator.device if generator is not None else torch.device("cpu")
     # rand is in [0, 1): p = 1 drops everything, p = 0 nothing
-    return torch.rand(n, generator=generator, device=device) < p
+    return draw(torch.rand, n, generator=generator) < p
 
 
 def as_text_list(values: str | Sequence[str]) -> list[str]:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlight.diffusion.draw import draw
+
 Encode = Callable[[Tensor], Tensor]  # images in [-1, 1] -> scaled latents
 
 
@@ -21,8 +23,7 @@ def random_masks(batch: int, size: int, generator: torch.Generator | None = None
                  min_frac: float = 0.1, max_frac: float = 0.6, device: torch.device | str | None = None) -> Tensor:
     """(B, 1, size, size) masks, 1 = to generate: a random box covering ``min_frac``..``max_frac`` of each side,
     or (with probability ``p_full``) the whole image, so the model also learns plain text-to-image."""
-    g_dev = generator.device if generator is not None else "cpu"
-    u = torch.rand(batch, 5, generator=generator, device=g_dev).cpu()
+    u = draw(torch.rand, batch, 5, generator=generator, device="cpu")
     masks = torch.zeros(batch, 1, size, size)
     for i, (full, fh, fw, y, x) in enumerate(u.tolist()):
         if full < p_full:
@@ -91,7 +92,6 @@ class LowResConcat(nn.Module):
             lowres = F.interpolate(lowres, size=(self.lowres_size, self.lowres_size), mode="bicubic",
                                    align_corners=False)
         if self.noise_level > 0:
-            g_dev = generator.device if generator is not None else lowres.device
-            noise = torch.randn(lowres.shape, generator=generator, device=g_dev).to(lowres)
+            noise = draw(torch.randn, lowres.shape, generator=generator, device=lowres.device).to(lowres)
             lowres = lowres + self.noise_level * noise
         return F.pixel_unshuffle(lowres, self.ratio)

@@ -8,6 +8,7 @@ given x_t. ``t`` is always a (B,) tensor of integer training timesteps (an int i
 import torch
 from torch import Tensor
 
+from .draw import draw
 from .schedules import NoiseSchedule, at
 
 PREDICTION_TYPES = ("eps", "v", "x0")
@@ -85,7 +86,4 @@ def sample_timesteps(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """(batch,) training timesteps drawn uniformly from [0, num_timesteps)."""
-    # draw on the generator's device, then move: a CPU generator cannot fill a CUDA tensor
-    gen_device = generator.device if generator is not None else device
-    t = torch.randint(0, num_timesteps, (batch,), generator=generator, device=gen_device)
-    return t.to(device) if device is not None else t
+    return draw(torch.randint, 0, num_timesteps, (batch,), generator=generator, device=device)

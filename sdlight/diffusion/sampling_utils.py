@@ -5,6 +5,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from .draw import draw
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, Tensor, Tensor], Tensor | None]
 
@@ -27,9 +29,8 @@ def progress_bar(items: Iterable, enabled: bool, total: int) -> Iterable:
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    # draw on the generator's device (a CPU generator gives the same samples on any accelerator), then move
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    """Standard normal noise shaped like ``x``, drawn where the generator lives (see `draw`)."""
+    return draw(torch.randn, x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def after_step(callback: Callback | None, i: int, t_next: int, x: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from sdlight.diffusion.draw import draw
+
 
 class DiagonalGaussianDistribution:
     """Gaussian with diagonal covariance, parameterised by ``cat([mean, logvar], dim=1)``.
@@ -34,12 +36,8 @@ class DiagonalGaussianDistribution:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised sample ``mean + std * eps`` (differentiable w.r.t. the parameters)."""
         mean = self.mean
-        if generator is not None and generator.device != mean.device:
-            # A CPU generator gives the same latents on every device, the way diffusers' randn_tensor does.
-            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
-            eps = eps.to(mean.device)
-        else:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        # a CPU generator gives the same latents on every device, the way diffusers' randn_tensor does
+        eps = draw(torch.randn, mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + self.std * eps
 
     def mode(self) -> torch.Tensor:

@@ -17,9 +17,9 @@ from sdlight.checkpoints import load_pretrained
 from sdlight.conditioning.base import ConditionEncoder
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
+from sdlight.diffusion.draw import draw
 from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, decay_groups,
-                                   silence_eval_mode_warning,
-                                   swapped_weights, timestep_bucket_names, to_plain)
+                                   silence_eval_mode_warning, swapped_weights, timestep_bucket_names, to_plain)
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 
@@ -284,7 +284,7 @@ class LatentDiffusion(L.LightningModule):
         if t is None:
             t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator=generator, device=z.device)
         if noise is None:
-            noise = torch.randn(z.shape, generator=generator, device=generator.device if generator else z.device)
+            noise = draw(torch.randn, z.shape, generator=generator, device=z.device)
         t, noise = t.to(z.device), noise.to(z)
         concat = None
         if self.concat_stage is not None:
@@ -415,8 +415,7 @@ class LatentDiffusion(L.LightningModule):
                     uncond = self.condition(negative if negative is not None
                                             else self.cond_stage_model.null_like(conditions), concat)
                 if x_T is None:
-                    x_T = torch.randn((n, *self.latent_shape), generator=generator,
-                                      device=generator.device if generator else self.device)
+                    x_T = draw(torch.randn, (n, *self.latent_shape), generator=generator, device=self.device)
                 x_T = x_T.to(self.device)
                 denoise = cfg_denoiser(lambda x, t, c: self.model(x, t, **c), cond, uncond, scale, guidance_rescale)
                 if steps is not None:
