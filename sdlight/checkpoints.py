@@ -318,6 +318,11 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         pass
 
 
+def has_training_state(ckpt: dict[str, Any]) -> bool:
+    """Whether a checkpoint dict can resume training (Lightning's loop state), not only initialise weights."""
+    return "loops" in ckpt or "global_step" in ckpt
+
+
 def newest_checkpoint(*folders: str | Path) -> tuple[Path | None, list[str]]:
     """The most recently written ``*.ckpt`` in ``folders`` that reads and holds training state (a truncated or
     foreign file is passed over), and the reasons the newer ones were passed over."""
@@ -330,7 +335,7 @@ def newest_checkpoint(*folders: str | Path) -> tuple[Path | None, list[str]]:
         except CheckpointError as err:
             skipped.append(f"{path.name}: {err}")
             continue
-        if "loops" in ckpt or "global_step" in ckpt:
+        if has_training_state(ckpt):
             return path, skipped
         skipped.append(f"{path.name}: no training state")
     return None, skipped

@@ -83,13 +83,13 @@ def check_resume(ckpt_path: str | None) -> None:
     """``ckpt_path`` must be a readable checkpoint before anything is built (a typo should not cost a model load)."""
     if ckpt_path is None:
         return
-    from sdlight.checkpoints import CheckpointError, read_checkpoint
+    from sdlight.checkpoints import CheckpointError, has_training_state, read_checkpoint
 
     try:
-        ckpt = read_checkpoint(ckpt_path)
+        ckpt = read_checkpoint(ckpt_path, mmap=True)  # mapped: fit() reads the tensors, this only looks
     except CheckpointError as err:
         raise CheckpointError(f"ckpt_path={ckpt_path}: {err}") from None
-    if "loops" not in ckpt and "state_dict" in ckpt:
+    if not has_training_state(ckpt):
         raise CheckpointError(f"ckpt_path={ckpt_path} holds weights but no training state, so it cannot be resumed; "
                               "use it as initialisation instead (model.init_from= for autoencoders)")
 

@@ -94,7 +94,8 @@ class ReplacingDataset(Dataset):
     max_retries = 32
 
     def load(self, index: int) -> dict:
-        raise NotImplementedError
+        """Item ``index``, raising one of ``errors`` when it is broken; each subclass defines its own."""
+        raise TypeError(f"{type(self).__name__} must define load(index)")
 
     def name(self, index: int) -> str:
         return str(index)

@@ -124,3 +124,14 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (elsewhere / "logs" / "debug" / "runs").is_dir()
+
+
+def test_resuming_needs_training_state_not_only_weights(tmp_path):
+    from sdlight.checkpoints import CheckpointError
+    from sdlight.train import check_resume
+
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "weights.ckpt")
+    with pytest.raises(CheckpointError, match="holds weights but no training state"):
+        check_resume(str(tmp_path / "weights.ckpt"))
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": 3, "loops": {}}, tmp_path / "run.ckpt")
+    check_resume(str(tmp_path / "run.ckpt"))  # a Lightning checkpoint passes
