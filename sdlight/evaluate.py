@@ -33,7 +33,7 @@ from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 log = logging.getLogger("sdlight")
 register_resolvers()
 
-METRICS = ("fid", "kid", "clip_score", "adherence")
+METRICS = ("fid", "kid", "clip_score", "adherence", "digits")
 RECONSTRUCTION_METRICS = ("fid", "kid")  # what an autoencoder checkpoint can be scored by
 _LOADER_KEYS = ("batch_size", "num_workers")  # the `data` placeholders of conf/evaluate.yaml
 
@@ -165,6 +165,7 @@ def _callbacks(names: list[str], common: dict[str, Any], fid: Mapping[str, Any],
                ) -> list[L.Callback]:
     from sdlight.callbacks.adherence import PromptAdherenceCallback
     from sdlight.callbacks.clip_score import CLIPScoreCallback
+    from sdlight.callbacks.digits import DigitAccuracyCallback
     from sdlight.callbacks.fid import FIDCallback
 
     out: list[L.Callback] = []
@@ -181,6 +182,8 @@ def _callbacks(names: list[str], common: dict[str, Any], fid: Mapping[str, Any],
                                      prompt_key=clip.get("prompt_key", "text")))
     if "adherence" in names:
         out.append(PromptAdherenceCallback(**common, truth_key=adherence.get("truth_key", "attributes")))
+    if "digits" in names:
+        out.append(DigitAccuracyCallback(**common))
     return out
 
 
