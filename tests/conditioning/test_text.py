@@ -79,13 +79,15 @@ def reference_encoder(enc: LearnedTextEncoder, tokens: torch.Tensor, lengths: to
         h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
         x = x + _linear(h, blk.mlp.c_proj)
     x = _layer_norm(x, enc.ln_final)
-    return _linear(x, enc.proj) if enc.proj is not None else x
+    x = _linear(x, enc.proj) if enc.proj is not None else x
+    return x * enc.context_scale
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_learned_encoder_matches_float64_reference(causal):
+@pytest.mark.parametrize(("causal", "context_scale"), [(False, 1.0), (True, 1.0), (False, 10.0)])
+def test_learned_encoder_matches_float64_reference(causal, context_scale):
     torch.manual_seed(0)
-    enc = LearnedTextEncoder(max_length=16, width=32, layers=2, heads=4, context_dim=24, causal=causal)
+    enc = LearnedTextEncoder(max_length=16, width=32, layers=2, heads=4, context_dim=24, causal=causal,
+                             context_scale=context_scale)
     # perturb the zero-initialised biases and LayerNorms so the reference checks them too
     with torch.no_grad():
         for name, p in enc.named_parameters():
@@ -96,6 +98,16 @@ def test_learned_encoder_matches_float64_reference(causal):
     tokens, lengths = enc.tokenizer(CAPTIONS)
     ref = reference_encoder(enc, tokens, lengths)
     torch.testing.assert_close(ctx.double(), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_learned_encoder_context_scale_multiplies_the_context_and_must_be_positive():
+    torch.manual_seed(0)
+    one = LearnedTextEncoder(max_length=8, width=16, layers=1, heads=2, context_dim=12)
+    ten = LearnedTextEncoder(max_length=8, width=16, layers=1, heads=2, context_dim=12, context_scale=10.0)
+    ten.load_state_dict(one.state_dict())  # a constant, not a parameter: the same weights load either way
+    torch.testing.assert_close(ten(CAPTIONS), 10 * one(CAPTIONS))
+    with pytest.raises(ValueError, match="context_scale"):
+        LearnedTextEncoder(max_length=8, width=16, layers=1, heads=2, context_scale=0.0)
 
 
 def test_learned_encoder_without_projection_has_width_dim():
