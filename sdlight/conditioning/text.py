@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -115,7 +116,27 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LearnedTextEncoder(ConditionEncoder):
+class TextEncoder(ConditionEncoder):
+    """Captions → context; the null caption is the empty one."""
+
+    input_key = "text"
+
+    def describe(self) -> str:
+        return "text"
+
+    def check(self, values: Sequence[Any]) -> None:
+        bad = [v for v in values if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{bad[0]!r}: captions are strings")
+
+    def prepare(self, values: str | Sequence[str], device: torch.device | str | None = None) -> list[str]:
+        return as_text_list(values)
+
+    def null_like(self, values: str | Sequence[str]) -> list[str]:
+        return [""] * len(as_text_list(values))
+
+
+class LearnedTextEncoder(TextEncoder):
     """A small text transformer trained from scratch together with the UNet.
 
     Attention is bidirectional by default: the UNet cross-attends to every token, so each token should describe
@@ -123,8 +144,6 @@ class LearnedTextEncoder(ConditionEncoder):
     ``<eot>`` in its contrastive loss, which this encoder does not have. Padding is masked as a key, so the
     embeddings of real tokens do not depend on how much padding follows. ``causal=True`` gives CLIP's masking.
     """
-
-    batch_key = "text"
 
     def __init__(
         self,
@@ -136,8 +155,9 @@ class LearnedTextEncoder(ConditionEncoder):
         context_dim: int | None = None,
         mlp_ratio: float = 4.0,
         causal: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**options)
         self.tokenizer = ClipTokenizer(arch, max_length)
         self.max_length = max_length
         self.causal = causal
@@ -185,11 +205,9 @@ class LearnedTextEncoder(ConditionEncoder):
         device = self.token_embedding.weight.device
         return self.encode_tokens(tokens.to(device), lengths.to(device))
 
-    def null_like(self, values: str | Sequence[str]) -> list[str]:
-        return [""] * len(as_text_list(values))
 
 
-class OpenCLIPTextEncoder(ConditionEncoder):
+class OpenCLIPTextEncoder(TextEncoder):
     """Frozen open_clip text tower → per-token embeddings from its last or penultimate block, after ``ln_final``.
 
     Stable Diffusion 2.x uses ViT-H-14 (laion2b_s32b_b79k), penultimate layer, 77 tokens, context_dim 1024. The
@@ -200,7 +218,6 @@ class OpenCLIPTextEncoder(ConditionEncoder):
     already there, else through :func:`sdlight.weights.resolve_weights`. ``model=`` injects a built open_clip model.
     """
 
-    batch_key = "text"
     LAYERS = ("last", "penultimate")
 
     def __init__(
@@ -211,8 +228,9 @@ class OpenCLIPTextEncoder(ConditionEncoder):
         layer: str = "penultimate",
         max_length: int = 77,
         model: nn.Module | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**options)
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         self.layer = layer
@@ -271,8 +289,6 @@ class OpenCLIPTextEncoder(ConditionEncoder):
         tokens, _ = self.tokenizer(as_text_list(values))
         return self.encode_tokens(tokens.to(self.tower.token_embedding.weight.device))
 
-    def null_like(self, values: str | Sequence[str]) -> list[str]:
-        return [""] * len(as_text_list(values))
 
 
 def text_tower(model: nn.Module) -> nn.Module:

@@ -54,23 +54,24 @@ def log_sample_grid(module: L.LightningModule, batch: dict[str, Any] | None = No
         return
     n = module.num_log_samples
     conditions = None
-    if module.condition_key:
-        conditions = module.log_conditions or (batch or {}).get(module.condition_key)
-        if conditions is None:
-            return
-        conditions = module.condition_values(conditions[:n])
-        n = len(conditions)
+    if module.condition_keys:
+        try:
+            conditions = module.condition_values(module.log_conditions or batch or {})
+        except KeyError:
+            return  # no fixed conditions and no batch to take them from
+        n = min(n, *(len(v) for v in conditions.values()))
     gen = torch.Generator(device="cpu").manual_seed(0)
     concat, rows = None, []
     if module.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
         if batch is None:
             return
         n = min(n, batch["image"].shape[0])
-        conditions = conditions[:n] if conditions is not None else None
         part = {k: v[:n] for k, v in batch.items()}
         concat = module.make_concat(module.concat_stage.training_inputs(part, gen), gen)
         rows = [part["image"]]
+    conditions = {k: v[:n] for k, v in conditions.items()} if conditions is not None else None
     x_T = torch.randn((n, *module.latent_shape), generator=gen)
     images = module.generate(conditions, n if conditions is None else None, x_T=x_T, generator=gen, concat=concat)
-    caption = " | ".join(map(str, conditions)) if isinstance(conditions, list) else None
+    captions = [v for v in (conditions or {}).values() if isinstance(v, list)]  # prompts; ids are not captions
+    caption = " | ".join(map(str, captions[0])) if captions else None
     log_grid(module, "samples", to_grid(rows + [images], nrow=n), caption=caption)

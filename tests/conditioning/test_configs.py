@@ -66,5 +66,7 @@ def test_open_clip_config_is_the_sd2_setting():
         "checkpoint_path": None,
         "layer": "penultimate",
         "max_length": 77,
+        "route": "crossattn",
+        "drop_rate": None,
     }
     inspect.signature(OpenCLIPTextEncoder).bind(**args)  # every key is a constructor argument
