@@ -25,6 +25,7 @@ from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
 from sdlight.diffusion import sampler_options as options_of
 from sdlight.errors import UsageError
+from sdlight.pixels import from_pil, to_pil
 from sdlight.stages.diffusion import LatentDiffusion
 
 log = logging.getLogger("sdlight")
@@ -127,13 +128,7 @@ def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "ini
     if image.size != (size, size):
         warnings.warn(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}", stacklevel=3)
         image = image.resize((size, size), Image.BICUBIC)
-    return from_pil(image)
-
-
-def from_pil(image: Image.Image) -> torch.Tensor:
-    """An image as (1, 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
-    return (x / 127.5 - 1.0).unsqueeze(0)
+    return from_pil(image)[None]
 
 
 def to_mask(mask: Image.Image | str | Path, init_size: tuple[int, int]) -> torch.Tensor:
@@ -145,11 +140,6 @@ def to_mask(mask: Image.Image | str | Path, init_size: tuple[int, int]) -> torch
                          f"{init_size[0]}x{init_size[1]}: they must have the same size")
     m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32).copy()) / 255.0
     return (m > 0.5).float()[None, None]
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 class AttentionRecorder:
@@ -326,7 +316,7 @@ class Pipeline:
         if lowres is None:
             raise ValueError(f"this model's concat stage ({type(stage).__name__}) needs {needs}=")
         low = lowres if isinstance(lowres, Image.Image) else Image.open(lowres)
-        return self.model.make_concat({"lowres": from_pil(low).to(self.device)})
+        return self.model.make_concat({"lowres": from_pil(low)[None].to(self.device)})
 
     def init_latents(self, pixels: torch.Tensor, n: int) -> torch.Tensor:
         """The init image's latents (the posterior mode), one per sample."""

@@ -22,7 +22,8 @@ from torch.optim.swa_utils import AveragedModel
 
 from sdlight.callbacks.sampling import (Batch, SampleEvaluationCallback, concat_batches, condition_keys,
                                         load_items, val_dataloader)
-from sdlight.stages.images import log_grid, to_grid, to_uint8
+from sdlight.pixels import to_pil
+from sdlight.stages.images import log_grid, to_grid
 
 
 def batch_image_count(batch: Any, key: str = "image") -> int:
@@ -145,10 +146,9 @@ class SampleTableCallback(SampleEvaluationCallback):
         loggers = wandb_loggers(trainer)
         if loggers:
             import wandb
-            from PIL import Image
 
-            def picture(x: Tensor) -> Image.Image:
-                return Image.fromarray(to_uint8((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
+            def picture(x: Tensor):
+                return to_pil(x[None])[0]
 
             columns = ["step", "index", "seed", "condition"] + (["caption"] if captions else []) + ["sample"]
             references = items.get("image")

@@ -10,24 +10,22 @@ import torch
 import torchvision
 from PIL import Image
 
+from sdlight.pixels import to_uint8
+
 
 def to_grid(rows: list[torch.Tensor], nrow: int | None = None) -> torch.Tensor:
-    """Stacks equally sized image batches in [-1, 1] into one (3, H, W) grid in [0, 1]; one row per batch."""
-    images = torch.cat([r.detach().float().cpu() for r in rows])
-    return torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow or rows[0].shape[0], padding=1)
-
-
-def to_uint8(grid: torch.Tensor) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] as uint8, rounded as ``torchvision.utils.save_image`` does."""
-    return grid.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    """Stacks equally sized image batches in [-1, 1] into one (3, H, W) grid in [-1, 1] (black padding); one row
+    per batch."""
+    images = torch.cat([r.detach().float().cpu() for r in rows]).clamp(-1, 1)
+    return torchvision.utils.make_grid(images, nrow=nrow or rows[0].shape[0], padding=1, pad_value=-1.0)
 
 
 def log_grid(module: L.LightningModule, key: str, grid: torch.Tensor, caption: str | None = None) -> Path | None:
-    """Writes ``grid`` (in [0, 1]) as ``<run dir>/images/<key>_<step>.png`` and sends it to image-capable loggers.
+    """Writes ``grid`` (in [-1, 1]) as ``<run dir>/images/<key>_<step>.png`` and sends it to image-capable loggers.
 
-    Every logger gets the same 8-bit picture as the file on disk (``wandb.Image`` no longer rescales float
-    tensors: it would cast [0, 1] straight to uint8, i.e. black). Only rank 0 writes. Returns the PNG path
-    (None on other ranks or without a trainer).
+    Every logger gets the same 8-bit picture (:func:`sdlight.pixels.to_uint8`) as the file on disk
+    (``wandb.Image`` does not rescale float tensors). Only rank 0 writes. Returns the PNG path (None on other
+    ranks or without a trainer).
     """
     trainer = module._trainer
     if trainer is None or not trainer.is_global_zero:
