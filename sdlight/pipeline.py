@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -322,6 +323,29 @@ class Pipeline:
         """The init image's latents (the posterior mode), one per sample."""
         return self.model.encode_images(pixels, sample=False).expand(n, -1, -1, -1)
 
+    def start(self, x_T: torch.Tensor, pixels: torch.Tensor | None, pix_mask: torch.Tensor | None,
+              strength: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Where sampling starts, and the sampler keywords an init image adds: img2img starts from the init
+        latents noised to ``strength``; inpainting by a model that does not read the mask pastes the known
+        latents back at every step (a latent is regenerated when any pixel it covers is: the seam is generated,
+        then pasted over)."""
+        m = self.model
+        if pixels is None:
+            return x_T, {}
+        if pix_mask is None:
+            return self.init_latents(pixels, len(x_T)), {"strength": strength}
+        if getattr(m.concat_stage, "batch_key", None) == "mask":  # an inpainting model sees the mask itself
+            return x_T, {}
+        latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
+        return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.schedule,
+                                                  generator=generator)}
+
+    def attention(self, recorder: AttentionRecorder, conds: list[Any]) -> list[tuple[list[str], torch.Tensor]]:
+        """Per sample: its key tokens (the prompt's words, else their indices) and their maps."""
+        maps = recorder.maps().cpu()
+        return [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
+                for i, c in enumerate(conds)]
+
     def pixel_mask(self, mask: Image.Image | str | Path, init_image: Image.Image | str | Path,
                    size: tuple[int, int]) -> torch.Tensor:
         """The mask (1 = regenerate) at the model's image size, checked against the init image's size."""
@@ -365,28 +389,17 @@ class Pipeline:
         pixels = to_tensor_image(init_image, m.image_size).to(self.device) if init_image is not None else None
         pix_mask = self.pixel_mask(mask, init_image, pixels.shape[-2:]) if mask is not None else None
         kwargs["concat"] = self.concat_inputs(pixels, pix_mask, lowres)
-        if pixels is not None and pix_mask is None:  # img2img: start from the noised init image
-            x_T, kwargs["strength"] = self.init_latents(pixels, n), strength
-        elif pix_mask is not None and getattr(m.concat_stage, "batch_key", None) != "mask":
-            # any model inpaints by pasting the known latents back at every step; a latent is regenerated when
-            # any pixel it covers is: the seam is generated, then pasted over
-            latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
-            kwargs["callback"] = inpaint_callback(self.init_latents(pixels, n), latent, m.schedule,
-                                                  generator=generator)
+        x_T, extra = self.start(x_T, pixels, pix_mask, strength, generator)
+        kwargs.update(extra)
 
-        recorder = None
         if save_attention and not self.encoders:
             raise ValueError("attention maps show where each condition token went: this model is unconditional")
-        if save_attention:
-            recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, scale != 1.0)
-            recorder.__enter__()
-        try:
+        recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, scale != 1.0) if save_attention \
+            else None
+        with recorder or contextlib.nullcontext():
             images = m.generate(values, n, steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale,
                                 negative=self.negative_conditions(negative, n, num_samples), generator=generator,
                                 use_ema=use_ema, sampler=fn, x_T=x_T, **kwargs)
-        finally:
-            if recorder is not None:
-                recorder.__exit__()
         if pix_mask is not None:
             # the decoder sees the whole latent: whatever the prompt did to the generated region, the known pixels
             # are the input's own (the latents alone keep them only up to the VAE's reconstruction)
@@ -396,9 +409,5 @@ class Pipeline:
                     "eta": options.get("eta"), "sampler_options": options, "use_ema": use_ema, "negative": negative,
                     "strength": strength if init_image is not None and mask is None else None,
                     "inpainting": mask is not None, "superres": lowres is not None}
-        attention = None
-        if recorder is not None:
-            maps = recorder.maps().cpu()
-            attention = [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
-                         for i, c in enumerate(conds)]
+        attention = self.attention(recorder, conds) if recorder is not None else None
         return SampleResult(to_pil(images), conds, settings, attention)
