@@ -218,7 +218,8 @@ class Pipeline:
         # the weights of every part are in this checkpoint: build the architecture only
         config["first_stage"] = {"_target_": "sdlight.nn.autoencoder.AutoencoderKL", **hparams["first_stage_config"]}
         config["init_from"] = None  # a fine-tuned run's starting weights: overwritten below, and maybe moved since
-        for node in [config.get("conditioning"), *(config.get("conditioners") or [])]:
+        more = config.get("conditioners") or {}  # by name in configs; a list works too
+        for node in [config.get("conditioning"), *(more.values() if isinstance(more, Mapping) else more)]:
             if node and "pretrained" in node:  # a pretrained tower: its weights are in this checkpoint too
                 node.update(pretrained=None, checkpoint_path=None)
         model: LatentDiffusion = hydra.utils.instantiate(config)

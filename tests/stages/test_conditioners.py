@@ -164,3 +164,25 @@ def test_negative_prompts_pair_with_their_conditions(monkeypatch):
     pipe({"text": ["a", "b"], "label": [1, 2]}, num_samples=2, negative=["not a", "not b"])
     assert seen["conditions"]["text"] == ["a", "a", "b", "b"]
     assert seen["negative"] == ["not a", "not a", "not b", "not b"]
+
+
+def test_a_text_and_class_checkpoint_samples_through_the_pipeline_and_the_cli(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sdlight.pipeline import Pipeline
+    from sdlight.sample import conditions_from
+
+    from ..conftest import train_tiny_text_ldm
+
+    train_tiny_text_ldm(tmp_path, ["logger=none", "+model/conditioning@model.conditioners.label=class",
+                                   "model.conditioners.label.num_classes=24", "model.conditioners.label.route=vector",
+                                   "model.conditioners.label.embed_dim=16", "model.unet.num_classes=sequential",
+                                   "+model.unet.adm_in_channels=16"])
+    pipe = Pipeline.from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", device="cpu")
+    assert pipe.model.condition_keys == ["text", "label"]
+    conditions = conditions_from(OmegaConf.create({"prompt": "a red circle", "label": [3, 4]}))
+    assert conditions == {"text": ["a red circle"], "label": [3, 4]}
+    sizes = OmegaConf.create({"conditions": {"original_size": [64, 64], "crop_coords": [[0, 0], [8, 8]]}})
+    assert conditions_from(sizes) == {"original_size": [[64, 64]], "crop_coords": [[0, 0], [8, 8]]}
+    result = pipe(conditions, num_samples=1, steps=2)
+    assert len(result.images) == 2 and result.conditions[1] == {"text": "a red circle", "label": 4}
