@@ -33,7 +33,8 @@ class NoConditioning(ConditionEncoder):
 
 
 class ClassEmbedder(ConditionEncoder):
-    """Class label ``(B,)`` → one context token ``(B, 1, D)``; row ``num_classes`` is the null class.
+    """Class label ``(B,)`` → one context token ``(B, 1, D)`` (on the ``vector`` route: the UNet's ``y``,
+    ``(B, D)``); row ``num_classes`` is the null class.
 
     The table is named ``embedding`` as in CompVis ``ClassEmbedder``, so ``cond_stage_model.embedding.weight``
     lines up with their checkpoints.
