@@ -76,6 +76,17 @@ class Conditioner(nn.Module):
         """The encoder when there is exactly one (what released single-encoder checkpoints hold), else None."""
         return self.embedders[0] if len(self.embedders) == 1 else None
 
+    def trainable_part(self) -> nn.Module | None:
+        """The encoders that train, for an EMA copy that leaves frozen towers out: the conditioner itself when
+        every encoder trains (its own state dict keys), else a module holding only those, under the keys they
+        have here (``embedders.<i>.…``); None when none trains."""
+        trains = [any(p.requires_grad for p in e.parameters()) for e in self.embedders]
+        if all(trains) or not any(trains):
+            return self if any(trains) else None
+        part = nn.Module()
+        part.embedders = nn.ModuleDict({str(i): e for i, (e, t) in enumerate(zip(self.embedders, trains)) if t})
+        return part
+
     def values(self, conditions: Any, device: torch.device | str | None = None,
                partial: bool = False) -> dict[str, Any]:
         """The entries each encoder reads, prepared for it (captions as lists, ids as tensors on ``device``).

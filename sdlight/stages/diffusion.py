@@ -61,10 +61,9 @@ class LatentDiffusion(L.LightningModule):
     sdlight.stages.latents): both become the same posterior, and all that follows is shared. A cache made by
     another autoencoder is refused at setup; cached contexts of the model's own frozen text encoder replace it.
 
-    An EMA of the trainable parts (UNet, and the condition encoders when one trains; a frozen tower beside it is
-    copied too) is kept in ``model_ema`` and used for validation and sampling; the frozen autoencoder is not. It
-    is updated after every optimizer step that had gradients (not on accumulation micro-steps, not on skipped
-    steps).
+    An EMA of the trainable parts (UNet, and the condition encoders that train) is kept in ``model_ema`` and
+    used for validation and sampling; the frozen autoencoder and text towers are never copied. It is updated
+    after every optimizer step that had gradients (not on accumulation micro-steps, not on skipped steps).
 
     A batch whose loss is not finite (on any rank) is skipped: no backward, no EMA update; the skips are counted
     (``nonfinite_skips``, logged as ``train/nonfinite_skips``) and ``max_nonfinite_steps`` in a row raise.
@@ -127,8 +126,7 @@ class LatentDiffusion(L.LightningModule):
         if init_from:  # released SD weights (or another run's), loaded before the EMA copies them
             for line in load_pretrained(init_from, unet, self.first_stage_model, conditioner, init_from_ema):
                 log.info(line)
-        trainable = [self.model] + ([conditioner] if any(p.requires_grad for p in conditioner.parameters())
-                                    else [])
+        trainable = [self.model] + [part for part in [conditioner.trainable_part()] if part is not None]
         # the averaged parts, unregistered (they are already submodules; registering twice duplicates keys)
         object.__setattr__(self, "_ema_parts", nn.ModuleList(trainable))
         self.model_ema = None

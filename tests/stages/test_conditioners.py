@@ -186,3 +186,24 @@ def test_a_text_and_class_checkpoint_samples_through_the_pipeline_and_the_cli(tm
     assert conditions_from(sizes) == {"original_size": [[64, 64]], "crop_coords": [[0, 0], [8, 8]]}
     result = pipe(conditions, num_samples=1, steps=2)
     assert len(result.images) == 2 and result.conditions[1] == {"text": "a red circle", "label": 4}
+
+
+def test_the_ema_leaves_a_frozen_encoder_out_and_keeps_the_checkpoint_names():
+    module = model(class_vector())
+    text, label = module.cond_stage_model.embedders
+    text.requires_grad_(False)  # as a pretrained tower
+    module = LatentDiffusion(unet=module.model.diffusion_model, conditioning=text, conditioners=[label],
+                             first_stage=module.first_stage_model, schedule=module.schedule,
+                             optimizer=partial(torch.optim.AdamW, lr=1e-3), image_size=SIZE, scale_factor=0.5,
+                             ema_decay=0.9)
+    ema_keys = [k for k in module.state_dict() if k.startswith("model_ema.module.1.")]
+    assert ema_keys == ["model_ema.module.1.embedders.1.embedding.weight"]  # as cond_stage_model.embedders.1.*
+    averaged = sum(p.numel() for p in module.model_ema.module.parameters())
+    assert averaged == sum(p.numel() for p in [*module.model.parameters(), *label.parameters()])
+    with torch.no_grad():
+        module.model_ema.module[1].embedders["1"].embedding.weight.add_(1.0)
+        module.model_ema.n_averaged.fill_(1)
+        before = label.embedding.weight.clone()
+        with module.ema_weights():
+            torch.testing.assert_close(label.embedding.weight, before + 1.0)
+        torch.testing.assert_close(label.embedding.weight, before)
