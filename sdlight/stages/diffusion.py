@@ -393,11 +393,12 @@ class LatentDiffusion(L.LightningModule):
         if sampler is None:
             raise ValueError("no sampler configured: pass sampler= or set model.sampler")
         keys = self.condition_keys
-        if keys and conditions is None:
-            raise ValueError(f"this model is conditioned on {keys}: give conditions")
+        if (conditions is None) == bool(keys):
+            raise ValueError(f"this model is conditioned on {keys}: give conditions" if keys else
+                             "this model is unconditional: give num_samples, not conditions")
         if conditions is None and num_samples is None:
             raise ValueError("give num_samples")
-        values = self.condition_values(conditions) if conditions is not None else {}  # unconditional: refused
+        values = self.condition_values(conditions) if keys else {}
         n = len(values[keys[0]]) if keys else num_samples
         if num_samples is not None and num_samples != n:
             raise ValueError(f"num_samples={num_samples} but {n} conditions were given (one sample per condition)")

@@ -207,3 +207,12 @@ def test_the_ema_leaves_a_frozen_encoder_out_and_keeps_the_checkpoint_names():
         with module.ema_weights():
             torch.testing.assert_close(label.embedding.weight, before + 1.0)
         torch.testing.assert_close(label.embedding.weight, before)
+
+
+def test_an_unconditional_model_refuses_conditions_in_any_form():
+    from .conftest import tiny_ldm
+
+    module = tiny_ldm("none")
+    for conditions in (["a red circle"], {"text": ["a red circle"]}):
+        with pytest.raises(ValueError, match="unconditional"):
+            module.generate(conditions)
