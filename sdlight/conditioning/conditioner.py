@@ -124,9 +124,13 @@ class Conditioner(nn.Module):
         return {e.input_key: values[e.input_key] if e.drop_rate == 0 else e.null_like(values[e.input_key])
                 for e in self.embedders}
 
-    def forward(self, values: Mapping[str, Any]) -> dict[str, Tensor | None]:
-        """``{"context": (B, L, D) | None, "y": (B, D) | None, "concat": (B, C, h, w) | None}``."""
+    def forward(self, values: Mapping[str, Any], concat: Tensor | None = None) -> dict[str, Tensor | None]:
+        """``{"context": (B, L, D) | None, "y": (B, D) | None, "concat": (B, C, h, w) | None}``, the keyword
+        arguments of the UNet wrapper; ``concat``: channels made elsewhere (inpainting, super-resolution inputs),
+        placed first."""
         parts: dict[str, list[Tensor]] = {out: [] for out in OUTPUTS.values()}
+        if concat is not None:
+            parts["concat"].append(concat)
         for e in self.embedders:
             emb = e(values[e.input_key])
             if e.route == "vector":
@@ -134,5 +138,6 @@ class Conditioner(nn.Module):
             elif e.route == "crossattn" and emb.ndim == 2:
                 emb = emb[:, None]  # one token
             parts[OUTPUTS[e.route]].append(emb)
-        return {out: torch.cat(embs, dim=1) if embs else None for out, embs in parts.items()}
+        return {out: (torch.cat(embs, dim=1) if len(embs) > 1 else embs[0]) if embs else None
+                for out, embs in parts.items()}
 

@@ -202,14 +202,6 @@ class LatentDiffusion(L.LightningModule):
     def decode_latents(self, z: Tensor) -> Tensor:
         return self.first_stage_model.decode(z / self.scale_factor).clamp(-1, 1)
 
-    def condition(self, values: Mapping[str, Any], concat: Tensor | None = None) -> dict[str, Tensor | None]:
-        """Keyword arguments of the UNet wrapper for conditions ``values`` (see `condition_values`) and the concat
-        stage's channels, which come first."""
-        kwargs = self.cond_stage_model(values)
-        if concat is not None:
-            kwargs["concat"] = concat if kwargs["concat"] is None else torch.cat([concat, kwargs["concat"]], dim=1)
-        return kwargs
-
     @torch.no_grad()
     def make_concat(self, inputs: dict[str, Any], generator: torch.Generator | None = None) -> Tensor | None:
         """The concatenated channels from the concat stage's inputs (``image`` + ``mask``, or ``lowres``)."""
@@ -292,7 +284,7 @@ class LatentDiffusion(L.LightningModule):
         concat = None
         if self.concat_stage is not None:
             concat = self.make_concat(self.concat_stage.training_inputs(batch, generator), generator)
-        kwargs = {"context": context, "y": None, "concat": concat} if cached else self.condition(values, concat)
+        kwargs = {"context": context, "y": None, "concat": concat} if cached else self.cond_stage_model(values, concat)
         schedule = self.schedule_on(z.device)
         out = self._flops(self.training, self.model, q_sample(z, t, noise, schedule), t, **kwargs)
         target = training_target(z, noise, t, schedule, self.prediction_type)
@@ -412,11 +404,11 @@ class LatentDiffusion(L.LightningModule):
         self.eval()
         try:
             with self.ema_weights(use_ema):
-                cond = self.condition(values, concat)
+                cond = self.cond_stage_model(values, concat)
                 uncond = None
                 if keys and scale != 1.0:
                     negative = self.condition_values(negative, partial=True) if negative is not None else {}
-                    uncond = self.condition({**self.cond_stage_model.null_like(values), **negative}, concat)
+                    uncond = self.cond_stage_model({**self.cond_stage_model.null_like(values), **negative}, concat)
                 if x_T is None:
                     x_T = draw(torch.randn, (n, *self.latent_shape), generator=generator, device=self.device)
                 x_T = x_T.to(self.device)

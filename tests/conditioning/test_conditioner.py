@@ -35,8 +35,8 @@ def test_routes_join_crossattn_tokens_and_vector_channels():
     values = conditioner.values(batch)
     out = conditioner(values)
     assert conditioner.input_keys == ["text", "label", "attributes", "original_size"]
-    torch.testing.assert_close(out["context"], torch.cat([text(batch["text"]), attrs(torch.tensor(batch["attributes"]))],
-                                                         dim=1))
+    tokens = [text(batch["text"]), attrs(torch.tensor(batch["attributes"]))]
+    torch.testing.assert_close(out["context"], torch.cat(tokens, dim=1))
     sizes = torch.tensor([sinusoid(32, 8) + sinusoid(48, 8), sinusoid(64, 8) + sinusoid(16, 8)])
     torch.testing.assert_close(out["y"], torch.cat([label.embedding.weight[[3, 9]], sizes], dim=1))
     assert out["concat"] is None
@@ -128,3 +128,17 @@ def test_size_embedder_checks_its_input():
         size(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="give 2 numbers"):
         size.check([[1, 2, 3]])
+
+
+def test_channels_made_elsewhere_come_first():
+    class Channels(SizeEmbedder):
+        route = "concat"
+
+        def forward(self, values):
+            return values.float()[:, :, None, None].expand(-1, -1, 2, 2)
+
+    conditioner = Conditioner([Channels("depth", n=1)])
+    mask = torch.full((1, 2, 2, 2), 7.0)  # e.g. an inpainting model's mask and masked image
+    out = conditioner(conditioner.values([[5]]), mask)
+    assert out["concat"][0, :, 0, 0].tolist() == [7, 7, 5]
+    assert Conditioner([])({}, mask)["concat"] is mask

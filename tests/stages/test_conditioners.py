@@ -57,7 +57,8 @@ def sizes() -> list[SizeEmbedder]:
 def test_text_plus_another_encoder_trains_and_samples(tmp_path, extra):
     conditioners = [class_vector()] if extra == "class" else sizes()
     module = model(*conditioners)
-    trained = [*module.model.diffusion_model.label_emb.parameters(), *module.cond_stage_model.embedders[1:].parameters()]
+    trained = [*module.model.diffusion_model.label_emb.parameters(),
+               *module.cond_stage_model.embedders[1:].parameters()]
     before = [p.detach().clone() for p in trained]
     tiny_trainer(tmp_path, max_steps=3).fit(module, DataLoader(SizedShapes(8), batch_size=4))
     assert all(not torch.equal(b, a) for b, a in zip(before, trained))  # y reached the UNet and trained it
