@@ -42,8 +42,8 @@ def _nest_single(module: "Conditioner", state_dict: dict[str, Any], prefix: str,
 class Conditioner(nn.Module):
     """Encodes the condition entries of a batch into the UNet wrapper's ``context`` / ``y`` / ``concat``.
 
-    Encoders without an ``input_key`` (:class:`NoConditioning`) are left out: no encoder is an unconditional
-    model. Two encoders may not read the same entry (their drops would not be independent).
+    Encoders without an ``input_key`` (:class:`NoConditioning`) are left out: a conditioner without encoders is
+    an unconditional model. Two encoders may not read the same entry (their drops would not be independent).
     """
 
     def __init__(self, embedders: Sequence[ConditionEncoder]) -> None:

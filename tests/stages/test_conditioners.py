@@ -217,3 +217,23 @@ def test_an_unconditional_model_refuses_conditions_in_any_form():
     for conditions in (["a red circle"], {"text": ["a red circle"]}):
         with pytest.raises(ValueError, match="unconditional"):
             module.generate(conditions)
+
+
+def test_a_checkpoint_file_of_the_previous_layout_samples(tiny_text_ldm, tmp_path):
+    """The file as the single-encoder code wrote it: no model.conditioners in its config, no condition_keys in
+    its hyperparameters, the encoder's keys right under cond_stage_model."""
+    from sdlight.checkpoints import read_checkpoint
+    from sdlight.pipeline import Pipeline
+
+    ckpt = read_checkpoint(tiny_text_ldm[0])
+    del ckpt["sdlight"]["config"]["model"]["conditioners"]
+    del ckpt["hyper_parameters"]["condition_keys"]
+    assert "cond_stage_model.token_embedding.weight" in ckpt["state_dict"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    pipe = Pipeline.from_checkpoint(tmp_path / "old.ckpt", device="cpu")
+    new = Pipeline.from_checkpoint(tiny_text_ldm[0], device="cpu")
+    torch.testing.assert_close(pipe.model.cond_stage_model.single.token_embedding.weight,
+                               ckpt["state_dict"]["cond_stage_model.token_embedding.weight"])
+    a = pipe(["a red circle"], steps=2).images[0]
+    b = new(["a red circle"], steps=2).images[0]
+    assert list(a.getdata()) == list(b.getdata())
