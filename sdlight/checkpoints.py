@@ -229,8 +229,11 @@ def ema_swapped(sd: dict[str, torch.Tensor], use_ema: bool = True) -> tuple[dict
 
 def _text_weights(conditioning: nn.Module, sd: dict[str, torch.Tensor], hf_prefix: str | None, where: str
                   ) -> list[str]:
-    """Loads a text encoder's weights (ours, open_clip's, or Hugging Face CLIP's layout) into ``conditioning``."""
+    """Loads a text encoder's weights (ours, open_clip's, or Hugging Face CLIP's layout) into ``conditioning``
+    (a conditioner's only encoder when it has one: released checkpoints hold one text encoder)."""
     from sdlight.convert import hf_to_open_clip
+
+    conditioning = getattr(conditioning, "single", None) or conditioning
 
     own = conditioning.state_dict()
     if not sd:

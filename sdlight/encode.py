@@ -39,7 +39,7 @@ from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset
 from sdlight.data.transforms import BadImage
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.stages.latents import is_frozen, text_encoder_sha256, weights_sha256
+from sdlight.stages.latents import TEXT, is_frozen, text_encoder_sha256, weights_sha256
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -186,7 +186,7 @@ def encode_dataset(first_stage: nn.Module, datamodule: Any, out: str | Path, *, 
     if getattr(datamodule, "crop", "center") != "center":
         log.info("data.crop=%s: the cache holds one center crop per image", datamodule.crop)
         datamodule.crop = "center"
-    if text_encoder is not None and (not is_frozen(text_encoder) or getattr(text_encoder, "batch_key", None) != "text"):
+    if text_encoder is not None and (not is_frozen(text_encoder) or getattr(text_encoder, "input_key", None) != TEXT):
         raise UsageError(f"text_encoder={type(text_encoder).__name__}: only a frozen, pretrained text encoder's "
                          "contexts can be cached (e.g. open_clip); a learned one trains with the UNet")
     device = torch.device(device)

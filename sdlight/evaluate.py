@@ -304,7 +304,7 @@ def _settings(module: L.LightningModule, stage: str, ckpt: str | Path, names: li
             steps=steps if steps is not None else configured.get("steps"),
             guidance=float(guidance if guidance is not None else module.guidance_scale),
             sampler=sampler or name,
-            use_ema=bool(use_ema and module.model_ema is not None), condition_key=module.condition_key)
+            use_ema=bool(use_ema and module.model_ema is not None), condition_keys=module.condition_keys)
     else:
         settings.update(steps=None, guidance=None, sampler=None, use_ema=None)
     if "fid" in names or "kid" in names:

@@ -61,7 +61,7 @@ def text_export(model: LatentDiffusion) -> tuple[dict[str, Tensor], dict[str, An
     from open_clip.tokenizer import SimpleTokenizer
     from open_clip.transformer import QuickGELU
 
-    encoder = model.cond_stage_model
+    encoder = model.cond_stage_model.single
     if not hasattr(encoder, "tower") or not isinstance(getattr(encoder.tokenizer, "tokenizer", None), SimpleTokenizer):
         return None
     tower = encoder.tower
@@ -78,7 +78,7 @@ def single_file(model: LatentDiffusion, use_ema: bool = True, dtype: torch.dtype
     ``cond_stage_model.*`` as SD 1.x (Hugging Face CLIP, ``transformer.text_model.*``) or SD 2.x (open_clip,
     ``model.*``) tools read them, plus CompVis' schedule buffers; no optimizer, discriminator or LPIPS."""
     sd = compvis_weights(model, use_ema)
-    encoder = model.cond_stage_model
+    encoder = model.cond_stage_model.single
     if hasattr(encoder, "tower") and encoder.layer == "last":  # the SD 1.x text encoder: Hugging Face layout
         sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
         tower = {k: v.detach() for k, v in encoder.tower.state_dict().items()}
@@ -183,7 +183,7 @@ def write_diffusers(model: LatentDiffusion, out: str | Path, use_ema: bool = Tru
     if cond:
         save_file(_cast(cond, dtype), str(out / CONDITIONING_FILE))
         written.append(CONDITIONING_FILE)
-    encoder = type(model.cond_stage_model).__name__
+    encoder = " + ".join(type(e).__name__ for e in model.cond_stage_model.embedders) or "nothing"
     (out / "README.md").write_text(
         f"# Exported by sdlight\n\nThis model is conditioned by sdlight's {encoder}"
         f"{' with concatenated inputs (' + type(model.concat_stage).__name__ + ')' if model.concat_stage else ''}"

@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import hydra
 import numpy as np
@@ -25,9 +26,17 @@ from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
 from sdlight.diffusion import sampler_options as options_of
 from sdlight.errors import UsageError
+from sdlight.pixels import from_pil, to_pil
 from sdlight.stages.diffusion import LatentDiffusion
 
 log = logging.getLogger("sdlight")
+# the sample CLI's options for the data's condition entries; any other entry is given as conditions.<key>=
+CLI_OPTIONS = {"text": "prompt=", "label": "label=", "attributes": "attributes="}
+
+
+def option_of(key: str) -> str:
+    """How the sample CLI spells the condition entry ``key``."""
+    return CLI_OPTIONS.get(key, f"conditions.{key}=")
 
 
 @dataclass
@@ -120,8 +129,7 @@ def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "ini
     if image.size != (size, size):
         warnings.warn(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}", stacklevel=3)
         image = image.resize((size, size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return (x / 127.5 - 1.0).unsqueeze(0)
+    return from_pil(image)[None]
 
 
 def to_mask(mask: Image.Image | str | Path, init_size: tuple[int, int]) -> torch.Tensor:
@@ -133,11 +141,6 @@ def to_mask(mask: Image.Image | str | Path, init_size: tuple[int, int]) -> torch
                          f"{init_size[0]}x{init_size[1]}: they must have the same size")
     m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32).copy()) / 255.0
     return (m > 0.5).float()[None, None]
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 class AttentionRecorder:
@@ -215,62 +218,62 @@ class Pipeline:
         # the weights of every part are in this checkpoint: build the architecture only
         config["first_stage"] = {"_target_": "sdlight.nn.autoencoder.AutoencoderKL", **hparams["first_stage_config"]}
         config["init_from"] = None  # a fine-tuned run's starting weights: overwritten below, and maybe moved since
-        if str(config["conditioning"].get("_target_", "")).endswith("OpenCLIPTextEncoder"):
-            config["conditioning"].update(pretrained=None, checkpoint_path=None)
+        more = config.get("conditioners") or {}  # by name in configs; a list works too
+        for node in [config.get("conditioning"), *(more.values() if isinstance(more, Mapping) else more)]:
+            if node and "pretrained" in node:  # a pretrained tower: its weights are in this checkpoint too
+                node.update(pretrained=None, checkpoint_path=None)
         model: LatentDiffusion = hydra.utils.instantiate(config)
         model.load_state_dict(state_dict_of(ckpt), strict=True)
         model._scale_factor_ready = True
         return cls(model, device)
 
     # ------------------------------------------------------------------------------------------- sampling
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        return list(self.model.cond_stage_model.embedders)
+
     def describe_conditioning(self) -> str:
         """How this model is conditioned, in the sample CLI's words."""
-        enc, key = self.model.cond_stage_model, self.model.condition_key
-        if key == "text":
-            return "text: use prompt= (or prompts_file=)"
-        if key == "label":
-            return f"class labels: use label=N with N in 0-{enc.num_classes - 1}"
-        if key == "attributes":
-            return f"attribute sets: use attributes=[...] with {len(enc.vocab_sizes)} ids, slot sizes {enc.vocab_sizes}"
-        return "nothing (unconditional): give num_samples only"
+        if not self.encoders:
+            return "nothing (unconditional): give num_samples only"
+        return "; ".join(f"{e.describe()} ({option_of(e.input_key)})" for e in self.encoders)
 
-    def check_conditions(self, conditions: Sequence[Any] | None) -> None:
-        """Conditions of the kind (and range) this model was trained on; a one-line :class:`UsageError` if not."""
-        key, enc = self.model.condition_key, self.model.cond_stage_model
+    def check_conditions(self, conditions: Any) -> dict[str, list[Any]] | None:
+        """``{batch key: plain values}`` of the conditions, checked against the encoders (kind, range, one entry
+        per encoder); a one-line :class:`UsageError` if they do not fit. One encoder's values may come alone."""
         this = f"this checkpoint is conditioned on {self.describe_conditioning()}"
+        keys = [e.input_key for e in self.encoders]
         if conditions is None:
-            if key is not None:
+            if keys:
                 raise UsageError(f"{this}; no condition was given")
-            return
-        conditions = conditions.tolist() if isinstance(conditions, torch.Tensor) else list(conditions)
-        if key is None:
-            raise UsageError(f"{this}; drop prompt=/label=/attributes=")
-        if not conditions:
+            return None
+        if not isinstance(conditions, Mapping):
+            if len(keys) != 1:
+                raise UsageError(f"{this}; give " + (" and ".join(map(option_of, keys)) if keys else "no condition"))
+            conditions = {keys[0]: conditions}
+        extra = [k for k in conditions if k not in keys]
+        if extra:
+            raise UsageError(f"{this}, not {', '.join(map(option_of, extra))}")
+        missing = [k for k in keys if k not in conditions]
+        if missing:
+            raise UsageError(f"{this}; {', '.join(map(option_of, missing))} missing")
+        plain = {k: v.tolist() if isinstance(v, torch.Tensor) else list(v) for k, v in conditions.items()}
+        if not all(plain.values()):
             raise UsageError("no conditions were given (an empty list)")
-        if key == "text":
-            if not all(isinstance(c, str) for c in conditions):
-                raise UsageError(f"{this}, not label=/attributes=")
-            return
-        if key == "label":
-            if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in conditions):
-                raise UsageError(f"{this}, not prompt=")
-            bad = [c for c in conditions if not 0 <= c < enc.num_classes]
-            if bad:
-                raise UsageError(f"label={bad[0]}: this model has {enc.num_classes} classes "
-                                 f"(0-{enc.num_classes - 1})")
-            return
-        sizes = enc.vocab_sizes
-        for row in conditions:
-            if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != len(sizes):
-                raise UsageError(f"attributes={row!r}: {this}")
-            bad = [(i, v) for i, (v, n) in enumerate(zip(row, sizes)) if not (isinstance(v, int) and 0 <= v < n)]
-            if bad:
-                i, v = bad[0]
-                raise UsageError(f"attributes={list(row)}: id {v} in slot {i} is out of range (0-{sizes[i] - 1})")
+        for e in self.encoders:
+            try:
+                e.check(plain[e.input_key])
+            except ValueError as err:
+                raise UsageError(f"{option_of(e.input_key)}{err}") from None
+        lengths = {len(v) for v in plain.values()} - {1}
+        if len(lengths) > 1:
+            raise UsageError(f"the conditions differ in length ({ {k: len(v) for k, v in plain.items()} }): give "
+                             "as many of each, or one to share")
+        return plain
 
     def tokens(self, prompt: str) -> list[str]:
         """The key tokens a text model attends to for ``prompt`` (start/end markers and padding included)."""
-        tok = getattr(self.model.cond_stage_model, "tokenizer", None)
+        tok = next((e.tokenizer for e in self.encoders if hasattr(e, "tokenizer")), None)
         if tok is None:
             raise ValueError("attention maps per word need a text-conditioned model")
         ids, lengths = tok([prompt])
@@ -278,38 +281,105 @@ class Pipeline:
         words = [decoder[i].replace("</w>", "") for i in ids[0, : lengths[0]].tolist()]
         return words + ["<pad>"] * (ids.shape[1] - len(words))
 
+    # the steps of a call; each application (text2img, img2img, inpainting, super-resolution) composes them
+    @staticmethod
+    def per_sample(conditions: dict[str, list[Any]] | None, num_samples: int) -> tuple[list[Any], dict | None]:
+        """(one condition per sample for the result: the value itself with one encoder, else a dict; the
+        model's conditions, each repeated ``num_samples`` times, single values shared)."""
+        if conditions is None:
+            return [None] * num_samples, None
+        n = max(len(v) for v in conditions.values())
+        full = {k: v * n if len(v) == 1 else v for k, v in conditions.items()}
+        repeated = {k: [c for c in v for _ in range(num_samples)] for k, v in full.items()}
+        rows = [dict(zip(repeated, row)) for row in zip(*repeated.values())]
+        return [next(iter(r.values())) if len(r) == 1 else r for r in rows], repeated
+
+    def negative_conditions(self, negative: Any, n: int, num_samples: int) -> Any:
+        """Negative prompts (one for all, or one per condition) for ``n`` samples; other encoders keep their null."""
+        if negative is None:
+            return None
+        return [negative] * n if isinstance(negative, str) else [c for c in negative for _ in range(num_samples)]
+
+    def concat_inputs(self, init_image: torch.Tensor | None, mask: torch.Tensor | None,
+                      lowres: Image.Image | str | Path | None) -> torch.Tensor | None:
+        """The concatenated channels of a model with a concat stage, from the inputs it reads (``mask`` with the
+        init image for inpainting, ``lowres`` for super-resolution); None for other models."""
+        stage = self.model.concat_stage
+        needs = getattr(stage, "batch_key", None)  # the input its channels are made from
+        if lowres is not None and needs != "lowres":
+            raise ValueError("lowres= is the input of super-resolution models (model.concat=superres); this model's "
+                             f"concat stage: {type(stage).__name__ if stage else None}")
+        if needs is None:
+            return None
+        if needs == "mask":
+            if init_image is None or mask is None:
+                raise ValueError("this is an inpainting model: give init_image and mask")
+            return self.model.make_concat({"image": init_image, "mask": mask})
+        if lowres is None:
+            raise ValueError(f"this model's concat stage ({type(stage).__name__}) needs {needs}=")
+        low = lowres if isinstance(lowres, Image.Image) else Image.open(lowres)
+        return self.model.make_concat({"lowres": from_pil(low)[None].to(self.device)})
+
+    def init_latents(self, pixels: torch.Tensor, n: int) -> torch.Tensor:
+        """The init image's latents (the posterior mode), one per sample."""
+        return self.model.encode_images(pixels, sample=False).expand(n, -1, -1, -1)
+
+    def start(self, x_T: torch.Tensor, pixels: torch.Tensor | None, pix_mask: torch.Tensor | None,
+              strength: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Where sampling starts, and the sampler keywords an init image adds: img2img starts from the init
+        latents noised to ``strength``; inpainting by a model that does not read the mask pastes the known
+        latents back at every step (a latent is regenerated when any pixel it covers is: the seam is generated,
+        then pasted over)."""
+        m = self.model
+        if pixels is None:
+            return x_T, {}
+        if pix_mask is None:
+            return self.init_latents(pixels, len(x_T)), {"strength": strength}
+        if getattr(m.concat_stage, "batch_key", None) == "mask":  # an inpainting model sees the mask itself
+            return x_T, {}
+        latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
+        return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.schedule,
+                                                  generator=generator)}
+
+    def attention(self, recorder: AttentionRecorder, conds: list[Any]) -> list[tuple[list[str], torch.Tensor]]:
+        """Per sample: its key tokens (the prompt's words, else their indices) and their maps."""
+        maps = recorder.maps().cpu()
+        return [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
+                for i, c in enumerate(conds)]
+
+    def pixel_mask(self, mask: Image.Image | str | Path, init_image: Image.Image | str | Path,
+                   size: tuple[int, int]) -> torch.Tensor:
+        """The mask (1 = regenerate) at the model's image size, checked against the init image's size."""
+        init_size = (init_image if isinstance(init_image, Image.Image) else Image.open(init_image)).size
+        return F.interpolate(to_mask(mask, init_size), size=size, mode="nearest").to(self.device)
+
     @torch.no_grad()
-    def __call__(self, conditions: Sequence[Any] | None = None, num_samples: int = 1, *, steps: int | None = None,
+    def __call__(self, conditions: Any = None, num_samples: int = 1, *, steps: int | None = None,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative: Any = None,
                  sampler: str | None = None, eta: float | None = None,
                  sampler_options: Mapping[str, Any] | None = None, seed: int = 0, use_ema: bool = True,
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
                  mask: Image.Image | str | Path | None = None, lowres: Image.Image | str | Path | None = None,
                  save_attention: bool = False, progress: bool = False) -> SampleResult:
-        """``num_samples`` images for each of ``conditions`` (prompts, labels or attribute lists; None for an
-        unconditional model). ``init_image`` + ``strength`` is img2img (SDEdit); ``init_image`` + ``mask``
-        inpaints the white region of the mask (the rest is kept): models trained for inpainting
-        (``model.concat=inpaint``) see the mask and the masked image; any other model blends the known region
-        back at every step. ``lowres`` is the input of a super-resolution model. ``sampler_options`` go to the
-        sampler function (``{"eta": 0.5}``, ``{"grid": "karras"}``, ``{"s_churn": 1.0}``; see
-        :func:`sdlight.diffusion.sampler_options`); ``eta`` is a shortcut for ``sampler_options["eta"]``."""
+        """``num_samples`` images for each of ``conditions`` (with one encoder its prompts, labels or attribute
+        lists; else a dict ``{batch key: values}``, one value shared by all; None for an unconditional model).
+        ``init_image`` + ``strength`` is img2img (SDEdit); ``init_image`` + ``mask`` inpaints the white region of
+        the mask (the rest is kept): models trained for inpainting (``model.concat=inpaint``) see the mask and
+        the masked image; any other model blends the known region back at every step. ``lowres`` is the input
+        of a super-resolution model. ``sampler_options`` go to the sampler function (``{"eta": 0.5}``,
+        ``{"grid": "karras"}``, ``{"s_churn": 1.0}``; see :func:`sdlight.diffusion.sampler_options`); ``eta`` is
+        a shortcut for ``sampler_options["eta"]``."""
         m = self.model
         check_sampling_options(num_samples, steps, guidance_scale, guidance_rescale, strength, eta, sampler)
         for path, option in ((init_image, "init_image"), (mask, "mask"), (lowres, "lowres")):
             check_image_file(path, option)
-        self.check_conditions(conditions)
+        conds, values = self.per_sample(self.check_conditions(conditions), num_samples)
         if steps is not None and steps > m.schedule.num_timesteps:
             raise UsageError(f"steps={steps}: this model was trained with {m.schedule.num_timesteps} timesteps, "
                              "so at most that many steps")
-        if conditions is None:
-            conds, batch_cond = [None] * num_samples, None
-        else:
-            conds = [c for c in conditions for _ in range(num_samples)]
-            batch_cond = conds if m.condition_key == "text" else torch.tensor(conds, device=self.device)
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init_image: the mask says which part of it to regenerate")
         n = len(conds)
-        neg = None
-        if negative is not None:
-            neg = [negative] * n if isinstance(negative, str) else list(negative) * num_samples
         fn = SAMPLERS[sampler] if sampler is not None else None
         options = resolve_sampler_options(sampler, fn or m.sampler, sampler_options, eta)
         kwargs: dict[str, Any] = {"progress": progress, **options}
@@ -317,61 +387,28 @@ class Pipeline:
         x_T = torch.randn((n, *m.latent_shape), generator=generator)  # CPU noise: same samples on any device
         scale = m.guidance_scale if guidance_scale is None else guidance_scale
 
-        concat_kind = type(m.concat_stage).__name__ if m.concat_stage is not None else None
-        if (concat_kind == "LowResConcat") != (lowres is not None):
-            raise ValueError("lowres= is the input of super-resolution models (model.concat=superres), and they "
-                             f"need it; this model's concat stage: {concat_kind}")
-        if concat_kind == "InpaintingConcat" and (init_image is None or mask is None):
-            raise ValueError("this is an inpainting model: give init_image and mask")
-        if lowres is not None:
-            low = lowres if isinstance(lowres, Image.Image) else Image.open(lowres)
-            low = torch.from_numpy(np.asarray(low.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
-            kwargs["concat"] = m.make_concat({"lowres": (low / 127.5 - 1.0)[None].to(self.device)})
-        keep = None  # (pixels, mask): the known region, pasted back after decoding
-        if init_image is not None:
-            pixels = to_tensor_image(init_image, m.image_size)
-            init_size = (init_image if isinstance(init_image, Image.Image) else Image.open(init_image)).size
-            z0 = m.encode_images(pixels.to(self.device), sample=False).expand(n, -1, -1, -1)
-            if mask is not None:
-                pix_mask = F.interpolate(to_mask(mask, init_size), size=pixels.shape[-2:], mode="nearest")
-                keep = (pixels.to(self.device), pix_mask.to(self.device))
-            if mask is not None and concat_kind == "InpaintingConcat":
-                kwargs["concat"] = m.make_concat({"image": pixels.to(self.device), "mask": pix_mask.to(self.device)})
-            elif mask is not None:
-                # a latent is regenerated when any pixel it covers is: the seam is generated, then pasted over
-                latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:]).to(self.device)
-                kwargs["callback"] = inpaint_callback(z0, latent, m.schedule, generator=generator)
-            else:
-                x_T, kwargs["strength"] = z0, strength
-        elif mask is not None:
-            raise ValueError("a mask needs an init_image: the mask says which part of it to regenerate")
+        pixels = to_tensor_image(init_image, m.image_size).to(self.device) if init_image is not None else None
+        pix_mask = self.pixel_mask(mask, init_image, pixels.shape[-2:]) if mask is not None else None
+        kwargs["concat"] = self.concat_inputs(pixels, pix_mask, lowres)
+        x_T, extra = self.start(x_T, pixels, pix_mask, strength, generator)
+        kwargs.update(extra)
 
-        recorder = None
-        if save_attention and m.condition_key is None:
+        if save_attention and not self.encoders:
             raise ValueError("attention maps show where each condition token went: this model is unconditional")
-        if save_attention:
-            recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, m.condition_key is not None
-                                         and scale != 1.0)
-            recorder.__enter__()
-        try:
-            images = m.generate(batch_cond, n, steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale,
-                                negative=neg, generator=generator, use_ema=use_ema, sampler=fn, x_T=x_T, **kwargs)
-        finally:
-            if recorder is not None:
-                recorder.__exit__()
-        if keep is not None:
+        recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, scale != 1.0) if save_attention \
+            else None
+        with recorder or contextlib.nullcontext():
+            images = m.generate(values, n, steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale,
+                                negative=self.negative_conditions(negative, n, num_samples), generator=generator,
+                                use_ema=use_ema, sampler=fn, x_T=x_T, **kwargs)
+        if pix_mask is not None:
             # the decoder sees the whole latent: whatever the prompt did to the generated region, the known pixels
             # are the input's own (the latents alone keep them only up to the VAE's reconstruction)
-            known, pix_mask = keep
-            images = pix_mask * images + (1 - pix_mask) * known
+            images = pix_mask * images + (1 - pix_mask) * pixels
         settings = {"steps": steps, "guidance_scale": scale, "guidance_rescale": guidance_rescale,
                     "sampler": sampler or sampler_name(m.sampler), "seed": seed,
                     "eta": options.get("eta"), "sampler_options": options, "use_ema": use_ema, "negative": negative,
                     "strength": strength if init_image is not None and mask is None else None,
                     "inpainting": mask is not None, "superres": lowres is not None}
-        attention = None
-        if recorder is not None:
-            maps = recorder.maps().cpu()
-            attention = [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
-                         for i, c in enumerate(conds)]
+        attention = self.attention(recorder, conds) if recorder is not None else None
         return SampleResult(to_pil(images), conds, settings, attention)

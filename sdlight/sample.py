@@ -22,14 +22,15 @@ log = logging.getLogger("sdlight")
 register_resolvers()
 
 
-def conditions_from(cfg: DictConfig) -> list[Any] | None:
-    """The prompts, labels or attribute sets asked for on the command line (one of them, or none)."""
-    given = {k: cfg.get(k) for k in ("prompt", "prompts_file", "label", "attributes") if cfg.get(k) is not None}
-    if len(given) > 1:
-        raise UsageError(f"give one of prompt=, prompts_file=, label=, attributes=; got {', '.join(sorted(given))}")
-    if "prompt" in given:
-        return [str(cfg.prompt)]
-    if "prompts_file" in given:
+def conditions_from(cfg: DictConfig) -> dict[str, list[Any]] | None:
+    """The condition entries asked for on the command line, by batch key: prompt= or prompts_file= (``text``),
+    label=, attributes=, and ``+conditions.<key>=`` for any other entry (e.g. a size); None for none."""
+    if cfg.get("prompt") is not None and cfg.get("prompts_file") is not None:
+        raise UsageError("give prompt= or prompts_file=, not both")
+    given: dict[str, list[Any]] = {}
+    if cfg.get("prompt") is not None:
+        given["text"] = [str(cfg.prompt)]
+    if cfg.get("prompts_file") is not None:
         path = Path(cfg.prompts_file)
         if not path.is_file():
             raise UsageError(f"prompts_file={path}: no such file")
@@ -37,19 +38,22 @@ def conditions_from(cfg: DictConfig) -> list[Any] | None:
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:
             raise UsageError(f"prompts_file={path} has no prompts (one per line; # starts a comment)")
-        return prompts
-    if "label" in given:
+        given["text"] = prompts
+    if cfg.get("label") is not None:
         labels = OmegaConf.to_container(cfg.label) if OmegaConf.is_list(cfg.label) else [cfg.label]
         if not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
             raise UsageError(f"label={cfg.label}: give a class id or a list of them (label=7, 'label=[1,2]'); "
                              "text models take prompt=")
-        return labels
-    if "attributes" in given:
+        given["label"] = labels
+    if cfg.get("attributes") is not None:
         attrs = OmegaConf.to_container(cfg.attributes) if OmegaConf.is_list(cfg.attributes) else None
         if not attrs:
             raise UsageError(f"attributes={cfg.attributes}: give a list of ids ('attributes=[0,3,1]') or of lists")
-        return [attrs] if not isinstance(attrs[0], list) else attrs
-    return None
+        given["attributes"] = [attrs] if not isinstance(attrs[0], list) else attrs
+    for key, value in (cfg.get("conditions") or {}).items():  # one value, or a list with one per condition
+        value = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+        given[str(key)] = value if isinstance(value, list) and value and isinstance(value[0], list) else [value]
+    return given or None
 
 
 def grid_scale(size: int, scale: int | None = None, min_side: int = 128) -> int:

@@ -68,10 +68,10 @@ def test_diffusers_pipeline_gives_sdlights_image(exported):
     prompt = "a red circle on a white background"
     # the tokenizer and the text encoder: ids and contexts
     ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    ours_ids, _ = model.cond_stage_model.tokenizer([prompt, ""])
+    ours_ids, _ = model.cond_stage_model.single.tokenizer([prompt, ""])
     assert torch.equal(ids, ours_ids)
     with torch.no_grad():
-        assert rel_err(pipe.text_encoder(ids)[0], model.cond_stage_model([prompt, ""])) <= 1e-4
+        assert rel_err(pipe.text_encoder(ids)[0], model.cond_stage_model.single([prompt, ""])) <= 1e-4
     # the whole sampling loop: DDIM, 5 steps, guidance 3, seed 0 (CPU noise in both)
     theirs = pipe(prompt, height=32, width=32, num_inference_steps=5, guidance_scale=3.0, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
@@ -88,7 +88,7 @@ def test_single_file_loads_in_diffusers(exported, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file(single_file(model), str(path))
     keys = load_file(str(path)).keys()
-    text_prefix = "cond_stage_model.transformer.text_model." if model.cond_stage_model.layer == "last" \
+    text_prefix = "cond_stage_model.transformer.text_model." if model.cond_stage_model.single.layer == "last" \
         else "cond_stage_model.model.transformer."
     assert any(k.startswith(text_prefix) for k in keys)
     assert not any(k.startswith(("model_ema", "loss", "optimizer")) for k in keys)
@@ -108,13 +108,13 @@ def test_init_from_round_trips(exported, tmp_path, source):
     if source == "single_file":
         folder = tmp_path / "model.safetensors"
         save_file(single_file(model), str(folder))
-    fresh = tiny_clip_ldm(model.cond_stage_model.layer, seed=1)
+    fresh = tiny_clip_ldm(model.cond_stage_model.single.layer, seed=1)
     lines = load_pretrained(folder, fresh.model.diffusion_model, fresh.first_stage_model, fresh.cond_stage_model)
     assert "text encoder" in lines[-1]
     want, got = compvis_weights(model), compvis_weights(fresh)
     # what CLIPTextModel does not hold (the contrastive projection, SD 2's unused last block) stays as it was
     unused = {"diffusers": ("text_projection", "logit_scale", "resblocks.2."),
-              "single_file": ("text_projection", "logit_scale") if model.cond_stage_model.layer == "last" else ()}[source]
+              "single_file": ("text_projection", "logit_scale") if model.cond_stage_model.single.layer == "last" else ()}[source]
     same = [k for k in want if not (k.startswith("cond_stage_model.") and any(u in k for u in unused))]
     assert len(same) > 0.9 * len(want)
     assert all(torch.equal(want[k], got[k]) for k in same), [k for k in same if not torch.equal(want[k], got[k])][:3]
@@ -158,7 +158,7 @@ def test_cli_exports_a_learned_text_model(tiny_text_ldm, tmp_path):
     assert vae.config.scaling_factor == pytest.approx(float(model.scale_factor))
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     with torch.no_grad(), model.ema_weights():
-        context = model.cond_stage_model(["a red circle"])
+        context = model.cond_stage_model.single(["a red circle"])
         assert rel_err(unet(x, t, encoder_hidden_states=context).sample,
                        model.model.diffusion_model(x, t, context=context)) <= 1e-4
         assert rel_err(vae.decode(x).sample, model.first_stage_model.decode(x)) <= 1e-4
@@ -277,8 +277,8 @@ def test_sd15_architecture_exports_exactly(tmp_path):
         text = transformers.CLIPTextModel.from_pretrained(tmp_path / "text_encoder").eval()
         x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([321])
         with torch.no_grad():
-            context = model.cond_stage_model(["a photograph of an astronaut riding a horse"])
-            ids, _ = model.cond_stage_model.tokenizer(["a photograph of an astronaut riding a horse"])
+            context = model.cond_stage_model.single(["a photograph of an astronaut riding a horse"])
+            ids, _ = model.cond_stage_model.single.tokenizer(["a photograph of an astronaut riding a horse"])
             assert rel_err(text(ids)[0], context) <= 1e-4
             del text
             ours = model.model.diffusion_model(x, t, context=context)

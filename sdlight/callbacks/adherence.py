@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sdlight.callbacks.sampling import SampleEvaluationCallback
+from sdlight.callbacks.sampling import SampleEvaluationCallback, condition_keys
 from sdlight.data.shapes import (BACKGROUND_NAMES, COLOUR_NAMES, POSITIONS, SHAPES, Scene, ShapeSpec,
                                  attribute_vocab_sizes, describe)
 
@@ -82,7 +82,7 @@ class PromptAdherenceCallback(SampleEvaluationCallback):
     """Logs ``val/adherence/{colour,shape,position,background,all}``: the fraction of true shapes whose colour /
     shape / position the sample shows, of samples with the right background, and of samples entirely right.
 
-    Samples are generated from the val items' ``condition_key`` entries (text, label or attributes); the truth
+    Samples are generated from the val items' ``condition_keys`` entries (text, label, attributes …); the truth
     is the same items' ``attributes``. The chance rates are logged once, as ``val/adherence/chance/*``.
     """
 
@@ -97,12 +97,11 @@ class PromptAdherenceCallback(SampleEvaluationCallback):
         if not hasattr(pl_module, "generate"):
             raise TypeError(f"PromptAdherenceCallback scores generated samples; {type(pl_module).__name__} "
                             "has no generate()")
-        if getattr(pl_module, "condition_key", None) is None:
-            raise ValueError("PromptAdherenceCallback needs a conditional module (condition_key is None)")
+        if not condition_keys(pl_module):
+            raise ValueError("PromptAdherenceCallback needs a conditional module (it has no condition_keys)")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        key = pl_module.condition_key
-        conditions = self.conditions(trainer, list(dict.fromkeys([self.truth_key, key])))
+        conditions = self.conditions(trainer, list(dict.fromkeys([self.truth_key, *condition_keys(pl_module)])))
         counts = dict.fromkeys(_COUNTS, 0)
         chance_all = 0.0
         for chunk, images in self.generate(trainer, pl_module, conditions, "Adherence: sampling"):

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
-from sdlight.callbacks.sampling import SampleEvaluationCallback, to_unit_range
+from sdlight.callbacks.sampling import SampleEvaluationCallback, condition_keys, to_unit_range
 from sdlight.conditioning.text import find_open_clip_weights, quiet_open_clip
 
 
@@ -81,7 +81,7 @@ def clip_scores(model: nn.Module, tokenizer, images: Tensor, prompts: Sequence[s
 class CLIPScoreCallback(SampleEvaluationCallback):
     """Logs ``val/clip_score`` of ``num_samples`` images generated from the val prompts (``prompt_key``).
 
-    The images are generated from the same val items' ``condition_key`` entries (the prompts themselves for a
+    The images are generated from the same val items' ``condition_keys`` entries (the prompts themselves for a
     text-conditioned module). ``model=`` injects an open_clip model (both towers) instead of loading
     ``arch`` / ``pretrained`` / ``checkpoint_path``.
     """
@@ -105,7 +105,7 @@ class CLIPScoreCallback(SampleEvaluationCallback):
         with quiet_open_clip():
             length = getattr(self.model, "context_length", 77)
             self.tokenizer = open_clip.get_tokenizer(self.arch, context_length=length)
-        if getattr(pl_module, "condition_key", None) is None:
+        if not condition_keys(pl_module):
             rank_zero_warn("CLIPScoreCallback: the module is unconditional, so its samples ignore the prompts")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -113,8 +113,7 @@ class CLIPScoreCallback(SampleEvaluationCallback):
             self.setup(trainer, pl_module, "fit")
         device = pl_module.device
         self.model.to(device)
-        key = getattr(pl_module, "condition_key", None)
-        conditions = self.conditions(trainer, list(dict.fromkeys([self.prompt_key, *([key] if key else [])])))
+        conditions = self.conditions(trainer, list(dict.fromkeys([self.prompt_key, *condition_keys(pl_module)])))
         total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of scores, count
         for chunk, images in self.generate(trainer, pl_module, conditions, "CLIP score: sampling"):
             scores = clip_scores(self.model, self.tokenizer, images, chunk[self.prompt_key])

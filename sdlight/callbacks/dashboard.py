@@ -20,9 +20,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from sdlight.callbacks.sampling import (Batch, SampleEvaluationCallback, concat_batches, load_items,
-                                        val_dataloader)
-from sdlight.stages.images import log_grid, to_grid, to_uint8
+from sdlight.callbacks.sampling import (Batch, SampleEvaluationCallback, concat_batches, condition_keys,
+                                        load_items, val_dataloader)
+from sdlight.pixels import to_pil
+from sdlight.stages.images import log_grid, to_grid
 
 
 def batch_image_count(batch: Any, key: str = "image") -> int:
@@ -44,11 +45,13 @@ def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
 # ------------------------------------------------------------------------------------------- parameter counts
 def _parts(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Top-level children with parameters; single-child wrappers are looked through, so the UNet shows as
-    ``model.diffusion_model`` (its CompVis name). Averaged copies are reported whole."""
+    ``model.diffusion_model`` (its CompVis name). Averaged copies and lists (the condition encoders, shown as
+    ``cond_stage_model``) are reported whole."""
+    whole = (AveragedModel, nn.ModuleList, nn.ModuleDict)
     for name, child in module.named_children():
-        while not isinstance(child, (AveragedModel, nn.ModuleList, nn.ModuleDict)):
+        while not isinstance(child, whole):
             kids = list(child.named_children())
-            if len(kids) != 1 or any(True for _ in child.parameters(recurse=False)):
+            if len(kids) != 1 or isinstance(kids[0][1], whole) or any(True for _ in child.parameters(recurse=False)):
                 break
             name, child = f"{name}.{kids[0][0]}", kids[0][1]
         if any(True for _ in child.parameters()):
@@ -134,18 +137,18 @@ class SampleTableCallback(SampleEvaluationCallback):
         conditions, items = self._table_conditions(trainer, pl_module)
         images = torch.cat([imgs.cpu() for _, imgs in self.generate(trainer, pl_module, conditions,
                                                                     "Sample table: sampling")])
-        key = pl_module.condition_key
-        labels = [self._label(v) for v in conditions[key]] if key else [""] * len(images)
-        captions = list(items["text"]) if "text" in items and key != "text" else None
+        keys = condition_keys(pl_module)
+        labels = [" · ".join(self._label(conditions[k][i]) for k in keys) for i in range(len(images))]
+        # the val items' captions, when the model is conditioned on something else
+        captions = list(items["text"]) if "text" in items and "text" not in keys else None
         log_grid(pl_module, f"{self.key}/grid", to_grid([images], nrow=self.nrow or min(len(images), 8)),
-                 caption=" | ".join(labels) if key else None)
+                 caption=" | ".join(labels) if keys else None)
         loggers = wandb_loggers(trainer)
         if loggers:
             import wandb
-            from PIL import Image
 
-            def picture(x: Tensor) -> Image.Image:
-                return Image.fromarray(to_uint8((x.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy())
+            def picture(x: Tensor):
+                return to_pil(x[None])[0]
 
             columns = ["step", "index", "seed", "condition"] + (["caption"] if captions else []) + ["sample"]
             references = items.get("image")
@@ -165,17 +168,16 @@ class SampleTableCallback(SampleEvaluationCallback):
 
     def _table_conditions(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Batch, Batch]:
         """(the conditions to sample, the val items they came from: empty for given conditions)."""
-        key = pl_module.condition_key
+        keys = condition_keys(pl_module)
         given = self.fixed_conditions or getattr(pl_module, "log_conditions", None)
-        if key is None:
+        if not keys:
             return {}, {}
         if given:
-            given = list(given)[: self.num_samples]
-            return {key: given if key == "text" else torch.tensor(given)}, {}
+            return {k: v[: self.num_samples] for k, v in pl_module.condition_values(given).items()}, {}
         if self._val_items is None:
             loader = val_dataloader(trainer)
             self._val_items = concat_batches(list(load_items(loader, range(self.num_samples), None, self.batch_size)))
-        return {key: self._val_items[key]}, self._val_items
+        return {k: self._val_items[k] for k in keys}, self._val_items
 
     @staticmethod
     def _label(value: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from sdlight.callbacks.sampling import SampleEvaluationCallback
+from sdlight.callbacks.sampling import SampleEvaluationCallback, condition_keys
 from sdlight.data.digit_oracle import DigitJudge, fit_digit_judge
 
 NUM_CLASSES = 10
@@ -20,7 +20,7 @@ class DigitAccuracyCallback(SampleEvaluationCallback):
     digit as ``val/digits/accuracy_<d>``, and the judge's own accuracy on held-out real scans,
     ``val/digits/judge_accuracy`` (the ceiling of the first figure).
 
-    Samples come from the val items' ``condition_key`` entries (label, text or attributes); the truth is their
+    Samples come from the val items' ``condition_keys`` entries (label, text or attributes); the truth is their
     ``truth_key`` entry (the digit).
     """
 
@@ -32,11 +32,11 @@ class DigitAccuracyCallback(SampleEvaluationCallback):
         self.judge = judge
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "condition_key", None) is None:
-            raise ValueError("DigitAccuracyCallback needs a conditional module (condition_key is None)")
+        if not condition_keys(pl_module):
+            raise ValueError("DigitAccuracyCallback needs a conditional module (it has no condition_keys)")
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        conditions = self.conditions(trainer, list(dict.fromkeys([self.truth_key, pl_module.condition_key])))
+        conditions = self.conditions(trainer, list(dict.fromkeys([self.truth_key, *condition_keys(pl_module)])))
         # per digit: (right, asked)
         counts = torch.zeros(NUM_CLASSES, 2, dtype=torch.float64, device=pl_module.device)
         for chunk, images in self.generate(trainer, pl_module, conditions, "Digits: sampling"):

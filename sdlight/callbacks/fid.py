@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from sdlight.callbacks.sampling import (SampleEvaluationCallback, load_items, progress_bar, rank_slice,
-                                        to_unit_range, val_dataloader)
+from sdlight.callbacks.sampling import (SampleEvaluationCallback, condition_keys, load_items, progress_bar,
+                                        rank_slice, to_unit_range, val_dataloader)
 from sdlight.weights import load_state_dict, resolve_weights
 
 log = logging.getLogger("sdlight")
@@ -181,8 +181,7 @@ class FIDCallback(SampleEvaluationCallback):
                     self._update_fake(reconstruction)
                     advance(len(reconstruction))
         else:
-            key = getattr(pl_module, "condition_key", None)
-            conditions = self.conditions(trainer, [key] if key else [])
+            conditions = self.conditions(trainer, condition_keys(pl_module))
             for _, images in self.generate(trainer, pl_module, conditions, "FID: sampling"):
                 self._update_fake(images)
 

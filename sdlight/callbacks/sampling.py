@@ -307,20 +307,20 @@ class SampleEvaluationCallback(L.Callback, ABC):
         """Yield ``(condition chunk, images in [-1, 1] float32)`` for this rank, ``batch_size`` at a time.
 
         ``conditions`` holds this rank's items (see :meth:`conditions`); the module is conditioned on its
-        ``condition_key`` entry, or unconditionally when that is None.
+        ``condition_keys`` entries, or unconditionally when there are none.
         """
-        key = getattr(pl_module, "condition_key", None)
+        keys = condition_keys(pl_module)
         total = batch_len(conditions) if conditions else len(self.rank_items(trainer))
-        if key is not None and key not in conditions:
-            raise KeyError(f"the module is conditioned on {key!r}, which the val batches do not provide")
+        missing = [k for k in keys if k not in conditions]
+        if missing:
+            raise KeyError(f"the module is conditioned on {missing}, which the val batches do not provide")
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
         with progress_bar(trainer, description, total) as advance:
             for start in range(0, total, self.batch_size):
                 stop = min(start + self.batch_size, total)
                 chunk = slice_batch(conditions, start, stop)
-                cond = chunk[key] if key is not None else None
-                if isinstance(cond, Tensor):
-                    cond = cond.to(pl_module.device)
+                cond = {k: chunk[k].to(pl_module.device) if isinstance(chunk[k], Tensor) else chunk[k]
+                        for k in keys} or None
                 images = pl_module.generate(cond, num_samples=stop - start, steps=self.steps,
                                             guidance_scale=self.guidance_scale, generator=generator,
                                             use_ema=self.use_ema)
@@ -328,6 +328,11 @@ class SampleEvaluationCallback(L.Callback, ABC):
                     raise RuntimeError(f"generate returned {images.shape[0]} images for {stop - start} conditions")
                 advance(stop - start)
                 yield chunk, images.float()
+
+
+def condition_keys(pl_module: L.LightningModule) -> list[str]:
+    """The batch entries a module samples from (``condition_keys``); none for an unconditional one."""
+    return list(getattr(pl_module, "condition_keys", []))
 
 
 def to_unit_range(images: Tensor) -> Tensor:

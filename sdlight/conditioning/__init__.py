@@ -1,16 +1,22 @@
-"""Condition encoders: batch entry (captions, class labels, attributes) → cross-attention context (B, L, D)."""
+"""Condition encoders: batch entry (captions, class labels, attributes, sizes) → an embedding routed to the UNet
+(cross-attention context, class vector ``y`` or concatenated channels) by a :class:`Conditioner`."""
 
-from .base import ConditionEncoder, drop_mask
-from .embeddings import AttributeEmbedder, ClassEmbedder, NoConditioning
-from .text import ClipTokenizer, LearnedTextEncoder, OpenCLIPTextEncoder
+from .base import ROUTES, ConditionEncoder, drop_mask
+from .conditioner import Conditioner
+from .embeddings import AttributeEmbedder, ClassEmbedder, NoConditioning, SizeEmbedder
+from .text import ClipTokenizer, LearnedTextEncoder, OpenCLIPTextEncoder, TextEncoder
 
 __all__ = [
     "AttributeEmbedder",
     "ClassEmbedder",
     "ClipTokenizer",
     "ConditionEncoder",
+    "Conditioner",
     "LearnedTextEncoder",
     "NoConditioning",
     "OpenCLIPTextEncoder",
+    "ROUTES",
+    "SizeEmbedder",
+    "TextEncoder",
     "drop_mask",
 ]

@@ -1,9 +1,11 @@
 """The interface every condition encoder implements.
 
-An encoder reads one entry of the batch (``batch[encoder.batch_key]``) and turns it into the cross-attention
-context ``(B, L, D)`` of the UNet. Classifier-free guidance needs an *explicit* null condition that goes through
-the same network (empty caption, null class row, null attribute rows), so each encoder says what its null value
-is (``null_like``) and how to swap it in at random during training (``drop``).
+An encoder reads one entry of the batch (``batch[encoder.input_key]``) and turns it into an embedding that goes
+to the UNet by its ``route`` (see :class:`sdlight.conditioning.Conditioner`): the cross-attention context
+``(B, L, D)``, a vector ``(B, D)`` for the UNet's ``y``, or channels ``(B, C, h, w)``. Classifier-free guidance
+needs an *explicit* null condition that goes through the same network (empty caption, null class row, null
+attribute rows), so each encoder says what its null value is (``null_like``) and how to swap it in at random
+during training (``drop``, with probability ``drop_rate``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,45 @@ from torch import Tensor, nn
 from sdlight.diffusion.draw import draw
 
 
-class ConditionEncoder(nn.Module, ABC):
-    """Maps ``batch[batch_key]`` to a context tensor ``(B, L, context_dim)``, or ``None`` when unconditional."""
+ROUTES = ("crossattn", "vector", "concat")
 
-    batch_key: str | None = None  # "text" | "label" | "attributes" | None
+
+class ConditionEncoder(nn.Module, ABC):
+    """Maps ``batch[input_key]`` to an embedding for its ``route``, or ``None`` when unconditional.
+
+    ``input_key`` and ``route`` have per-class defaults that the keyword options override; ``drop_rate`` None
+    means the training module's default rate (``p_uncond``), 0 that the condition is never dropped, so both
+    guidance branches see it (as SD-XL's size conditioning).
+    """
+
+    input_key: str | None = None  # the batch entry read; None reads nothing
+    route: str = "crossattn"
+    drop_rate: float | None = None
     context_dim: int | None = None
+
+    def __init__(self, *, input_key: str | None = None, drop_rate: float | None = None,
+                 route: str | None = None) -> None:
+        super().__init__()
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        if drop_rate is not None and not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1] or None, got {drop_rate}")
+        # instance values only where given: the class defaults stay readable on the class
+        for name, value in (("input_key", input_key), ("drop_rate", drop_rate), ("route", route)):
+            if value is not None:
+                setattr(self, name, value)
+
+    def describe(self) -> str:
+        """What this encoder reads, in words (for messages)."""
+        return str(self.input_key)
+
+    def check(self, values: Sequence[Any]) -> None:
+        """Raises a one-line ``ValueError`` when plain values (lists, not tensors) are not of the kind and range
+        this encoder reads; the message starts with the offending value."""
+
+    def prepare(self, values: Any, device: torch.device | str | None = None) -> Any:
+        """``values`` as ``forward`` reads them: here a tensor on ``device`` (lists of numbers are accepted)."""
+        return torch.as_tensor(values, device=device)
 
     @abstractmethod
     def forward(self, values: Any) -> Tensor | None:

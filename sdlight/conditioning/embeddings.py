@@ -1,4 +1,4 @@
-"""Conditioning without text: none, a class label, or a set of discrete attributes.
+"""Conditioning without text: none, a class label, a set of discrete attributes, or sizes (micro-conditioning).
 
 Each embedding table carries one extra row for the null condition, learned like the others, so classifier-free
 guidance works the same way as with captions.
@@ -6,12 +6,15 @@ guidance works the same way as with captions.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sdlight.errors import UsageError
+from sdlight.nn.unet import timestep_embedding
 
 from .base import ConditionEncoder
 
@@ -19,7 +22,7 @@ from .base import ConditionEncoder
 class NoConditioning(ConditionEncoder):
     """Unconditional model: reads nothing from the batch and gives no context."""
 
-    batch_key = None
+    input_key = None
     context_dim = None
 
     def forward(self, values: None = None) -> None:
@@ -30,16 +33,17 @@ class NoConditioning(ConditionEncoder):
 
 
 class ClassEmbedder(ConditionEncoder):
-    """Class label ``(B,)`` → one context token ``(B, 1, D)``; row ``num_classes`` is the null class.
+    """Class label ``(B,)`` → one context token ``(B, 1, D)`` (on the ``vector`` route: the UNet's ``y``,
+    ``(B, D)``); row ``num_classes`` is the null class.
 
     The table is named ``embedding`` as in CompVis ``ClassEmbedder``, so ``cond_stage_model.embedding.weight``
     lines up with their checkpoints.
     """
 
-    batch_key = "label"
+    input_key = "label"
 
-    def __init__(self, num_classes: int, embed_dim: int) -> None:
-        super().__init__()
+    def __init__(self, num_classes: int, embed_dim: int, **options: Any) -> None:
+        super().__init__(**options)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -62,6 +66,16 @@ class ClassEmbedder(ConditionEncoder):
     def null_like(self, values: Tensor) -> Tensor:
         return torch.full_like(values, self.null_id)
 
+    def describe(self) -> str:
+        return f"class labels 0-{self.num_classes - 1}"
+
+    def check(self, values: Sequence[Any]) -> None:
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{v!r}: class labels are whole numbers")
+            if not 0 <= v < self.num_classes:
+                raise ValueError(f"{v}: this model has {self.num_classes} classes (0-{self.num_classes - 1})")
+
 
 class AttributeEmbedder(ConditionEncoder):
     """Attributes ``(B, A)``, one index per slot → a set of ``A`` context tokens ``(B, A, D)``.
@@ -70,10 +84,10 @@ class AttributeEmbedder(ConditionEncoder):
     slot embedding is added so that cross-attention, which is blind to token order, can still tell slots apart.
     """
 
-    batch_key = "attributes"
+    input_key = "attributes"
 
-    def __init__(self, vocab_sizes: Sequence[int], embed_dim: int) -> None:
-        super().__init__()
+    def __init__(self, vocab_sizes: Sequence[int], embed_dim: int, **options: Any) -> None:
+        super().__init__(**options)
         vocab_sizes = [int(v) for v in vocab_sizes]
         if not vocab_sizes or min(vocab_sizes) < 1:
             raise ValueError(f"vocab_sizes must be a non-empty list of positive sizes, got {vocab_sizes}")
@@ -96,3 +110,52 @@ class AttributeEmbedder(ConditionEncoder):
 
     def null_like(self, values: Tensor) -> Tensor:
         return self.null_ids.to(device=values.device, dtype=values.dtype).expand_as(values).clone()
+
+    def describe(self) -> str:
+        return f"attribute sets of {self.num_slots} ids, slot sizes {self.vocab_sizes}"
+
+    def check(self, values: Sequence[Any]) -> None:
+        sizes = self.vocab_sizes
+        for row in values:
+            if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != len(sizes):
+                raise ValueError(f"{row!r}: give {len(sizes)} ids per set (slot sizes {sizes})")
+            for i, (v, n) in enumerate(zip(row, sizes)):
+                if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v < n):
+                    raise ValueError(f"{list(row)}: id {v} in slot {i} is out of range (0-{n - 1})")
+
+
+class SizeEmbedder(ConditionEncoder):
+    """SD-XL's micro-conditioning: ``n`` numbers per sample ``(B, n)`` (an original size ``(h, w)``, crop
+    coordinates ``(top, left)``, a target size) → their sinusoidal embeddings side by side ``(B, n · dim)``,
+    routed to the UNet's ``y`` by default. No weights: the UNet's ``label_emb`` learns what they mean.
+
+    The null value is all zeros; as in SD-XL these are usually never dropped (``drop_rate=0``)."""
+
+    route = "vector"
+
+    def __init__(self, input_key: str, dim: int = 256, n: int = 2, **options: Any) -> None:
+        super().__init__(input_key=input_key, **options)
+        if dim < 2 or n < 1:
+            raise ValueError(f"dim must be >= 2 and n >= 1, got dim={dim}, n={n}")
+        self.dim, self.n = dim, n
+
+    @property
+    def output_dim(self) -> int:
+        return self.dim * self.n
+
+    def forward(self, values: Tensor) -> Tensor:
+        if values.ndim != 2 or values.shape[1] != self.n:
+            raise ValueError(f"{self.input_key}: expected shape (B, {self.n}), got {tuple(values.shape)}")
+        emb = timestep_embedding(values.reshape(-1), self.dim)
+        return emb.reshape(values.shape[0], self.output_dim)
+
+    def null_like(self, values: Tensor) -> Tensor:
+        return torch.zeros_like(values)
+
+    def describe(self) -> str:
+        return f"{self.input_key} ({self.n} numbers per sample)"
+
+    def check(self, values: Sequence[Any]) -> None:
+        for row in values:
+            if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != self.n:
+                raise ValueError(f"{row!r}: give {self.n} numbers per sample")

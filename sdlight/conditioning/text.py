@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -115,7 +116,27 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LearnedTextEncoder(ConditionEncoder):
+class TextEncoder(ConditionEncoder):
+    """Captions → context; the null caption is the empty one."""
+
+    input_key = "text"
+
+    def describe(self) -> str:
+        return "text"
+
+    def check(self, values: Sequence[Any]) -> None:
+        bad = [v for v in values if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{bad[0]!r}: captions are strings")
+
+    def prepare(self, values: str | Sequence[str], device: torch.device | str | None = None) -> list[str]:
+        return as_text_list(values)
+
+    def null_like(self, values: str | Sequence[str]) -> list[str]:
+        return [""] * len(as_text_list(values))
+
+
+class LearnedTextEncoder(TextEncoder):
     """A small text transformer trained from scratch together with the UNet.
 
     Attention is bidirectional by default: the UNet cross-attends to every token, so each token should describe
@@ -128,8 +149,6 @@ class LearnedTextEncoder(ConditionEncoder):
     small shape) is picked up only when the context is large (BENCHMARKS.md, quickstart adherence probes).
     """
 
-    batch_key = "text"
-
     def __init__(
         self,
         arch: str = "ViT-B-32",
@@ -141,8 +160,9 @@ class LearnedTextEncoder(ConditionEncoder):
         mlp_ratio: float = 4.0,
         causal: bool = False,
         context_scale: float = 1.0,
+        **options: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**options)
         if not context_scale > 0:
             raise ValueError(f"context_scale must be > 0, got {context_scale}")
         self.tokenizer = ClipTokenizer(arch, max_length)
@@ -194,11 +214,9 @@ class LearnedTextEncoder(ConditionEncoder):
         device = self.token_embedding.weight.device
         return self.encode_tokens(tokens.to(device), lengths.to(device))
 
-    def null_like(self, values: str | Sequence[str]) -> list[str]:
-        return [""] * len(as_text_list(values))
 
 
-class OpenCLIPTextEncoder(ConditionEncoder):
+class OpenCLIPTextEncoder(TextEncoder):
     """Frozen open_clip text tower → per-token embeddings from its last or penultimate block, after ``ln_final``.
 
     Stable Diffusion 2.x uses ViT-H-14 (laion2b_s32b_b79k), penultimate layer, 77 tokens, context_dim 1024. The
@@ -209,7 +227,6 @@ class OpenCLIPTextEncoder(ConditionEncoder):
     already there, else through :func:`sdlight.weights.resolve_weights`. ``model=`` injects a built open_clip model.
     """
 
-    batch_key = "text"
     LAYERS = ("last", "penultimate")
 
     def __init__(
@@ -220,8 +237,9 @@ class OpenCLIPTextEncoder(ConditionEncoder):
         layer: str = "penultimate",
         max_length: int = 77,
         model: nn.Module | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(**options)
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         self.layer = layer
@@ -280,8 +298,6 @@ class OpenCLIPTextEncoder(ConditionEncoder):
         tokens, _ = self.tokenizer(as_text_list(values))
         return self.encode_tokens(tokens.to(self.tower.token_embedding.weight.device))
 
-    def null_like(self, values: str | Sequence[str]) -> list[str]:
-        return [""] * len(as_text_list(values))
 
 
 def text_tower(model: nn.Module) -> nn.Module:

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from sdlight.pixels import from_pil, to_uint8
+
 SHAPES = ("circle", "square", "triangle", "diamond")
 # How ``describe`` tells shapes apart: the fill ratio of the bounding box, and how far the centroid sits below
 # the box centre (in box heights; a triangle with its apex up has 1/6, the others 0). At 32 px the measured
@@ -149,8 +151,7 @@ def make_sample(index: int, split: str, seed: int = 0, max_shapes: int = 1, imag
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return arr.float() / 127.5 - 1.0
+    return from_pil(img)
 
 
 class ShapesDataset(Dataset):
@@ -206,7 +207,7 @@ def _to_uint8(image) -> np.ndarray:
         x = image.detach().float().cpu()
         if x.ndim != 3 or x.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(x.shape)}")
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        return to_uint8(x).permute(1, 2, 0).numpy()
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image array, got shape {arr.shape}")

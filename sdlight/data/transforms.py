@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from sdlight.pixels import from_pil
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -100,5 +102,4 @@ class ImageTransform:
         img = img.crop((left, top, left + s, top + s))
         if self.flip and random.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return x.float().div_(127.5).sub_(1.0)
+        return from_pil(img)

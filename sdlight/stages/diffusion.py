@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from sdlight.checkpoints import load_pretrained
-from sdlight.conditioning.base import ConditionEncoder
+from sdlight.conditioning import ConditionEncoder, Conditioner
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
 from sdlight.diffusion.draw import draw
@@ -31,7 +31,8 @@ SCALE_FACTOR_SEED = 0  # posterior samples of the scale-factor estimate: the sam
 
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as ``diffusion_model`` (CompVis key names: ``model.diffusion_model.*``) and routes the
-    conditioning: ``context`` to cross-attention, ``y`` to the class embedding, ``concat`` along channels."""
+    conditioning: ``context`` to cross-attention, ``y`` to the class embedding (``label_emb``), ``concat`` along
+    channels."""
 
     def __init__(self, diffusion_model: nn.Module):
         super().__init__()
@@ -48,9 +49,9 @@ class LatentDiffusion(L.LightningModule):
     """A UNet denoiser trained on ``scale_factor · z``, z ~ the frozen autoencoder's posterior of the images.
 
     ``schedule`` gives the forward process, ``prediction_type`` (eps | v | x0) the network's target,
-    ``loss_weighting`` (simple | min_snr | snr) the per-timestep weight. ``conditioning`` turns the batch entry it
-    reads into a cross-attention context; with probability ``p_uncond`` a sample's condition is replaced by the
-    encoder's explicit null condition, which is what classifier-free guidance contrasts against at sampling.
+    ``loss_weighting`` (simple | min_snr | snr) the per-timestep weight. ``conditioning`` and ``conditioners`` make
+    one :class:`~sdlight.conditioning.Conditioner` (``cond_stage_model``); each encoder's condition is dropped to its
+    explicit null with its ``drop_rate`` (else ``p_uncond``): what classifier-free guidance contrasts against.
 
     ``scale_factor`` (a buffer, so it is saved in checkpoints) is given, or estimated once at the start of
     training as 1 / std of the posterior samples of ``scale_factor_batches`` training batches, pooled over ranks;
@@ -60,8 +61,8 @@ class LatentDiffusion(L.LightningModule):
     sdlight.stages.latents): both become the same posterior, and all that follows is shared. A cache made by
     another autoencoder is refused at setup; cached contexts of the model's own frozen text encoder replace it.
 
-    An EMA of the trainable parts (UNet, and the condition encoder when it trains) is kept in ``model_ema`` and
-    used for validation and sampling; the frozen autoencoder and text encoders are never copied. It is updated
+    An EMA of the trainable parts (UNet, and the condition encoders that train) is kept in ``model_ema`` and
+    used for validation and sampling; the frozen autoencoder and text towers are never copied. It is updated
     after every optimizer step that had gradients (not on accumulation micro-steps, not on skipped steps).
 
     A batch whose loss is not finite (on any rank) is skipped: no backward, no EMA update; the skips are counted
@@ -72,7 +73,7 @@ class LatentDiffusion(L.LightningModule):
         self,
         unet: nn.Module,
         schedule: NoiseSchedule,
-        conditioning: ConditionEncoder,
+        conditioning: ConditionEncoder | None,
         first_stage: nn.Module,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
@@ -95,6 +96,7 @@ class LatentDiffusion(L.LightningModule):
         concat: nn.Module | None = None,
         init_from: str | None = None,
         init_from_ema: bool = True,
+        conditioners: Sequence[ConditionEncoder] | Mapping[str, ConditionEncoder] = (),
     ):
         super().__init__()
         if not 0 <= p_uncond <= 1:
@@ -103,7 +105,8 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(f"scale_factor_batches must be >= 1, got {scale_factor_batches}")
         self.model = DiffusionWrapper(unet)
         self.first_stage_model = first_stage.eval().requires_grad_(False)
-        self.cond_stage_model = conditioning
+        # `conditioning` is the first encoder (a config group), `conditioners` more (a dict in the config: by name)
+        self.cond_stage_model = conditioner = Conditioner.join(conditioning, conditioners)
         # channels concatenated to z_t (inpainting mask + masked image, low-res image), built from the batch
         self.concat_stage = concat
         self.schedule, self._schedule_here = schedule, None
@@ -121,10 +124,9 @@ class LatentDiffusion(L.LightningModule):
         self.nonfinite_skips, self._nonfinite_in_a_row = 0, 0
         self._val_stats: Tensor | None = None  # (buckets, 2): sum of losses, count
         if init_from:  # released SD weights (or another run's), loaded before the EMA copies them
-            for line in load_pretrained(init_from, unet, self.first_stage_model, conditioning, init_from_ema):
+            for line in load_pretrained(init_from, unet, self.first_stage_model, conditioner, init_from_ema):
                 log.info(line)
-        trainable = [self.model] + ([conditioning] if any(p.requires_grad for p in conditioning.parameters())
-                                    else [])
+        trainable = [self.model] + [part for part in [conditioner.trainable_part()] if part is not None]
         # the averaged parts, unregistered (they are already submodules; registering twice duplicates keys)
         object.__setattr__(self, "_ema_parts", nn.ModuleList(trainable))
         self.model_ema = None
@@ -140,15 +142,15 @@ class LatentDiffusion(L.LightningModule):
             "first_stage_config": to_plain(getattr(first_stage, "config", None)),
             "prediction_type": prediction_type, "loss_type": loss_type, "loss_weighting": loss_weighting,
             "snr_gamma": snr_gamma, "p_uncond": p_uncond, "ema_decay": ema_decay, "image_size": image_size,
-            "condition_key": conditioning.batch_key, "num_timesteps": schedule.num_timesteps,
-            "concat_channels": getattr(concat, "channels", 0),
+            "condition_key": (conditioner.input_keys or [None])[0], "condition_keys": conditioner.input_keys,
+            "num_timesteps": schedule.num_timesteps, "concat_channels": getattr(concat, "channels", 0),
         })
 
     # ------------------------------------------------------------------------------------------ components
     @property
-    def condition_key(self) -> str | None:
-        """The batch entry this model is conditioned on ("text", "label", "attributes"), or None."""
-        return self.cond_stage_model.batch_key
+    def condition_keys(self) -> list[str]:
+        """The batch entries this model is conditioned on; empty for an unconditional model."""
+        return self.cond_stage_model.input_keys
 
     def schedule_on(self, device: torch.device) -> NoiseSchedule:
         """The schedule with its tables on ``device``, moved once (not at every step); the samplers keep the CPU
@@ -200,10 +202,6 @@ class LatentDiffusion(L.LightningModule):
     def decode_latents(self, z: Tensor) -> Tensor:
         return self.first_stage_model.decode(z / self.scale_factor).clamp(-1, 1)
 
-    def condition(self, values: Any, concat: Tensor | None = None) -> dict[str, Tensor | None]:
-        """Keyword arguments of the UNet wrapper for conditions ``values`` (a batch entry or its null)."""
-        return {"context": self.cond_stage_model(values) if self.condition_key else None, "concat": concat}
-
     @torch.no_grad()
     def make_concat(self, inputs: dict[str, Any], generator: torch.Generator | None = None) -> Tensor | None:
         """The concatenated channels from the concat stage's inputs (``image`` + ``mask``, or ``lowres``)."""
@@ -212,14 +210,9 @@ class LatentDiffusion(L.LightningModule):
         return self.concat_stage(**inputs, encode=lambda x: self.encode_images(x, sample=False),
                                  generator=generator)
 
-    def condition_values(self, conditions: Any) -> Any:
-        """Conditions as the encoder reads them: a prompt or list of prompts, labels / attribute rows as a tensor
-        on this device (lists of ints are accepted)."""
-        if conditions is None or self.condition_key is None:
-            return conditions
-        if self.condition_key == "text":
-            return [conditions] if isinstance(conditions, str) else list(conditions)
-        return torch.as_tensor(conditions, device=self.device)
+    def condition_values(self, conditions: Any, partial: bool = False) -> dict[str, Any]:
+        """``{batch key: values}`` as the encoders read them, on this device (see `Conditioner.values`)."""
+        return self.cond_stage_model.values(conditions, self.device, partial)
 
     # ---------------------------------------------------------------------------------------- scale factor
     def on_train_start(self) -> None:
@@ -268,19 +261,21 @@ class LatentDiffusion(L.LightningModule):
                 "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
 
     def losses(self, batch: dict[str, Any], *, t: Tensor | None = None, noise: Tensor | None = None,
-               generator: torch.Generator | None = None, p_uncond: float = 0.0) -> tuple[Tensor, Tensor]:
+               generator: torch.Generator | None = None, p_uncond: float | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample weighted losses (B,) and their timesteps (B,).
 
         ``t`` and ``noise`` default to fresh draws; ``generator`` (if given) draws them, the posterior sample
         and the condition dropout, which makes the result a function of the batch and the generator's seed.
+        ``p_uncond`` None drops no condition; else each encoder drops at its ``drop_rate``, or ``p_uncond``.
         """
         z = self.encode_images(batch, generator=generator)
-        values = batch.get(self.condition_key) if self.condition_key else None
         cached = self._use_cached_contexts and CONTEXT in batch
-        if values is not None and p_uncond > 0 and not cached:
-            values = self.cond_stage_model.drop(values, p_uncond, generator=generator)
-        elif cached:  # the frozen text encoder's contexts, with the same dropout draw
-            context = self._cached_contexts(self.cond_stage_model, batch, p_uncond, generator, z.device)
+        if cached:  # the frozen text encoder's contexts, with the same dropout draw
+            context = self._cached_contexts(self.cond_stage_model.single, batch, p_uncond, generator, z.device)
+        else:
+            values = self.condition_values(batch)
+            if p_uncond is not None:
+                values = self.cond_stage_model.drop(values, p_uncond, generator=generator)
         if t is None:
             t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator=generator, device=z.device)
         if noise is None:
@@ -289,7 +284,7 @@ class LatentDiffusion(L.LightningModule):
         concat = None
         if self.concat_stage is not None:
             concat = self.make_concat(self.concat_stage.training_inputs(batch, generator), generator)
-        kwargs = {"context": context, "concat": concat} if cached else self.condition(values, concat)
+        kwargs = {"context": context, "y": None, "concat": concat} if cached else self.cond_stage_model(values, concat)
         schedule = self.schedule_on(z.device)
         out = self._flops(self.training, self.model, q_sample(z, t, noise, schedule), t, **kwargs)
         target = training_target(z, noise, t, schedule, self.prediction_type)
@@ -381,21 +376,22 @@ class LatentDiffusion(L.LightningModule):
                  generator: torch.Generator | None = None, use_ema: bool = True, sampler: Callable | None = None,
                  x_T: Tensor | None = None, return_latents: bool = False, concat: Tensor | None = None,
                  **sampler_kwargs: Any) -> Tensor:
-        """Samples images in [-1, 1] for ``conditions`` (a batch entry: prompts, labels or attributes) or, for
-        unconditional models, ``num_samples`` of them; classifier-free guidance with ``guidance_scale`` against
-        the null condition, or against ``negative`` conditions (negative prompts) when given. Models with a
-        concat stage need ``concat`` (see `make_concat`); both guidance branches see it."""
+        """Samples images in [-1, 1] for ``conditions`` (a batch's condition entries, or with one encoder its
+        values alone: prompts, labels or attributes) or, for unconditional models, ``num_samples`` of them;
+        classifier-free guidance with ``guidance_scale`` against the null condition, or against ``negative``
+        conditions (negative prompts; for the keys given) when given. Models with a concat stage need ``concat``
+        (see `make_concat`); both guidance branches see it."""
         sampler = sampler or self.sampler
         if sampler is None:
             raise ValueError("no sampler configured: pass sampler= or set model.sampler")
-        conditions = self.condition_values(conditions)
-        if self.condition_key is None and conditions is not None:
-            raise ValueError("this model is unconditional: give num_samples, not conditions")
-        if self.condition_key is not None and conditions is None:
-            raise ValueError(f"this model is conditioned on {self.condition_key!r}: give conditions")
+        keys = self.condition_keys
+        if (conditions is None) == bool(keys):
+            raise ValueError(f"this model is conditioned on {keys}: give conditions" if keys else
+                             "this model is unconditional: give num_samples, not conditions")
         if conditions is None and num_samples is None:
             raise ValueError("give num_samples")
-        n = len(conditions) if conditions is not None else num_samples
+        values = self.condition_values(conditions) if keys else {}
+        n = len(values[keys[0]]) if keys else num_samples
         if num_samples is not None and num_samples != n:
             raise ValueError(f"num_samples={num_samples} but {n} conditions were given (one sample per condition)")
         if (self.concat_stage is None) != (concat is None):
@@ -408,12 +404,11 @@ class LatentDiffusion(L.LightningModule):
         self.eval()
         try:
             with self.ema_weights(use_ema):
-                cond = self.condition(conditions, concat)
+                cond = self.cond_stage_model(values, concat)
                 uncond = None
-                if self.condition_key and scale != 1.0:
-                    negative = self.condition_values(negative)
-                    uncond = self.condition(negative if negative is not None
-                                            else self.cond_stage_model.null_like(conditions), concat)
+                if keys and scale != 1.0:
+                    negative = self.condition_values(negative, partial=True) if negative is not None else {}
+                    uncond = self.cond_stage_model({**self.cond_stage_model.null_like(values), **negative}, concat)
                 if x_T is None:
                     x_T = draw(torch.randn, (n, *self.latent_shape), generator=generator, device=self.device)
                 x_T = x_T.to(self.device)

@@ -10,24 +10,22 @@ import torch
 import torchvision
 from PIL import Image
 
+from sdlight.pixels import to_uint8
+
 
 def to_grid(rows: list[torch.Tensor], nrow: int | None = None) -> torch.Tensor:
-    """Stacks equally sized image batches in [-1, 1] into one (3, H, W) grid in [0, 1]; one row per batch."""
-    images = torch.cat([r.detach().float().cpu() for r in rows])
-    return torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow or rows[0].shape[0], padding=1)
-
-
-def to_uint8(grid: torch.Tensor) -> torch.Tensor:
-    """A (3, H, W) image in [0, 1] as uint8, rounded as ``torchvision.utils.save_image`` does."""
-    return grid.detach().float().cpu().mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    """Stacks equally sized image batches in [-1, 1] into one (3, H, W) grid in [-1, 1] (black padding); one row
+    per batch."""
+    images = torch.cat([r.detach().float().cpu() for r in rows]).clamp(-1, 1)
+    return torchvision.utils.make_grid(images, nrow=nrow or rows[0].shape[0], padding=1, pad_value=-1.0)
 
 
 def log_grid(module: L.LightningModule, key: str, grid: torch.Tensor, caption: str | None = None) -> Path | None:
-    """Writes ``grid`` (in [0, 1]) as ``<run dir>/images/<key>_<step>.png`` and sends it to image-capable loggers.
+    """Writes ``grid`` (in [-1, 1]) as ``<run dir>/images/<key>_<step>.png`` and sends it to image-capable loggers.
 
-    Every logger gets the same 8-bit picture as the file on disk (``wandb.Image`` no longer rescales float
-    tensors: it would cast [0, 1] straight to uint8, i.e. black). Only rank 0 writes. Returns the PNG path
-    (None on other ranks or without a trainer).
+    Every logger gets the same 8-bit picture (:func:`sdlight.pixels.to_uint8`) as the file on disk
+    (``wandb.Image`` does not rescale float tensors). Only rank 0 writes. Returns the PNG path (None on other
+    ranks or without a trainer).
     """
     trainer = module._trainer
     if trainer is None or not trainer.is_global_zero:
@@ -54,23 +52,24 @@ def log_sample_grid(module: L.LightningModule, batch: dict[str, Any] | None = No
         return
     n = module.num_log_samples
     conditions = None
-    if module.condition_key:
-        conditions = module.log_conditions or (batch or {}).get(module.condition_key)
-        if conditions is None:
-            return
-        conditions = module.condition_values(conditions[:n])
-        n = len(conditions)
+    if module.condition_keys:
+        try:
+            conditions = module.condition_values(module.log_conditions or batch or {})
+        except KeyError:
+            return  # no fixed conditions and no batch to take them from
+        n = min(n, *(len(v) for v in conditions.values()))
     gen = torch.Generator(device="cpu").manual_seed(0)
     concat, rows = None, []
     if module.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
         if batch is None:
             return
         n = min(n, batch["image"].shape[0])
-        conditions = conditions[:n] if conditions is not None else None
         part = {k: v[:n] for k, v in batch.items()}
         concat = module.make_concat(module.concat_stage.training_inputs(part, gen), gen)
         rows = [part["image"]]
+    conditions = {k: v[:n] for k, v in conditions.items()} if conditions is not None else None
     x_T = torch.randn((n, *module.latent_shape), generator=gen)
     images = module.generate(conditions, n if conditions is None else None, x_T=x_T, generator=gen, concat=concat)
-    caption = " | ".join(map(str, conditions)) if isinstance(conditions, list) else None
+    captions = [v for v in (conditions or {}).values() if isinstance(v, list)]  # prompts; ids are not captions
+    caption = " | ".join(map(str, captions[0])) if captions else None
     log_grid(module, "samples", to_grid(rows + [images], nrow=n), caption=caption)

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdlight.conditioning.base import drop_mask
+from sdlight.conditioning import Conditioner, drop_mask
 from sdlight.errors import UsageError
 from sdlight.nn.distributions import DiagonalGaussianDistribution
 
-LATENT_MEAN, LATENT_STD, CONTEXT = "latent_mean", "latent_std", "context"
+LATENT_MEAN, LATENT_STD, CONTEXT, TEXT = "latent_mean", "latent_std", "context", "text"
 
 
 def weights_sha256(module: nn.Module, extra: Mapping[str, Any] | None = None) -> str:
@@ -66,10 +66,10 @@ def posterior_of(batch: Mapping[str, Any], first_stage: nn.Module, device: torch
     return DiagonalGaussianDistribution(torch.cat([mean, 2.0 * torch.log(std)], dim=1))
 
 
-def check_cache(manifest: Mapping[str, Any], first_stage: nn.Module, cond_stage: nn.Module, has_concat: bool,
+def check_cache(manifest: Mapping[str, Any], first_stage: nn.Module, conditioner: Conditioner, has_concat: bool,
                 first_stage_ckpt: str | None = None) -> bool:
     """Refuses a cache made by another autoencoder (or with another frozen text encoder's contexts), and models
-    that need images; returns whether the cached contexts can replace the model's text encoder."""
+    that need images; returns whether the cached contexts can replace the model's text encoder (its only one)."""
     made_by = manifest.get("first_stage", {})
     ours = weights_sha256(first_stage)
     if made_by.get("sha256") != ours:
@@ -83,8 +83,10 @@ def check_cache(manifest: Mapping[str, Any], first_stage: nn.Module, cond_stage:
         raise UsageError("model.concat (inpainting / super-resolution) builds its inputs from images, which "
                          "data=latents does not hold: train such models on image data")
     cached = manifest.get("text_encoder")
-    if not cached or not is_frozen(cond_stage) or getattr(cond_stage, "batch_key", None) != "text":
-        return False  # a trained encoder reads the captions, which the cache keeps too
+    cond_stage = conditioner.single
+    # the cache holds the contexts of the captions (its TEXT entry); a trained encoder reads the captions instead
+    if not cached or cond_stage is None or not is_frozen(cond_stage) or cond_stage.input_key != TEXT:
+        return False
     ours = text_encoder_sha256(cond_stage)
     if cached.get("sha256") != ours:
         raise UsageError(
@@ -101,14 +103,16 @@ class CachedContexts:
     def __init__(self) -> None:
         self.null: Tensor | None = None
 
-    def __call__(self, encoder: nn.Module, batch: Mapping[str, Any], p_uncond: float,
+    def __call__(self, encoder: nn.Module, batch: Mapping[str, Any], p_uncond: float | None,
                  generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """``p_uncond``: as in ``LatentDiffusion.losses`` (None drops nothing; the encoder's own rate first)."""
         context = batch[CONTEXT].to(device=device, dtype=torch.float32)
-        if p_uncond <= 0:
+        rate = 0.0 if p_uncond is None else p_uncond if encoder.drop_rate is None else encoder.drop_rate
+        if rate <= 0:
             return context
         if self.null is None or self.null.device != device:
             with torch.no_grad():
                 self.null = encoder([""]).to(device=device, dtype=torch.float32)
         # the same draw as the encoder's drop() on captions: cached and encoded runs drop the same samples
-        mask = drop_mask(len(context), p_uncond, generator).to(device).view(-1, 1, 1)
+        mask = drop_mask(len(context), rate, generator).to(device).view(-1, 1, 1)
         return torch.where(mask, self.null, context)

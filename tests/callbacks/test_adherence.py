@@ -24,7 +24,7 @@ class SceneRenderingTestModule(L.LightningModule):
 
     def __init__(self, condition_key="attributes", colour_shift=0, max_shapes=1):
         super().__init__()
-        self.condition_key = condition_key
+        self.condition_key, self.condition_keys = condition_key, [condition_key]
         self.colour_shift, self.max_shapes = colour_shift, max_shapes
         self.layer = torch.nn.Linear(2, 1)
 
@@ -44,7 +44,7 @@ class SceneRenderingTestModule(L.LightningModule):
     def generate(self, conditions, num_samples=None, *, steps=None, guidance_scale=None, generator=None,
                  use_ema=True):
         images = []
-        for condition in conditions:
+        for condition in conditions[self.condition_key]:
             scene = self.scene(condition)
             shifted = tuple(ShapeSpec(s.shape, COLOUR_NAMES[(COLOUR_NAMES.index(s.colour) + self.colour_shift) % 6],
                                       s.position) for s in scene.shapes)

@@ -49,7 +49,7 @@ def prompt_image(prompt: str) -> torch.Tensor:
 class PromptImagesTestModule(L.LightningModule):
     """Test double of a text-conditioned stage-2 module: one fixed image per prompt."""
 
-    condition_key = "text"
+    condition_keys = ["text"]
 
     def __init__(self):
         super().__init__()
@@ -70,8 +70,8 @@ class PromptImagesTestModule(L.LightningModule):
 
     def generate(self, conditions, num_samples=None, *, steps=None, guidance_scale=None, generator=None,
                  use_ema=True):
-        self.prompts_seen += list(conditions)
-        return torch.stack([prompt_image(p) for p in conditions])
+        self.prompts_seen += list(conditions["text"])
+        return torch.stack([prompt_image(p) for p in conditions["text"]])
 
 
 def reference_scores(model, images, prompts):

@@ -181,7 +181,7 @@ class CaptionedTestDataset(Dataset):
 class LabelTestModule(L.LightningModule):
     """Test double of a label-conditioned stage 2: ``generate`` paints each label's value; records its calls."""
 
-    condition_key = "label"
+    condition_keys = ["label"]
 
     def __init__(self):
         super().__init__()
@@ -202,6 +202,7 @@ class LabelTestModule(L.LightningModule):
 
     def generate(self, conditions, num_samples=None, *, steps=None, guidance_scale=None, generator=None,
                  use_ema=True):
+        conditions = conditions["label"]
         self.calls.append({"labels": conditions.tolist(), "use_ema": use_ema, "steps": steps})
         return (conditions.float() * 0.29 - 0.93).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
 

@@ -37,7 +37,7 @@ class DigitRenderingTestModule(L.LightningModule):
 
         digits = load_digits()
         self.scans = {d: digits.data[digits.target == d][-5:] for d in range(10)}
-        self.condition_key, self.shift = "label", shift
+        self.condition_keys, self.shift = ["label"], shift
         self.layer = torch.nn.Linear(2, 1)
 
     def training_step(self, batch, batch_idx):
@@ -46,8 +46,9 @@ class DigitRenderingTestModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def generate(self, labels, num_samples=None, *, steps=None, guidance_scale=None, generator=None, use_ema=True):
-        picks = [self.scans[(int(y) + self.shift) % 10][i % 5] for i, y in enumerate(labels)]
+    def generate(self, conditions, num_samples=None, *, steps=None, guidance_scale=None, generator=None,
+                 use_ema=True):
+        picks = [self.scans[(int(y) + self.shift) % 10][i % 5] for i, y in enumerate(conditions["label"])]
         return render_scans(np.stack(picks), 32)
 
 

@@ -55,7 +55,7 @@ class FlattenTestExtractor(torch.nn.Module):
 class TrainingTestModule(L.LightningModule):
     """The least a LightningModule needs to train for a few steps on the Gaussian images."""
 
-    condition_key = "label"
+    condition_keys = ["label"]
 
     def __init__(self, val_size=40):
         super().__init__()

@@ -36,7 +36,7 @@ class StreamTestDataset(IterableDataset):
 class RecordingTestModule(L.LightningModule):
     """A test double of the stage-2 module: ``generate`` records what it was asked and how it was called."""
 
-    condition_key = "label"
+    condition_keys = ["label"]
 
     def __init__(self, val_size: int = 10, two_optimizers: bool = False):
         super().__init__()
@@ -125,7 +125,7 @@ def test_schedule_eval_mode_conditions_and_logging(tmp_path):
     assert callback.steps_seen == [3, 6, 7]  # every 3 steps, then at the end
     calls = module.calls
     assert len(calls) == 9 and [c["n"] for c in calls[:3]] == [3, 3, 1]
-    assert torch.cat([c["conditions"] for c in calls[:3]]).tolist() == list(range(7))  # first val items, in order
+    assert torch.cat([c["conditions"]["label"] for c in calls[:3]]).tolist() == list(range(7))  # first val items, in order
     assert all(not c["training"] and not c["grad"] and c["use_ema"] for c in calls)
     assert all(c["steps"] == 5 and c["guidance"] == 2.0 for c in calls)
     # re-seeded at every evaluation: the same noise each time
@@ -164,7 +164,7 @@ def test_ranks_share_the_conditions_and_use_their_own_seeds():
         callback = CountingTestCallback(num_samples=13, batch_size=2)
         module.calls.clear()
         list(callback.generate(trainer, module, callback.conditions(trainer, ["label"]), "test"))
-        seen += [label for c in module.calls for label in c["conditions"].tolist()]
+        seen += [label for c in module.calls for label in c["conditions"]["label"].tolist()]
         noises.append(module.calls[0]["noise"])
     assert seen == [i % 10 for i in range(13)]  # 5 + 4 + 4 items, val set reused past its end
     assert len(set(noises)) == 3

@@ -66,5 +66,13 @@ def test_open_clip_config_is_the_sd2_setting():
         "checkpoint_path": None,
         "layer": "penultimate",
         "max_length": 77,
+        "route": "crossattn",
+        "drop_rate": None,
     }
     inspect.signature(OpenCLIPTextEncoder).bind(**args)  # every key is a constructor argument
+
+
+def test_size_config_is_sdxl_micro_conditioning():
+    enc = instantiate(load("size"))
+    assert (enc.input_key, enc.route, enc.drop_rate, enc.output_dim) == ("original_size", "vector", 0.0, 512)
+    assert enc(torch.tensor([[1024, 768]])).shape == (1, 512)

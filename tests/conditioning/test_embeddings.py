@@ -9,7 +9,7 @@ from sdlight.conditioning import AttributeEmbedder, ClassEmbedder, ConditionEnco
 def test_no_conditioning():
     enc = NoConditioning()
     assert isinstance(enc, ConditionEncoder)
-    assert enc.batch_key is None and enc.context_dim is None
+    assert enc.input_key is None and enc.context_dim is None
     assert enc(None) is None and enc.null_like(None) is None
     assert list(enc.parameters()) == []
 
@@ -17,7 +17,7 @@ def test_no_conditioning():
 def test_class_embedder_lookup_shape_and_null_row():
     torch.manual_seed(0)
     enc = ClassEmbedder(num_classes=5, embed_dim=8)
-    assert enc.batch_key == "label" and enc.context_dim == 8
+    assert enc.input_key == "label" and enc.context_dim == 8
     labels = torch.tensor([0, 4, 2, 2])
     ctx = enc(labels)
     assert ctx.shape == (4, 1, 8)
@@ -48,7 +48,7 @@ def test_attribute_embedder_matches_per_slot_lookup_plus_slot_embedding():
     torch.manual_seed(0)
     sizes = [4, 6, 5, 3]
     enc = AttributeEmbedder(sizes, embed_dim=8)
-    assert enc.batch_key == "attributes" and enc.context_dim == 8
+    assert enc.input_key == "attributes" and enc.context_dim == 8
     values = torch.tensor([[0, 5, 4, 2], [3, 0, 1, 0], [1, 1, 1, 1]])
     ctx = enc(values)
     assert ctx.shape == (3, 4, 8)

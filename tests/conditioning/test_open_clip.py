@@ -43,7 +43,7 @@ def tokens_of(texts, length=77):
 
 def test_last_layer_matches_open_clip_text_path(model):
     enc = OpenCLIPTextEncoder(arch="ViT-B-32", layer="last", model=model)
-    assert enc.context_dim == 32 and enc.batch_key == "text"
+    assert enc.context_dim == 32 and enc.input_key == "text"
     ctx = enc(TEXTS)
     assert ctx.shape == (3, 77, 32)
     tokens = tokens_of(TEXTS)

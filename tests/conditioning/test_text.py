@@ -142,7 +142,7 @@ def test_learned_encoder_gradients_null_and_truncation():
     torch.manual_seed(0)
     enc = LearnedTextEncoder(max_length=8, width=16, layers=2, heads=2, context_dim=12)
     texts = ["a red circle", "a blue square"]
-    assert enc.batch_key == "text"
+    assert enc.input_key == "text"
     assert enc.null_like(texts) == ["", ""]
     null_ctx, real_ctx = enc(["", ""]), enc(texts)
     assert (null_ctx - real_ctx).abs().max() > 1e-3

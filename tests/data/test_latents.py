@@ -100,7 +100,7 @@ def test_one_training_step_from_the_cache_equals_one_from_images(tmp_path, dtype
     from_cache._use_cached_contexts = uses_contexts
     if uses_contexts:  # the text tower is not run for cached contexts (only once, for the null context)
         calls = []
-        from_cache.cond_stage_model.register_forward_hook(lambda *a: calls.append(1))
+        from_cache.cond_stage_model.single.register_forward_hook(lambda *a: calls.append(1))
     loss_i, weights_i = one_step(from_images, images)
     loss_c, weights_c = one_step(from_cache, cached)
     torch.testing.assert_close(loss_c, loss_i, rtol=tol, atol=tol)

@@ -80,7 +80,7 @@ def test_sample_condition_kind_and_range(tmp_path, tiny_text_ldm, class_ldm):
     assert "prompt=" in line and "not label=" in line
     line = assert_one_line(run_cli("sample", [f"ckpt={class_ldm}", f"prompt={PROMPT}"], tmp_path),
                            "conditioned on class labels")
-    assert "label=N with N in 0-23" in line and "not prompt=" in line
+    assert "class labels 0-23 (label=)" in line and "not prompt=" in line
     assert_one_line(run_cli("sample", [f"ckpt={class_ldm}", "label=42"], tmp_path),
                     "label=42: this model has 24 classes (0-23)")
     assert_one_line(run_cli("sample", [f"ckpt={class_ldm}", f"steps={10**6}", "label=1"], tmp_path),

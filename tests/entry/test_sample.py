@@ -15,7 +15,8 @@ import sdlight
 import sdlight.pipeline
 from sdlight.checkpoints import CheckpointError
 from sdlight.diffusion import inpaint_callback
-from sdlight.pipeline import Pipeline, to_pil
+from sdlight.pipeline import Pipeline
+from sdlight.pixels import to_pil
 
 PROMPT = "a red circle in the center on a white background"
 

@@ -33,7 +33,7 @@ def test_latent_diffusion_reports_flops_per_batch_to_the_throughput_monitor(tmp_
     assert not [w for w in caught if "flops_per_batch" in str(w.message)]
     unet = module.model.diffusion_model
     z = torch.randn(4, *module.latent_shape)
-    ctx = module.cond_stage_model(["a red circle"] * 4)
+    ctx = module.cond_stage_model.single(["a red circle"] * 4)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():
