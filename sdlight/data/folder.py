@@ -132,7 +132,8 @@ def scan_folder(root: str | Path, missing_caption: str = "skip", label_from: str
 
 
 class ImageFolderDataset(ReplacingDataset):
-    """Items ``{image, text, label, key}`` from a list of records; a broken file is replaced by the next good one."""
+    """Items ``{image, text, label, key, original_size, crop_coords}`` from a list of records (the last two for
+    SD-XL's micro-conditioning); a broken file is replaced by the next good one."""
 
     errors = (BadImage, OSError, UnicodeError)
 
@@ -147,11 +148,11 @@ class ImageFolderDataset(ReplacingDataset):
 
     def load(self, index: int) -> dict:
         rec = self.records[index]
-        image = self.transform(self.root / rec.rel)
+        image, geometry = self.transform.with_geometry(self.root / rec.rel)
         text = rec.text
         if rec.text_file is not None:
             text = (self.root / rec.text_file).read_text(encoding="utf-8", errors="replace").strip()
-        return {"image": image, "text": text, "label": rec.label, "key": rec.rel}
+        return {"image": image, "text": text, "label": rec.label, "key": rec.rel, **geometry}
 
 
 def collate_counting_skips(items: list[dict]) -> dict:

@@ -53,15 +53,16 @@ def sample_fields(sample: dict) -> tuple[bytes, str, int]:
 
 
 class ImageSample:
-    """A raw tar sample → ``{image, text, label, key}``; raises BadImage / ValueError / OSError when broken.
-    (A class, not a closure: DataLoader workers and DDP spawn pickle it.)"""
+    """A raw tar sample → ``{image, text, label, key, original_size, crop_coords}``; raises BadImage / ValueError /
+    OSError when broken. (A class, not a closure: DataLoader workers and DDP spawn pickle it.)"""
 
     def __init__(self, transform: ImageTransform):
         self.transform = transform
 
     def __call__(self, sample: dict) -> dict:
         image, text, label = sample_fields(sample)
-        return {"image": self.transform(image), "text": text, "label": label, "key": sample["__key__"]}
+        image, geometry = self.transform.with_geometry(image)
+        return {"image": image, "text": text, "label": label, "key": sample["__key__"], **geometry}
 
 
 def _fields(sample: dict) -> list[str]:

@@ -23,6 +23,9 @@ class BadImage(ValueError):
     """An input that is not a usable image (unreadable, truncated, empty, too small); the loaders count it."""
 
 
+SOURCE_SIZE = "sdlight_source_size"
+
+
 def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
     """Decodes a file or encoded bytes fully (a truncated file fails here, not later in a worker's transform).
 
@@ -42,6 +45,7 @@ def open_image(source: str | Path | bytes, draft: int | None = None) -> Image.Im
     try:
         img = Image.open(stream)
         img.seek(0)  # animated GIF / multi-page TIFF: the first frame
+        img.info[SOURCE_SIZE] = img.size  # (w, h) of the file, which a draft below may shrink
         if draft and img.format == "JPEG":
             img.draft(img.mode, (draft, draft))
         img.load()
@@ -83,16 +87,24 @@ class ImageTransform:
 
     def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
         """(3, image_size, image_size) float in [-1, 1]; raises BadImage for an unusable input."""
+        return self.with_geometry(source)[0]
+
+    def with_geometry(self, source: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The image as :meth:`__call__` gives it, and SD-XL's micro-conditioning entries: ``original_size``, the
+        source's (height, width) before resizing, and ``crop_coords``, the crop's (top, left) corner in the resized
+        image (both long tensors of shape (2,); a flip leaves them as they are, as in SD-XL)."""
         img = source if isinstance(source, Image.Image) else \
             open_image(source, draft=max(self.image_size, self.min_size))
+        w, h = img.info.get(SOURCE_SIZE, img.size)
         img = to_rgb(img)
-        w, h = img.size
+        s = self.image_size
         if min(w, h) < max(1, self.min_size):
             raise BadImage(f"too small: {w}x{h} < min_size {self.min_size}")
-        s = self.image_size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        if (nw, nh) != (w, h):
+        # the draft may have shrunk the pixels: resize from what was decoded, report the file's own size
+        dw, dh = img.size
+        scale = s / min(dw, dh)
+        nw, nh = max(s, round(dw * scale)), max(s, round(dh * scale))
+        if (nw, nh) != (dw, dh):
             # reducing_gap: a fast box pre-shrink for large downscales, then a proper bicubic filter
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
         if self.crop == "random":
@@ -102,4 +114,5 @@ class ImageTransform:
         img = img.crop((left, top, left + s, top + s))
         if self.flip and random.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return from_pil(img)
+        geometry = {"original_size": torch.tensor([h, w]), "crop_coords": torch.tensor([top, left])}
+        return from_pil(img), geometry

@@ -14,7 +14,9 @@ from sdlight.data.skips import SKIPPED, TooManySkipped
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from conftest import TINY_TEXT_LDM, random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
-from imagefiles import image_bytes, make_image_folder, write_image, write_shards  # noqa: E402
+from imagefiles import GOOD_IMAGES, image_bytes, make_image_folder, write_image, write_shards  # noqa: E402
+
+SIZES = {name: size for name, _, size in GOOD_IMAGES}  # file name -> (width, height)
 
 
 @pytest.fixture
@@ -37,12 +39,17 @@ def test_every_format_and_mode_gives_the_batch_shape(image_folder):
     got = batches(dm)
     assert len(got) == 2  # 10 images, batch 4, drop_last for training
     for b in got:
-        assert set(b) == {"image", "text", "label", "key"}  # the skip fields are taken out
+        # the skip fields are taken out; the file's size and the crop's corner for SD-XL's micro-conditioning
+        assert set(b) == {"image", "text", "label", "key", "original_size", "crop_coords"}
         assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
         assert -1 <= b["image"].min() <= b["image"].max() <= 1
         assert b["label"].tolist() == [-1] * 4
-        for key, text in zip(b["key"], b["text"]):
+        for key, text, hw, corner in zip(b["key"], b["text"], b["original_size"], b["crop_coords"]):
             assert text == f"a {key.split('/')[0]} number {key.split('/')[1].split('_')[0]}"
+            w, h = SIZES[key.split("_", 1)[1]]  # the written file's size, even where a JPEG draft decoded less
+            assert hw.tolist() == [h, w]
+            scale = 16 / min(w, h)  # short side to 16, then the centre square
+            assert corner.tolist() == [(max(16, round(h * scale)) - 16) // 2, (max(16, round(w * scale)) - 16) // 2]
     assert dm.skips.skipped == 0
 
 

@@ -53,8 +53,11 @@ def test_batches_and_a_known_epoch_length(tmp_path, num_workers):
         val_keys |= set(b["key"])
     assert val_keys == {f"{i:06d}" for i in range(8)}  # the first val_size samples, in order
     for b in got:
-        assert set(b) == {"image", "text", "label", "key"}
+        assert set(b) == {"image", "text", "label", "key", "original_size", "crop_coords"}
         assert b["image"].shape == (4, 3, 16, 16) and -1 <= b["image"].min() <= b["image"].max() <= 1
+        # write_shards' images are 40x36 (w x h): short side 36 -> 16, width 18, a random crop 0-2 px from the left
+        assert b["original_size"].tolist() == [[36, 40]] * 4
+        assert all(top == 0 and 0 <= left <= 2 for top, left in b["crop_coords"].tolist())
         for key, text, label in zip(b["key"], b["text"], b["label"].tolist()):
             assert text == f"caption {int(key)}" and label == int(key) % 3
             assert key not in val_keys  # held-out validation samples never train
