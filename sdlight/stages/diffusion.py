@@ -68,8 +68,9 @@ class LatentDiffusion(L.LightningModule):
     A batch whose loss is not finite (on any rank) is skipped: no backward, no EMA update; the skips are counted
     (``nonfinite_skips``, logged as ``train/nonfinite_skips``) and ``max_nonfinite_steps`` in a row raise.
 
-    Speed switches (see :func:`sdlight.stages.common.speed_up` and BENCHMARKS.md): ``compile`` runs the UNet
-    through ``torch.compile`` (the EMA copy, used for sampling, stays eager), ``channels_last`` stores it NHWC.
+    Speed switches (see :func:`sdlight.stages.common.speed_up` and BENCHMARKS.md): ``compile`` runs the UNet and
+    the frozen VAE's encoder and decoder through ``torch.compile`` (the EMA copy of the UNet stays eager),
+    ``channels_last`` stores the UNet NHWC.
     """
 
     def __init__(
@@ -182,7 +183,9 @@ class LatentDiffusion(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        speed_up([self.model.diffusion_model], compile=self.compile_unet)
+        # the frozen VAE too: at 256 px its encoder costs more than the UNet's training step
+        speed_up([self.model.diffusion_model, self.first_stage_model.encoder, self.first_stage_model.decoder],
+                 compile=self.compile_unet)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         manifest = getattr(datamodule, "manifest", None)  # a latent cache's (sdlight.data.latents)
         if manifest is not None:

@@ -78,6 +78,8 @@ def test_compile_is_applied_at_setup_and_keeps_the_checkpoint_keys(tmp_path):
     assert getattr(unet, "_compiled_call_impl", None) is None  # not before setup: ddp_spawn pickles the module
     module.setup("fit")
     assert unet._compiled_call_impl is not None
+    assert module.first_stage_model.encoder._compiled_call_impl is not None
+    assert module.first_stage_model.decoder._compiled_call_impl is not None
     assert set(module.state_dict()) == keys
     vae = make_module(compile=True)
     vae.setup("fit")
