@@ -88,6 +88,7 @@ def bench_unet(size: dict, args, device: torch.device):
 def bench_vae(size: dict, args, device: torch.device):
     from sdlight.losses import LPIPS, AutoencoderLoss
     from sdlight.nn.discriminator import NLayerDiscriminator
+    from sdlight.stages.common import allow_retained_graphs
 
     ours, params = build_vae(**size["vae"])
     theirs = diffusers_vae(ours, params).to(device)
@@ -103,6 +104,8 @@ def bench_vae(size: dict, args, device: torch.device):
     with torch.no_grad():
         err = rel_error(ours(x, sample_posterior=False)[0], theirs.decode(theirs.encode(x).latent_dist.mode()).sample)
     kw: dict = {}
+    if args.compile:
+        allow_retained_graphs()  # as the stage does: the adaptive weight differentiates the decoder twice
     our_switches([ours.encoder, ours.decoder], kw, args)
 
     def step(encode_decode, model, last_layer, opt_kw):

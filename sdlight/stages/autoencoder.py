@@ -12,7 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
-from sdlight.stages.common import TrainingFlops, all_finite, speed_up
+from sdlight.stages.common import TrainingFlops, all_finite, allow_retained_graphs, speed_up
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -116,6 +116,8 @@ class AutoencoderModule(L.LightningModule):
         return self._flops.value
 
     def setup(self, stage: str) -> None:
+        if self.compile_autoencoder:
+            allow_retained_graphs()
         speed_up([self.autoencoder.encoder, self.autoencoder.decoder], compile=self.compile_autoencoder)
 
     # ------------------------------------------------------------------------------------------- optimizers

@@ -167,3 +167,12 @@ def speed_up(modules: Iterable[nn.Module], *, compile: bool = False, channels_la
             module.to(memory_format=torch.channels_last)
         if compile and getattr(module, "_compiled_call_impl", None) is None:
             module.compile()
+
+
+def allow_retained_graphs() -> None:
+    """Lets compiled modules run backward more than once on a graph (``retain_graph=True``), as the adaptive GAN
+    weight does through the decoder. Compiled backward functions free ("donate") saved buffers by default and
+    then refuse a second pass; this turns that off for the process (slightly more memory in backward)."""
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False

@@ -30,8 +30,9 @@ def vae_gradients(**switches) -> dict[str, torch.Tensor]:
     module.setup("fit")
     x = next(iter(loader(4, 4)))["image"]
     rec, posterior = module.autoencoder(x, sample_posterior=False)
-    loss, _ = module.loss(x, rec, posterior, part="generator", global_step=0,
-                          last_layer=module.autoencoder.get_last_layer(), split="train")
+    loss, log = module.loss(x, rec, posterior, part="generator", global_step=0,
+                            last_layer=module.autoencoder.get_last_layer(), split="train")
+    assert log["train/d_weight"] > 0  # the adaptive weight ran: two more backward passes through the decoder
     loss.backward()
     grads = {f"grad.{k}": p.grad.clone() for k, p in module.autoencoder.named_parameters()}
     return {"rec": rec.detach(), "kl": posterior.kl().detach(), **grads}
