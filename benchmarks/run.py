@@ -49,7 +49,7 @@ def our_switches(modules, opt_kwargs: dict, args) -> None:
         if args.channels_last:
             m.to(memory_format=torch.channels_last)
         if args.compile:
-            m.compile()
+            m.compile(dynamic=False)  # as sdlight.stages.common.speed_up
     if args.fused:
         opt_kwargs["fused"] = True
 
@@ -273,6 +273,7 @@ def main() -> None:
     rows = []
     for size_name in args.sizes.split(","):
         for bench in args.benches.split(","):
+            torch._dynamo.reset()  # compiled code of the previous size would make dynamo try symbolic shapes
             err, batch, steps = BENCHES[bench](SIZES[size_name], args, device)
             res = alternate(steps, rounds=args.rounds, iters=args.iters, warmup=2 if args.compile else 1,
                             device=device)

@@ -160,13 +160,15 @@ def speed_up(modules: Iterable[nn.Module], *, compile: bool = False, channels_la
 
     ``channels_last`` stores 4-D weights NHWC, so convolutions run on NHWC activations (faster kernels on
     tensor cores and some CPUs); ``compile`` makes each module's call ``torch.compile``d (inductor: C++ on the
-    CPU, Triton on CUDA), compiled lazily at the first call, recompiled for new shapes.
+    CPU, Triton on CUDA), compiled lazily at the first call and again for each new input shape.
     """
     for module in modules:
         if channels_last:
             module.to(memory_format=torch.channels_last)
         if compile and getattr(module, "_compiled_call_impl", None) is None:
-            module.compile()
+            # static shapes: a new shape (CFG's doubled batch, another resolution) compiles anew instead of
+            # switching to a symbolic-shape graph, which inductor failed to build for the VAE here (torch 2.14)
+            module.compile(dynamic=False)
 
 
 def allow_retained_graphs() -> None:

@@ -69,8 +69,8 @@ class LatentDiffusion(L.LightningModule):
     (``nonfinite_skips``, logged as ``train/nonfinite_skips``) and ``max_nonfinite_steps`` in a row raise.
 
     Speed switches (see :func:`sdlight.stages.common.speed_up` and BENCHMARKS.md): ``compile`` runs the UNet and
-    the frozen VAE's encoder and decoder through ``torch.compile`` (the EMA copy of the UNet stays eager),
-    ``channels_last`` stores the UNet NHWC.
+    the frozen VAE's encoder and decoder through ``torch.compile`` (sampling too: the EMA weights are swapped
+    into the compiled UNet), ``channels_last`` stores the UNet NHWC.
     """
 
     def __init__(
