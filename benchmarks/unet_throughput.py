@@ -1,7 +1,7 @@
 """UNet training throughput: sdlight's UNetModel against diffusers' UNet2DConditionModel at equal architecture.
 
-    python benchmarks/unet_throughput.py --config tiny --batch 16 --iters 10            # CPU
-    python benchmarks/unet_throughput.py --config sd15 --batch 8 --device cuda --dtype bf16
+    python -m benchmarks.unet_throughput --config tiny --batch 16 --iters 10            # CPU
+    python -m benchmarks.unet_throughput --config sd15 --batch 8 --device cuda --dtype bf16
 
 Both networks get the same weights (ours converted with diffusers' own SD converter) and the same inputs; the
 script checks the outputs agree before timing forward+backward, and reports samples/s, the peak memory (CUDA),
@@ -14,35 +14,10 @@ import argparse
 import time
 
 import torch
-from omegaconf import OmegaConf
 
-from sdlight.nn.unet import UNetModel
+from benchmarks.common import build_unet, diffusers_unet
 
 PEAK_TFLOPS = {"bf16": {"H100": 989.0, "H200": 989.0, "A100": 312.0}, "fp32": {"H100": 67.0, "A100": 19.5}}
-
-
-def build(config: str) -> tuple[UNetModel, dict]:
-    import importlib.resources
-
-    text = importlib.resources.files("sdlight.conf").joinpath(f"model/unet/{config}.yaml").read_text()
-    cfg = OmegaConf.to_container(OmegaConf.create(text))
-    cfg.pop("_target_")
-    cfg["use_checkpoint"] = False
-    return UNetModel(**cfg), cfg
-
-
-def to_diffusers(ours: UNetModel, params: dict):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    # the VAE's ch_mult only tells diffusers the latent/pixel size ratio (8)
-    ldm = {"model": {"params": {"unet_config": {"params": params},
-                                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
-    sd = {f"model.diffusion_model.{k}": v for k, v in ours.state_dict().items()}
-    config = create_unet_diffusers_config_from_ldm(ldm, sd, image_size=params["image_size"] * 8)
-    theirs = UNet2DConditionModel(**config)
-    theirs.load_state_dict(convert_ldm_unet_checkpoint(sd, config), strict=True)
-    return theirs
 
 
 def timed(fn, iters: int, device: torch.device) -> float:
@@ -67,13 +42,9 @@ def main() -> None:
     ap.add_argument("--gpu-name", default="H100", help="for the MFU estimate")
     args = ap.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    ours, params = build(args.config)
-    with torch.no_grad():  # zero-initialised output layers would make the agreement check vacuous
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    ours, params = build_unet(args.config)  # randomised: zero-initialised layers would make the check vacuous
     size, ctx_dim = params["image_size"], params["context_dim"]
-    theirs = to_diffusers(ours, params)
+    theirs = diffusers_unet(ours, params)
     x = torch.randn(args.batch, ours.config["in_channels"], size, size, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     ctx = torch.randn(args.batch, 77, ctx_dim, device=device)

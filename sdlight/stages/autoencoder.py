@@ -12,7 +12,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
-from sdlight.stages.common import TrainingFlops, all_finite
+from sdlight.stages.common import TrainingFlops, all_finite, allow_retained_graphs, speed_up
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -52,6 +52,10 @@ class AutoencoderModule(L.LightningModule):
         init_from: a released SD VAE or one of our checkpoints to start from (see
             :func:`sdlight.checkpoints.load_autoencoder_weights`).
         max_nonfinite_steps: consecutive non-finite batches tolerated before raising ``FloatingPointError``.
+        compile: ``torch.compile`` the encoder and decoder (at setup, lazily at their first call).
+        channels_last: hold the autoencoder's weights NHWC.
+        gradient_checkpointing: recompute the encoder's and decoder's block activations in backward (less
+            memory at 256 px and up, more compute).
     """
 
     ddp_find_unused_parameters = True  # read by sdlight.train: D's step leaves the autoencoder without grads
@@ -68,6 +72,9 @@ class AutoencoderModule(L.LightningModule):
         num_log_images: int = 8,
         init_from: str | None = None,
         max_nonfinite_steps: int = 20,
+        compile: bool = False,
+        channels_last: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -77,6 +84,9 @@ class AutoencoderModule(L.LightningModule):
         for name, child in autoencoder.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "autoencoder", autoencoder)
+        autoencoder.set_gradient_checkpointing(gradient_checkpointing)
+        speed_up([autoencoder], channels_last=channels_last)
+        self.compile_autoencoder = compile  # at setup: each process compiles its own (ddp_spawn pickles the module)
         self.loss = loss
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer or optimizer
@@ -104,6 +114,11 @@ class AutoencoderModule(L.LightningModule):
     def flops_per_batch(self) -> int | None:
         """The autoencoder's training FLOPs per batch, once the first batch has run (ThroughputMonitor)."""
         return self._flops.value
+
+    def setup(self, stage: str) -> None:
+        if self.compile_autoencoder:
+            allow_retained_graphs()
+        speed_up([self.autoencoder.encoder, self.autoencoder.decoder], compile=self.compile_autoencoder)
 
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

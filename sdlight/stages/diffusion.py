@@ -19,7 +19,8 @@ from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss
                                training_target)
 from sdlight.diffusion.draw import draw
 from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, decay_groups,
-                                   silence_eval_mode_warning, swapped_weights, timestep_bucket_names, to_plain)
+                                   silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names,
+                                   to_plain)
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 
@@ -67,6 +68,10 @@ class LatentDiffusion(L.LightningModule):
 
     A batch whose loss is not finite (on any rank) is skipped: no backward, no EMA update; the skips are counted
     (``nonfinite_skips``, logged as ``train/nonfinite_skips``) and ``max_nonfinite_steps`` in a row raise.
+
+    Speed switches (see :func:`sdlight.stages.common.speed_up` and BENCHMARKS.md): ``compile`` runs the UNet and
+    the frozen VAE's encoder and decoder through ``torch.compile`` (sampling too: the EMA weights are swapped
+    into the compiled UNet), ``channels_last`` stores the UNet NHWC.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class LatentDiffusion(L.LightningModule):
         init_from: str | None = None,
         init_from_ema: bool = True,
         conditioners: Sequence[ConditionEncoder] | Mapping[str, ConditionEncoder] = (),
+        compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         if not 0 <= p_uncond <= 1:
@@ -126,6 +133,9 @@ class LatentDiffusion(L.LightningModule):
         if init_from:  # released SD weights (or another run's), loaded before the EMA copies them
             for line in load_pretrained(init_from, unet, self.first_stage_model, conditioner, init_from_ema):
                 log.info(line)
+        # before the EMA copies the UNet, so that both hold their weights in the same memory format
+        speed_up([self.model], channels_last=channels_last)
+        self.compile_unet = compile  # at setup: each process compiles its own (ddp_spawn pickles the module)
         trainable = [self.model] + [part for part in [conditioner.trainable_part()] if part is not None]
         # the averaged parts, unregistered (they are already submodules; registering twice duplicates keys)
         object.__setattr__(self, "_ema_parts", nn.ModuleList(trainable))
@@ -175,6 +185,9 @@ class LatentDiffusion(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        # the frozen VAE too: at 256 px its encoder costs more than the UNet's training step
+        speed_up([self.model.diffusion_model, self.first_stage_model.encoder, self.first_stage_model.decoder],
+                 compile=self.compile_unet)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         manifest = getattr(datamodule, "manifest", None)  # a latent cache's (sdlight.data.latents)
         if manifest is not None:

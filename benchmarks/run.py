@@ -1,0 +1,299 @@
+"""All CPU/GPU benchmarks against diffusers in one process, one table: sdlight's time per step over diffusers' at the
+same architecture and weights (below 1: sdlight is faster), A/B alternated, and the peak memory per sample.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.run                        # quickstart and mid size, CPU
+    OMP_NUM_THREADS=1 python -m benchmarks.run --sizes quickstart --rounds 3
+    python -m benchmarks.run --device cuda --dtype bf16
+
+Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers' converters for SD files):
+- ``unet``: UNet forward + backward + AdamW step on random latents and contexts.
+- ``vae``: one stage-1 batch: generator loss (L1 + LPIPS with a random-init VGG trunk + KL + PatchGAN with the
+  adaptive weight) and its step, then the discriminator's loss and step; the same loss module for both.
+- ``stage2``: one stage-2 step end to end: the next shapes batch, VAE encoding, text encoding (the same learned
+  text encoder), noising, eps loss, backward, AdamW step, EMA update (diffusers: ``EMAModel``).
+- ``ddim``: 50 DDIM steps with classifier-free guidance (scale 3, both branches in one batch) and decoding.
+
+The ``sdlight`` side uses the speed switches given (``--compile``, ``--channels-last``, ``--fused``); diffusers
+runs as its training scripts do (eager, default AdamW). Peak memory: CUDA's max allocated, or on a CPU the
+resident set's rise during the timed steps (sampled; an estimate), divided by the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, randomize_, rel_error
+
+SIZES = {
+    # the quickstart: 32 px shapes, kl_f4_tiny VAE (8x8x4 latents), the tiny UNet, the learned text encoder
+    "quickstart": dict(vae=dict(), unet=dict(), unet_batch=64, vae_batch=16, sample_batch=8),
+    # mid: 128 px through an f=8 VAE (16x16x4 latents), a 128-channel UNet with mult 1-2-4
+    "mid": dict(vae=dict(ch=64, ch_mult=[1, 2, 4, 4], resolution=128),
+                unet=dict(image_size=16, model_channels=128, channel_mult=[1, 2, 4], attention_resolutions=[2, 4],
+                          num_head_channels=64, context_dim=256),
+                unet_batch=8, vae_batch=4, sample_batch=4),
+}
+
+
+def our_switches(modules, opt_kwargs: dict, args) -> None:
+    for m in modules:
+        if args.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if args.compile:
+            m.compile(dynamic=False)  # as sdlight.stages.common.speed_up
+    if args.fused:
+        opt_kwargs["fused"] = True
+
+
+# --------------------------------------------------------------------------------------------------- unet step
+def bench_unet(size: dict, args, device: torch.device):
+    ours, params = build_unet(**size["unet"])
+    theirs = diffusers_unet(ours, params).to(device)
+    ours = ours.to(device)
+    b, g = size["unet_batch"], torch.Generator().manual_seed(1)
+    x = torch.randn(b, 4, params["image_size"], params["image_size"], generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    ctx = torch.randn(b, 77, params["context_dim"], generator=g).to(device)
+    with torch.no_grad():
+        err = rel_error(ours(x, t, context=ctx), theirs(x, t, encoder_hidden_states=ctx).sample)
+    kw: dict = {}
+    our_switches([ours], kw, args)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step(model, call, opt):
+        def run():
+            with autocast():
+                out = call(model)
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    return err, b, {
+        "sdlight": step(ours, lambda m: m(x, t, context=ctx), torch.optim.AdamW(ours.parameters(), 1e-4, **kw)),
+        "diffusers": step(theirs, lambda m: m(x, t, encoder_hidden_states=ctx).sample,
+                          torch.optim.AdamW(theirs.parameters(), 1e-4)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- vae step
+def bench_vae(size: dict, args, device: torch.device):
+    from sdlight.losses import LPIPS, AutoencoderLoss
+    from sdlight.nn.discriminator import NLayerDiscriminator
+    from sdlight.stages.common import allow_retained_graphs
+
+    ours, params = build_vae(**size["vae"])
+    theirs = diffusers_vae(ours, params).to(device)
+    ours = ours.to(device)
+    b, res = size["vae_batch"], params["resolution"]
+    x = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
+
+    def loss_module():
+        torch.manual_seed(0)  # the same discriminator and LPIPS for both sides
+        return AutoencoderLoss(NLayerDiscriminator(3, ndf=64, n_layers=3), partial(LPIPS, pretrained=False),
+                               perceptual_weight=1.0, disc_start=0, disc_warmup_steps=0).to(device)
+
+    with torch.no_grad():
+        err = rel_error(ours(x, sample_posterior=False)[0], theirs.decode(theirs.encode(x).latent_dist.mode()).sample)
+    kw: dict = {}
+    if args.compile:
+        allow_retained_graphs()  # as the stage does: the adaptive weight differentiates the decoder twice
+    our_switches([ours.encoder, ours.decoder], kw, args)
+
+    def step(encode_decode, model, last_layer, opt_kw):
+        loss = loss_module()
+        opt_g = torch.optim.Adam(list(model.parameters()) + list(loss.generator_parameters()), 4.5e-6, **opt_kw)
+        opt_d = torch.optim.Adam(loss.discriminator_parameters(), 4.5e-6, **opt_kw)
+
+        def run():
+            rec, post = encode_decode(x)
+            loss_g, _ = loss(x, rec, post, part="generator", global_step=1, last_layer=last_layer())
+            loss_g.backward()
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            loss_d, _ = loss(x, rec.detach(), post, part="discriminator", global_step=1)
+            loss_d.backward()
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        return run
+
+    def theirs_fn(img):
+        post = theirs.encode(img).latent_dist
+        return theirs.decode(post.sample()).sample, post
+
+    return err, b, {
+        "sdlight": step(lambda img: ours(img), ours, ours.get_last_layer, kw),
+        "diffusers": step(theirs_fn, theirs, lambda: theirs.decoder.conv_out.weight, {}),
+    }
+
+
+# ------------------------------------------------------------------------------------------- stage-2 end to end
+def latent_diffusion(size: dict, args, device: torch.device):
+    from sdlight.conditioning import LearnedTextEncoder
+    from sdlight.diffusion import NoiseSchedule
+    from sdlight.diffusion.samplers import sample_ddim
+    from sdlight.stages.diffusion import LatentDiffusion
+
+    unet, params = build_unet(**size["unet"])
+    vae, vae_params = build_vae(**size["vae"])
+    torch.manual_seed(0)
+    text = randomize_(LearnedTextEncoder(max_length=32, width=128, layers=2, heads=4,
+                                         context_dim=params["context_dim"]))
+    kw: dict = {}
+    if args.fused:
+        kw["fused"] = True
+    module = LatentDiffusion(unet=unet, schedule=NoiseSchedule.make("scaled_linear", 1000, 0.00085, 0.012),
+                             conditioning=text, first_stage=vae, optimizer=partial(torch.optim.AdamW, lr=1e-4, **kw),
+                             sampler=partial(sample_ddim, steps=50), scale_factor=0.5, ema_decay=0.9999,
+                             image_size=vae_params["resolution"], p_uncond=0.1, compile=args.compile,
+                             channels_last=args.channels_last).to(device)
+    module.setup("fit")
+    return module, params, vae_params
+
+
+def diffusers_side(module, params: dict, vae_params: dict, device: torch.device):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    theirs_unet = diffusers_unet(module.model.diffusion_model, params).to(device)
+    theirs_vae = diffusers_vae(module.first_stage_model, vae_params).to(device).requires_grad_(False)
+    text = copy.deepcopy(module.cond_stage_model)
+    sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, steps_offset=1, timestep_spacing="leading")
+    # sdlight's DDIM ends at alpha_bar = 1 (x0 itself)
+    return theirs_unet, theirs_vae, text, DDPMScheduler(**sched), DDIMScheduler(**sched, set_alpha_to_one=True)
+
+
+def bench_stage2(size: dict, args, device: torch.device):
+    from diffusers.training_utils import EMAModel
+
+    from sdlight.data.shapes import ShapesDataset
+
+    module, params, vae_params = latent_diffusion(size, args, device)
+    theirs_unet, theirs_vae, text, noise_sched, _ = diffusers_side(module, params, vae_params, device)
+    b = size["unet_batch"]
+    data = ShapesDataset("train", 100_000, image_size=vae_params["resolution"], seed=0)
+    ours_batches = iter(torch.utils.data.DataLoader(data, batch_size=b))
+    theirs_batches = iter(torch.utils.data.DataLoader(data, batch_size=b))
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    module.train()
+
+    def ours_step():
+        batch = next(ours_batches)
+        batch["image"] = batch["image"].to(device)
+        module.losses(batch, p_uncond=module.p_uncond)[0].mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        module.model_ema.update_parameters(module._ema_parts)
+
+    # as diffusers' train_text_to_image.py: AdamW over UNet and text encoder, EMAModel of the UNet
+    trained = list(theirs_unet.parameters()) + list(text.parameters())
+    theirs_opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.01)
+    ema = EMAModel(theirs_unet.parameters(), decay=0.9999)
+
+    def theirs_step():
+        batch = next(theirs_batches)
+        with torch.no_grad():
+            z = theirs_vae.encode(batch["image"].to(device)).latent_dist.sample() * 0.5
+        captions = [c if torch.rand(()) > 0.1 else "" for c in batch["text"]]
+        noise = torch.randn_like(z)
+        t = torch.randint(0, 1000, (z.shape[0],), device=device)
+        pred = theirs_unet(noise_sched.add_noise(z, noise, t), t, encoder_hidden_states=text(captions)).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+        theirs_opt.step()
+        theirs_opt.zero_grad(set_to_none=True)
+        ema.step(theirs_unet.parameters())
+
+    return float("nan"), b, {"sdlight": ours_step, "diffusers": theirs_step}
+
+
+# ------------------------------------------------------------------------------------------------ DDIM-50 + CFG
+def bench_ddim(size: dict, args, device: torch.device):
+    module, params, vae_params = latent_diffusion(size, args, device)
+    module.eval()
+    theirs_unet, theirs_vae, text, _, ddim = diffusers_side(module, params, vae_params, device)
+    b, scale = size["sample_batch"], 3.0
+    prompts = ["a red circle in the center on a white background"] * b
+    x_T = torch.randn(b, *module.latent_shape, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def ours():
+        return module.generate(prompts, steps=50, guidance_scale=scale, x_T=x_T, use_ema=False)
+
+    @torch.no_grad()
+    def theirs():
+        ctx = text(["" for _ in prompts] + prompts)
+        ddim.set_timesteps(50)
+        x = x_T.clone()
+        for t in ddim.timesteps:
+            eps_u, eps_c = theirs_unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+            x = ddim.step(eps_u + scale * (eps_c - eps_u), t, x).prev_sample
+        return theirs_vae.decode(x / 0.5).sample.clamp(-1, 1)
+
+    err = rel_error(ours(), theirs())
+    return err, b, {"sdlight": ours, "diffusers": theirs}
+
+
+BENCHES = {"unet": bench_unet, "vae": bench_vae, "stage2": bench_stage2, "ddim": bench_ddim}
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="quickstart,mid")
+    ap.add_argument("--benches", default=",".join(BENCHES))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (UNet step)")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--fused", action="store_true", help="fused AdamW / Adam")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    switches = [s for s in ("compile", "channels_last", "fused") if getattr(args, s)] or ["none"]
+    rows = []
+    for size_name in args.sizes.split(","):
+        for bench in args.benches.split(","):
+            torch._dynamo.reset()  # compiled code of the previous size would make dynamo try symbolic shapes
+            err, batch, steps = BENCHES[bench](SIZES[size_name], args, device)
+            res = alternate(steps, rounds=args.rounds, iters=args.iters, warmup=2 if args.compile else 1,
+                            device=device)
+            ours, theirs = res["sdlight"], res["diffusers"]
+            # paired by round: each ratio compares two runs seconds apart, under about the same load
+            ratios = sorted(a / b for a, b in zip(ours.seconds, theirs.seconds))
+            rows.append((size_name, bench, batch, 1000 * ours.median, 1000 * theirs.median,
+                         statistics.median(ratios), ratios[0], ratios[-1], ours.peak_bytes / batch / 2**20,
+                         theirs.peak_bytes / batch / 2**20, err))
+            print(f"{size_name} {bench}: {rows[-1][5]:.2f}x", flush=True)
+    print(f"\n{datetime.date.today()}, {machine(device)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), {args.dtype}, sdlight switches: {'+'.join(switches)}, "
+          f"{args.rounds} rounds x {args.iters} alternated\n")
+    print("| size | benchmark | batch | sdlight ms | diffusers ms | ratio (median of rounds) | range | "
+          "sdlight MiB/sample | diffusers MiB/sample | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | **{r[5]:.2f}x** | {r[6]:.2f}-{r[7]:.2f} | "
+              f"{r[8]:.1f} | {r[9]:.1f} | {'—' if r[10] != r[10] else f'{r[10]:.1e}'} |")
+
+
+if __name__ == "__main__":
+    main()

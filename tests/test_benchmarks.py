@@ -1,0 +1,33 @@
+"""The GPU suite degrades to a message without a GPU, and its code runs end to end on a CPU at a tiny size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_without_a_gpu_says_so_and_exits_0(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "--out", str(tmp_path / "r.md")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "No CUDA device visible" in out.stdout
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_gpu_suite_runs_its_measurements_on_a_cpu_at_a_tiny_size(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import gpu
+
+    out = tmp_path / "r.md"
+    assert gpu.main(["--device", "cpu", "--configs", "tiny", "--resolutions", "64", "--warmup", "1", "--iters", "1",
+                     "--sample-steps", "2", "--sample-batch", "1", "--budget", "0", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| tiny (4 M) | 64² | eager | 2 |" in table
+    assert "| tiny | 64² | 1 |" in table
+    # compiled runs come after the budget check: none fits in a budget of 0 s, and the table says so
+    assert "| tiny | 64² | compiled | — | skipped: time budget" in table
