@@ -52,6 +52,31 @@ def _callback(callback: Callback | None, i: int, sigma_next: float, schedule: No
 
 
 @torch.no_grad()
+def sample_euler(
+    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
+    spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
+    generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
+) -> Tensor:
+    """Euler on the probability-flow ODE in sigma space (Karras et al., 2022), as diffusers' EulerDiscrete.
+
+    The step ``x_ve += (x_ve - x0_hat) / sigma * (sigma_next - sigma)`` acts on ``x_ve = x * sqrt(1 + sigma^2)``;
+    it is applied here in the variance-preserving scale, which keeps float32 accurate where sigma is in the
+    thousands (zero terminal SNR). On the ``timesteps`` grid of a schedule with finite terminal SNR it coincides
+    with DDIM at eta = 0.
+    """
+    dtype = x.dtype
+    sigmas, ts, x = _grid_start(x, schedule, steps, spacing, grid, strength, generator, round_t=False)
+    d_x0 = x0_denoiser(denoise, prediction_type)
+    for i in progress_bar(range(len(ts)), progress, len(ts)):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0 = d_x0(x, s, ts[i])
+        r, c, c_next = s_next / s, math.sqrt(1 + s**2), math.sqrt(1 + s_next**2)
+        x = (r * c / c_next) * x + ((1 - r) / c_next) * x0
+        x = _callback(callback, i, s_next, schedule, x)
+    return x.to(dtype)
+
+
+@torch.no_grad()
 def sample_heun(
     denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 25, prediction_type: str = "eps",
     spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,

@@ -23,8 +23,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun, sample_unipc
-from .grids import SPACINGS, finite_terminal, make_timesteps
+from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_heun, sample_unipc
+from .grids import SPACINGS, make_timesteps
 from .process import q_sample, to_x0_eps
 from .sampling_utils import Callback, Denoiser, after_step, progress_bar, randn_like
 from .schedules import NoiseSchedule
@@ -107,33 +107,6 @@ def sample_ddim(
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * randn_like(x, generator)
-        x = after_step(callback, i, t_next, x)
-    return x.to(dtype)
-
-
-@torch.no_grad()
-def sample_euler(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
-    spacing: str = "leading", strength: float = 1.0, generator: torch.Generator | None = None,
-    callback: Callback | None = None, progress: bool = False,
-) -> Tensor:
-    """Euler on the probability-flow ODE in sigma space (Karras et al., 2022), as diffusers' EulerDiscrete.
-
-    The step ``x_ve += (x_ve - x0_hat) / sigma * (sigma_next - sigma)`` acts on ``x_ve = x * sqrt(1 + sigma^2)``;
-    it is applied here in the variance-preserving scale with float64 coefficients, which keeps float32 accurate
-    where sigma is in the thousands (zero terminal SNR). On a schedule with finite terminal SNR it coincides with
-    DDIM at eta = 0.
-    """
-    dtype = x.dtype
-    schedule = finite_terminal(schedule)
-    ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    for i in progress_bar(range(len(ts)), progress, len(ts)):
-        t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-        s = float(schedule.sigmas[t])
-        s_next = 0.0 if t_next < 0 else float(schedule.sigmas[t_next])
-        x0, _ = _call(denoise, x, t, schedule, prediction_type)
-        r, c, c_next = s_next / s, math.sqrt(1 + s**2), math.sqrt(1 + s_next**2)
-        x = (r * c / c_next) * x + ((1 - r) / c_next) * x0
         x = after_step(callback, i, t_next, x)
     return x.to(dtype)
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
 from sdlight.diffusion import SAMPLERS, inpaint_callback, make_sigmas, nearest_timestep, sigma_to_t
-from sdlight.diffusion.grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_heun
+from sdlight.diffusion.grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_heun
 from tests.diffusion.test_samplers import SHAPE, T, ToyDenoiser, _close, _hf_kwargs, _noise, _record, _schedule
 
 
@@ -46,6 +46,27 @@ def test_sigma_grids_match_diffusers(grid, zero_snr):
     assert nearest_timestep(0.0, _schedule()) == -1
     assert nearest_timestep(float(_schedule().sigmas[417]), _schedule()) == 417
     assert float(sigma_to_t(_schedule().sigmas[[5, 900]], _schedule())[1]) == pytest.approx(900)
+
+
+@pytest.mark.parametrize("pred", ["eps", "v"])
+@pytest.mark.parametrize("grid", ["karras", "exponential"])
+def test_euler_on_sigma_grids_matches_diffusers(pred, grid):
+    model, x = FloatToy(), _noise()
+    hf = EulerDiscreteScheduler(**_hf_kwargs(pred), timestep_spacing="linspace",
+                                use_karras_sigmas=grid == "karras", use_exponential_sigmas=grid == "exponential")
+    hf.set_timesteps(10)
+    ref = _hf_loop(hf, model, x * math.sqrt(1 + hf.sigmas[0].item() ** 2))
+    ref = [r / math.sqrt(1 + s**2) for r, s in zip(ref, hf.sigmas[1:].tolist())]  # to the variance-preserving scale
+    hf_ts = list(model.ts)
+    model.ts.clear()
+    states, cb = _record()
+    out = sample_euler(model, x.clone(), _schedule(), steps=10, prediction_type=pred, spacing="linspace", grid=grid,
+                       callback=cb)
+    assert model.ts == pytest.approx(hf_ts, abs=5e-3)  # the same 10 calls, between training timesteps
+    assert len(states) == len(ref) == 10 and states[-1][0] == -1
+    for (_, a), b in zip(states, ref):
+        _close(a, b)
+    _close(out, ref[-1])
 
 
 @pytest.mark.parametrize("pred", ["eps", "v"])
