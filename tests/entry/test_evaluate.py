@@ -192,7 +192,7 @@ def test_unknown_metric_or_sampler_is_a_clear_error(ckpts):
         evaluate(ckpts[0], ["fidd", "adherence"])
     with pytest.raises(ValueError, match="sampler=heun3: unknown; choose one of ddim"):
         evaluate(ckpts[0], ["adherence"], sampler="heun3")
-    assert set(METRICS) == {"fid", "kid", "clip_score", "adherence"}
+    assert set(METRICS) == {"fid", "kid", "clip_score", "adherence", "digits"}
 
 
 @pytest.mark.parametrize("metric, missing", [("fid", "pt_inception-2015-12-05"), ("kid", "pt_inception"),
