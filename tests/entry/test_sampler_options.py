@@ -30,7 +30,7 @@ def test_resolve_sampler_options_names_the_wrong_option_and_the_right_ones():
     assert resolve_sampler_options("ddim", SAMPLERS["ddim"], None, eta=0.3) == {"eta": 0.3}
     with pytest.raises(UsageError) as err:
         resolve_sampler_options("euler", SAMPLERS["euler"], {"eta": 0.5})
-    assert str(err.value) == "sampler_options.eta: sampler euler has no such option; its options: spacing"
+    assert str(err.value) == "sampler_options.eta: sampler euler has no such option; its options: spacing, grid"
     assert "\n" not in str(err.value)
     with pytest.raises(UsageError, match="s_churn, s_tmin, s_tmax, s_noise"):
         resolve_sampler_options("heun", SAMPLERS["heun"], {"churn": 1.0})
