@@ -13,10 +13,10 @@ from sdlight.train import train
 
 pytestmark = pytest.mark.slow
 
-# The quickstart LDM as configured (1,252 batches) on the quickstart VAE. Measured (192 val captions, 25 DDIM
-# steps, guidance 3): colour 98 %, background 100 %, position 100 %, shape 59 %, all four right 59 % (chance
-# 17 / 33 / 11 / 25 / 0.15 %). The thresholds leave room for seeds and platforms and sit far above chance; shape is
-# capped by the VAE (its reconstructions read 52 % right on shape: BENCHMARKS.md). ~16 min on 2 idle CPU cores.
+# The quickstart LDM as configured (1,252 batches) on the quickstart VAE. Measured in two runs (192 val captions,
+# 25 DDIM steps, guidance 3): colour 98-99 %, background 100 %, position 100 %, shape 59-65 %, all four 59-64 %
+# (chance 17 / 33 / 11 / 25 / 0.15 %). The thresholds leave room for seeds and platforms and sit far above chance
+# (BENCHMARKS.md, "Quickstart adherence probes"). ~9 min on 2 idle CPU cores.
 THRESHOLDS = {"colour": 0.85, "background": 0.95, "position": 0.8, "shape": 0.4, "all": 0.35}
 
 
