@@ -19,15 +19,16 @@ import torch.nn.functional as F
 
 from sdlight.callbacks.adherence import score_scene
 from sdlight.checkpoints import load_autoencoder
-from sdlight.data.shapes import ShapesDataset, describe
+from sdlight.data.shapes import Scene, ShapesDataset, describe
 
 ATTRIBUTES = ("colour", "shape", "position", "background")
 
 
-def rates(dataset: ShapesDataset, images: torch.Tensor) -> dict[str, float]:
+def rates(dataset: ShapesDataset, found: list[Scene]) -> dict[str, float]:
+    """Attribute rates of the scenes read from images ``0..n`` of ``dataset``."""
     counts = Counter()
-    for i, image in enumerate(images):
-        counts.update(score_scene(dataset.scene(i), describe(image)))
+    for i, scene in enumerate(found):
+        counts.update(score_scene(dataset.scene(i), scene))
     return {name: counts[name] / counts["shapes" if name != "background" else "images"] for name in ATTRIBUTES}
 
 
@@ -47,11 +48,12 @@ def main() -> None:
                             scale_factor=2, mode="bilinear")
     print(f"{args.ckpt}: {args.num} val images, latents {tuple(vae.encode(real[:1]).mode().shape[1:])}")
     print(f"{'images':<16}" + "".join(f"{a:>12}" for a in ATTRIBUTES))
-    for name, images in (("true", real), ("reconstructed", recon), ("blurred 2x", blurred)):
-        print(f"{name:<16}" + "".join(f"{r:>11.0%} " for r in rates(dataset, images).values()))
-    read = [describe(image).shapes for image in recon]
-    confusion = Counter((dataset.scene(i).shapes[0].shape, found[0].shape if found else "none")
-                        for i, found in enumerate(read))
+    read = {name: [describe(image) for image in images]
+            for name, images in (("true", real), ("reconstructed", recon), ("blurred 2x", blurred))}
+    for name, found in read.items():
+        print(f"{name:<16}" + "".join(f"{r:>11.0%} " for r in rates(dataset, found).values()))
+    confusion = Counter((dataset.scene(i).shapes[0].shape, scene.shapes[0].shape if scene.shapes else "none")
+                        for i, scene in enumerate(read["reconstructed"]))
     print("reconstructed shapes (true -> read):",
           ", ".join(f"{t}->{f} {n}" for (t, f), n in sorted(confusion.items())))
 

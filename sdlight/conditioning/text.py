@@ -215,7 +215,6 @@ class LearnedTextEncoder(TextEncoder):
         return self.encode_tokens(tokens.to(device), lengths.to(device))
 
 
-
 class OpenCLIPTextEncoder(TextEncoder):
     """Frozen open_clip text tower → per-token embeddings from its last or penultimate block, after ``ln_final``.
 
@@ -297,7 +296,6 @@ class OpenCLIPTextEncoder(TextEncoder):
     def forward(self, values: str | Sequence[str]) -> Tensor:
         tokens, _ = self.tokenizer(as_text_list(values))
         return self.encode_tokens(tokens.to(self.tower.token_embedding.weight.device))
-
 
 
 def text_tower(model: nn.Module) -> nn.Module:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sdlight.data.base import ImageDataModule
+from sdlight.data.digit_oracle import render_scans
 from sdlight.data.shapes import NUM_CLASSES, ShapesDataset, attribute_vocab_sizes
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -62,11 +62,7 @@ class DigitsDataModule(ImageDataModule):
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
         digits = load_digits()
-        # pixel values are 0..16 with ink high; paper-white background as 1 like a scanned page
-        x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = (1.0 - x.clamp(0, 1)) * 2 - 1
-        x = x.expand(-1, 3, -1, -1).contiguous()
+        x = render_scans(digits.images, self.image_size)
         y = torch.from_numpy(digits.target.astype(np.int64))
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         n_val = int(round(len(y) * self.val_fraction))

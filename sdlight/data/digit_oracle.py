@@ -29,10 +29,11 @@ def ink_features(images: Tensor) -> np.ndarray:
 
 
 def render_scans(scans: np.ndarray, image_size: int) -> Tensor:
-    """8x8 scans (0..16, ink high) → ``(B, 3, N, N)`` images in [-1, 1], exactly as the digits datamodule makes them."""
+    """8x8 scans (0..16, ink high; ``(B, 8, 8)`` or ``(B, 64)``) → ``(B, 3, N, N)`` RGB images in [-1, 1]: resized
+    bilinearly, paper white (1) and ink dark, as the digits datamodule serves them."""
     x = torch.from_numpy(scans.astype(np.float32) / 16.0).reshape(-1, 1, SCAN_SIZE, SCAN_SIZE)
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return ((1.0 - x.clamp(0, 1)) * 2 - 1).expand(-1, 3, -1, -1)
+    return ((1.0 - x.clamp(0, 1)) * 2 - 1).expand(-1, 3, -1, -1).contiguous()
 
 
 @dataclass
