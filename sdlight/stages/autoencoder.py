@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -12,11 +14,12 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
-from sdlight.stages.common import TrainingFlops, all_finite, allow_retained_graphs, speed_up
+from sdlight.stages.common import TrainingFlops, all_finite, allow_retained_graphs, build_scheduler, speed_up
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class AutoencoderModule(L.LightningModule):
@@ -44,6 +47,9 @@ class AutoencoderModule(L.LightningModule):
             ``discriminator_parameters()``, optionally ``generator_parameters()`` and ``perceptual_loss``).
         optimizer, disc_optimizer: factories ``params -> Optimizer`` (Hydra ``_partial_``) for the generator
             (autoencoder + learnable logvar) and the discriminator; the latter defaults to the former.
+        lr_scheduler: a factory ``optimizer -> LRScheduler`` (e.g. ``sdlight.optim.warmup_cosine``) applied to
+            both optimizers and stepped at every optimizer-step boundary, the discriminator's included before
+            ``disc_start``, so both follow the run's batches; None: constant learning rates.
         gradient_clip_val: clip each optimizer's gradient norm to this value before it steps (None: no clipping).
         accumulate_grad_batches: batches whose gradients are summed (each loss divided by this) per step.
         image_log_every_n_steps: log a grid of inputs / reconstructions / prior samples every this many training
@@ -66,6 +72,7 @@ class AutoencoderModule(L.LightningModule):
         loss: nn.Module,
         optimizer: OptimizerFactory,
         disc_optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
         gradient_clip_val: float | None = None,
         accumulate_grad_batches: int = 1,
         image_log_every_n_steps: int = 500,
@@ -90,6 +97,7 @@ class AutoencoderModule(L.LightningModule):
         self.loss = loss
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer or optimizer
+        self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
         self.accumulate_grad_batches = accumulate_grad_batches
         self.image_log_every_n_steps = image_log_every_n_steps
@@ -127,7 +135,10 @@ class AutoencoderModule(L.LightningModule):
             gen_params += list(self.loss.generator_parameters())
         opt_g = self.optimizer_factory(gen_params)
         opt_d = self.disc_optimizer_factory(self.loss.discriminator_parameters())
-        return [opt_g, opt_d]
+        if self.lr_scheduler_factory is None:
+            return [opt_g, opt_d]
+        steps = math.ceil(self.trainer.estimated_stepping_batches / self.accumulate_grad_batches)
+        return [opt_g, opt_d], [build_scheduler(self.lr_scheduler_factory, opt, steps) for opt in (opt_g, opt_d)]
 
     def _step(self, optimizer, loss: torch.Tensor, boundary: bool) -> None:
         self.manual_backward(loss / self.accumulate_grad_batches)
@@ -166,6 +177,11 @@ class AutoencoderModule(L.LightningModule):
             self._step(opt_g, loss_g, boundary)
             if train_disc:
                 self._step(opt_d, loss_d, boundary)
+        if boundary and self.lr_scheduler_factory is not None:
+            with warnings.catch_warnings():  # D's optimizer has not stepped before disc_start: by design
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                for scheduler in self.lr_schedulers():
+                    scheduler.step()
         self.batches += 1
         n = x.shape[0]
         self.log_dict({**log_g, **log_d}, prog_bar=False, sync_dist=False, batch_size=n)

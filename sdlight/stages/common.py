@@ -1,10 +1,11 @@
 """Pieces the stage modules share: the rank-agreed finiteness check of their NaN guards, the warm-up EMA update
 of the latent diffusion model and the swap of its weights, config values made plain for weights-only checkpoints,
-FLOPs counting and the names of the per-timestep validation losses."""
+FLOPs counting, the names of the per-timestep validation losses and the LR schedules' run length."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -178,3 +179,17 @@ def allow_retained_graphs() -> None:
     import torch._functorch.config
 
     torch._functorch.config.donated_buffer = False
+
+
+def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimizer, total_steps: int | float) -> Any:
+    """``factory(optimizer)``, with ``total_steps`` passed when the factory takes it and left it unset (``None``):
+    a decay that ends with the run follows ``max_epochs`` / ``max_steps`` overrides without a second setting."""
+    try:
+        param = inspect.signature(factory).parameters.get("total_steps")
+    except (TypeError, ValueError):  # builtins without a signature
+        param = None
+    if param is not None and param.default is None:
+        if not math.isfinite(total_steps):
+            raise ValueError("the LR schedule needs the run's length: set trainer.max_steps or trainer.max_epochs")
+        return factory(optimizer, total_steps=int(total_steps))
+    return factory(optimizer)

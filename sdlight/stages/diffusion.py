@@ -18,7 +18,7 @@ from sdlight.conditioning import ConditionEncoder, Conditioner
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
 from sdlight.diffusion.draw import draw
-from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, decay_groups,
+from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, build_scheduler, decay_groups,
                                    silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names,
                                    to_plain)
 from sdlight.stages.images import log_sample_grid
@@ -271,7 +271,9 @@ class LatentDiffusion(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+                "lr_scheduler": {"scheduler": build_scheduler(self.lr_scheduler_factory, optimizer,
+                                                              self.trainer.estimated_stepping_batches),
+                                 "interval": "step"}}
 
     def losses(self, batch: dict[str, Any], *, t: Tensor | None = None, noise: Tensor | None = None,
                generator: torch.Generator | None = None, p_uncond: float | None = None) -> tuple[Tensor, Tensor]:

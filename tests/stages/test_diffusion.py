@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue
 from sdlight.checkpoints import CheckpointError, load_autoencoder, load_first_stage
 from sdlight.data.shapes import ShapesDataset
 from sdlight.diffusion.samplers import sample_ddim
+from sdlight.optim import warmup_cosine
 from sdlight.stages.diffusion import SCALE_FACTOR_SEED, LatentDiffusion, timestep_bucket_names
 from sdlight.train import train
 
@@ -405,6 +406,14 @@ def test_ema_equals_closed_form_warmup_average(tmp_path, accumulate):
         torch.testing.assert_close(g.double(), e.to(g.dtype).double(), rtol=1e-5, atol=1e-7)
     live = live_tensors(module)
     assert max((g - w).abs().max() for g, w in zip(got, live) if g.is_floating_point()) > 1e-3
+
+
+def test_cosine_schedule_spans_the_run(tmp_path):
+    module = tiny_ldm("text", lr_scheduler=partial(warmup_cosine, warmup_steps=1))
+    tiny_trainer(tmp_path, max_epochs=2).fit(module, shapes_loader(12, 4))  # 6 optimizer steps
+    scheduler = module.lr_schedulers()
+    assert scheduler.lr_lambdas[0].total_steps == 6 and scheduler.last_epoch == 6
+    assert module.optimizers().param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to the end
 
 
 def test_validation_and_generate_use_ema_and_restore_live_weights(tmp_path):
