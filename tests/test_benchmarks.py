@@ -1,4 +1,5 @@
-"""The GPU suite degrades to a message without a GPU, and its code runs end to end on a CPU at a tiny size."""
+"""The GPU suite degrades to a message without a GPU, and its code runs end to end on a CPU at a tiny size; the
+quickstart trade-off plot reads its committed points."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,3 +34,18 @@ def test_gpu_suite_runs_its_measurements_on_a_cpu_at_a_tiny_size(tmp_path, monke
     assert "| tiny | 64² | 1 |" in table
     # compiled runs come after the budget check: none fits in a budget of 0 s, and the table says so
     assert "| tiny | 64² | compiled | — | skipped: time budget" in table
+
+
+def test_quickstart_tradeoff_plots_the_committed_points(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import quickstart_tradeoff as tradeoff
+
+    points = tradeoff.read_points(ROOT / "benchmarks/quickstart_tradeoff.csv")
+    assert sum(p["quickstart"] for p in points) == 1  # the stock configuration's point is marked once
+    assert all(0 < p["minutes"] and 0 <= p["shape"] <= 100 and 0 <= p["all"] <= p["shape"] for p in points)
+    image = tradeoff.plot(points)
+    assert image.size == (800, 420) and len(image.getcolors(1 << 16)) > 3  # drawn, not blank
+    empty = tmp_path / "empty.csv"
+    empty.write_text("label,minutes,shape,all\n")
+    with pytest.raises(ValueError, match="no points"):
+        tradeoff.read_points(empty)

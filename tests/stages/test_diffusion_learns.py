@@ -13,16 +13,19 @@ from sdlight.train import train
 
 pytestmark = pytest.mark.slow
 
-# The quickstart LDM as configured (1,252 batches) on the quickstart VAE. Measured in two runs (192 val captions,
-# 25 DDIM steps, guidance 3): colour 98-99 %, background 100 %, position 100 %, shape 59-65 %, all four 59-64 %
-# (chance 17 / 33 / 11 / 25 / 0.15 %). The thresholds leave room for seeds and platforms and sit far above chance
-# (BENCHMARKS.md, "Quickstart adherence probes"). ~9 min on 2 idle CPU cores.
-THRESHOLDS = {"colour": 0.85, "background": 0.95, "position": 0.8, "shape": 0.4, "all": 0.35}
+# The quickstart as configured: the VAE (3,200 batches of 8) and the LDM on it (1,200 batches of 64, cosine LR).
+# 192 val captions, 25 DDIM steps, guidance 3. `make quickstart` (2026-11-30): colour 100 %, background 100 %,
+# position 100 %, shape 81 %, all four 81 %. This test's run of the same configs (it logs no images, so its runs
+# draw other random numbers): its VAE reached 26.9 dB instead of 30.2 and reconstructs shape 70 % right instead of
+# 95 %, and the LDM scored 99.5 / 100 / 100 / 69.8 / 69.3 %. Shape at this budget depends on the random stream by
+# ~10 points through the VAE (BENCHMARKS.md, "Quickstart: adherence against training time"), so its threshold sits
+# under both runs and far above chance (17 / 33 / 11 / 25 / 0.15 %). ~10 min on 2 idle CPU cores.
+THRESHOLDS = {"colour": 0.9, "background": 0.95, "position": 0.9, "shape": 0.6, "all": 0.6}
 
 
 def test_quickstart_ldm_follows_its_prompts(train_cfg, tmp_path):
-    """Samples for val captions show the prompted colour, background and position (and, less often, shape) far
-    more often than chance."""
+    """Samples for val captions show the prompted colour, background, position and shape far more often than
+    chance."""
     vae_cfg = train_cfg(["+experiment=quickstart_vae", "logger=csv", "callbacks=none",
                          "model.image_log_every_n_steps=0"])
     vae_metrics, vae = train(vae_cfg)
