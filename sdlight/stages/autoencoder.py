@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -14,12 +14,11 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
-from sdlight.stages.common import TrainingFlops, all_finite, allow_retained_graphs, build_scheduler, speed_up
+from sdlight.stages.common import (OptimizerFactory, SchedulerFactory, TrainingFlops, all_finite, allow_retained_graphs,
+                                   build_scheduler, speed_up)
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class AutoencoderModule(L.LightningModule):

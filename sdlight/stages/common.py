@@ -17,6 +17,11 @@ import torch
 from torch import Tensor, nn
 
 
+# Hydra ``_partial_`` factories the stage modules take: ``params -> Optimizer`` and ``optimizer -> LRScheduler``
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
 def to_plain(value: Any) -> Any:
     """Config containers (OmegaConf's included) as plain dicts / lists, for weights-only checkpoints."""
     if isinstance(value, Mapping):

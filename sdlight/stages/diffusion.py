@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -18,15 +18,13 @@ from sdlight.conditioning import ConditionEncoder, Conditioner
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
 from sdlight.diffusion.draw import draw
-from sdlight.stages.common import (HeldWeights, TrainingFlops, WarmupEMA, all_finite, build_scheduler, decay_groups,
-                                   silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names,
-                                   to_plain)
+from sdlight.stages.common import (HeldWeights, OptimizerFactory, SchedulerFactory, TrainingFlops, WarmupEMA,
+                                   all_finite, build_scheduler, decay_groups, silence_eval_mode_warning, speed_up,
+                                   swapped_weights, timestep_bucket_names, to_plain)
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 
 log = logging.getLogger("sdlight")
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 SCALE_FACTOR_SEED = 0  # posterior samples of the scale-factor estimate: the same value on every run
 
 
