@@ -21,6 +21,8 @@ from einops import rearrange
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
+from sdlight.nn.linear import Linear
+
 from .base import ConditionEncoder, as_text_list
 
 
@@ -88,8 +90,8 @@ class SelfAttention(nn.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out_proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
@@ -107,9 +109,9 @@ class TransformerBlock(nn.Module):
         self.attn = SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("c_fc", Linear(width, hidden))
         self.mlp.add_module("gelu", nn.GELU())
-        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+        self.mlp.add_module("c_proj", Linear(hidden, width))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), mask)
@@ -173,7 +175,7 @@ class LearnedTextEncoder(TextEncoder):
         self.positional_embedding = nn.Parameter(torch.empty(max_length, width))
         self.resblocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, context_dim) if context_dim is not None and context_dim != width else None
+        self.proj = Linear(width, context_dim) if context_dim is not None and context_dim != width else None
         self.context_dim = context_dim if context_dim is not None else width
         self._init_weights(width, layers)
 

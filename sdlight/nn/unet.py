@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sdlight.nn.attention import SpatialTransformer
+from sdlight.nn.linear import Linear
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -126,7 +127,7 @@ class ResBlock(nn.Module):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+            nn.SiLU(), Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
@@ -310,20 +311,20 @@ class UNetModel(nn.Module):
         disabled = list(disable_self_attentions) if disable_self_attentions is not None else [False] * levels
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            Linear(model_channels, time_embed_dim), nn.SiLU(), Linear(time_embed_dim, time_embed_dim)
         )
         if num_classes is not None:
             if isinstance(num_classes, int):
                 self.label_emb = nn.Embedding(num_classes, time_embed_dim)
             elif num_classes == "continuous":
-                self.label_emb = nn.Linear(1, time_embed_dim)
+                self.label_emb = Linear(1, time_embed_dim)
             elif num_classes == "sequential":
                 if adm_in_channels is None:
                     raise ValueError("num_classes='sequential' needs adm_in_channels")
                 self.label_emb = nn.Sequential(
                     nn.Sequential(
-                        nn.Linear(adm_in_channels, time_embed_dim), nn.SiLU(),
-                        nn.Linear(time_embed_dim, time_embed_dim),
+                        Linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                        Linear(time_embed_dim, time_embed_dim),
                     )
                 )
             else:

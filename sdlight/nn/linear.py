@@ -1,0 +1,93 @@
+"""``nn.Linear`` that runs on oneDNN's matmul on the CPU.
+
+A float32 ``F.linear`` on the CPU goes to MKL's sgemm. On AMD processors MKL takes its AVX2 code path and reaches
+about half of what the cores can do; oneDNN (the library that already runs PyTorch's CPU convolutions) uses
+AVX-512 there: forward + backward of the UNet's linear layers in ~half the time (BENCHMARKS.md, "oneDNN linear").
+The math is the same float32 matmul in another summation order (~1e-7 relative).
+
+The oneDNN path is taken only where it is the same computation: float32 CPU tensors, outside CPU autocast and
+``torch.compile`` (inductor picks its own kernels). Everywhere else — CUDA, half precision, tensor subclasses —
+it is plain ``F.linear``. ``SDLIGHT_ONEDNN_LINEAR=0`` or :func:`set_onednn_linear` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_enabled = os.environ.get("SDLIGHT_ONEDNN_LINEAR", "1") != "0"
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def set_onednn_linear(enabled: bool) -> bool:
+    """Turn the oneDNN CPU path on or off for every :class:`Linear`; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def onednn_linear_active() -> bool:
+    """Whether :class:`Linear` layers take oneDNN's matmul for float32 CPU inputs (enabled and available)."""
+    return _enabled and _ONEDNN
+
+
+def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ weight (N, K)^T + bias; both may be transposed views (oneDNN reads strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _matmul(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable  # a double backward (create_graph=True) gets a clear error, not a wrong gradient
+    def backward(ctx, grad: Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # dL/dx = g W: a linear layer with weight W^T
+            grad_x = _matmul(g2, weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            # dL/dW = g^T x. oneDNN copies a transposed *input* (not a transposed weight), so the smaller of g and
+            # x goes in as the input: W^T's product (x^T g) when x is the narrower one.
+            if x2.shape[1] <= g2.shape[1]:
+                grad_w = _matmul(x2.t().contiguous(), g2.t(), None).t()
+            else:
+                grad_w = _matmul(g2.t().contiguous(), x2.t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (
+        _enabled and _ONEDNN
+        and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+        and type(x) in _PLAIN and type(weight) in _PLAIN and x.layout == torch.strided and x.numel() > 0
+        and (bias is None or (bias.dtype == torch.float32 and type(bias) in _PLAIN))
+        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, through oneDNN's matmul for float32 CPU tensors (see the module docstring)."""
+    if _takes_onednn(x, weight, bias):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose float32 CPU forward runs on oneDNN."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
