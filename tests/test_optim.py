@@ -63,3 +63,42 @@ def test_build_scheduler_fills_in_the_run_length_only_where_unset():
     assert isinstance(other, torch.optim.lr_scheduler.LinearLR)
     with pytest.raises(ValueError, match="max_steps"):
         build_scheduler(partial(warmup_cosine), optimizer(1.0), float("inf"))
+
+
+# ------------------------------------------------------------------------------------ the optimizers' CPU kernel
+def _params(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(7, 5, dtype=dtype)), torch.nn.Parameter(torch.randn(5, dtype=dtype))]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_build_optimizer_fuses_adam_left_at_torchs_choice_on_the_cpu(cls):
+    from sdlight.stages.common import build_optimizer
+
+    params = _params()
+    groups = [{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}]
+    fused = build_optimizer(partial(cls, lr=1e-2, foreach=None, fused=None), iter(groups))  # an iterator, too
+    assert fused.defaults["fused"] is True and len(fused.param_groups) == 2
+    # the fused kernel takes the same step as torch's per-parameter loop
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loop = cls([{"params": twins[:1]}, {"params": twins[1:], "weight_decay": 0.0}], lr=1e-2, foreach=False)
+    for opt, ps in ((fused, params), (loop, twins)):
+        for step in range(3):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (step + 1)) + p.detach()
+            opt.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory, dtype", [
+    (partial(torch.optim.AdamW, lr=1e-3, fused=False), torch.float32),  # an explicit choice stands
+    (partial(torch.optim.AdamW, lr=1e-3, foreach=True), torch.float32),
+    (partial(torch.optim.AdamW, lr=1e-3), torch.float64),  # fused only where it was measured
+    (partial(torch.optim.SGD, lr=1e-3), torch.float32),
+])
+def test_build_optimizer_leaves_other_choices_alone(factory, dtype):
+    from sdlight.stages.common import build_optimizer
+
+    opt = build_optimizer(factory, _params(dtype))
+    assert not opt.defaults.get("fused")

@@ -15,7 +15,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.stages.common import (OptimizerFactory, SchedulerFactory, TrainingFlops, all_finite, allow_retained_graphs,
-                                   build_scheduler, speed_up)
+                                   build_optimizer, build_scheduler, speed_up)
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -132,8 +132,8 @@ class AutoencoderModule(L.LightningModule):
         gen_params = list(self.autoencoder.parameters())
         if hasattr(self.loss, "generator_parameters"):
             gen_params += list(self.loss.generator_parameters())
-        opt_g = self.optimizer_factory(gen_params)
-        opt_d = self.disc_optimizer_factory(self.loss.discriminator_parameters())
+        opt_g = build_optimizer(self.optimizer_factory, gen_params)
+        opt_d = build_optimizer(self.disc_optimizer_factory, self.loss.discriminator_parameters())
         if self.lr_scheduler_factory is None:
             return [opt_g, opt_d]
         steps = math.ceil(self.trainer.estimated_stepping_batches / self.accumulate_grad_batches)

@@ -19,8 +19,8 @@ from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss
                                training_target)
 from sdlight.diffusion.draw import draw
 from sdlight.stages.common import (HeldWeights, OptimizerFactory, SchedulerFactory, TrainingFlops, WarmupEMA,
-                                   all_finite, build_scheduler, decay_groups, silence_eval_mode_warning, speed_up,
-                                   swapped_weights, timestep_bucket_names, to_plain)
+                                   all_finite, build_optimizer, build_scheduler, decay_groups,
+                                   silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names, to_plain)
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 
@@ -265,7 +265,7 @@ class LatentDiffusion(L.LightningModule):
     # -------------------------------------------------------------------------------------------- training
     def configure_optimizers(self):
         # frozen parts and the EMA copy excluded; no weight decay on biases, norms and embeddings
-        optimizer = self.optimizer_factory(decay_groups(self))
+        optimizer = build_optimizer(self.optimizer_factory, decay_groups(self))
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
