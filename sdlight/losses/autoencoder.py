@@ -3,8 +3,9 @@
 This is CompVis' ``LPIPSWithDiscriminator`` (latent-diffusion ``ldm/modules/losses/contperceptual.py``) with
 the same numbers and checkpoint keys (``logvar``, ``discriminator.*``, ``perceptual_loss.*``), cleaned up:
 the discriminator and the perceptual network are passed in, the generator's adversarial term ramps up over
-``disc_warmup_steps`` after ``disc_start``, the clamp of the adaptive weight is explicit and logged, and the
-discriminator step does not recompute the reconstruction terms.
+``disc_warmup_steps`` after ``disc_start``, the clamp of the adaptive weight is explicit and logged, the
+discriminator step does not recompute the reconstruction terms, and LPIPS and the discriminator are
+back-propagated once per generator step instead of twice (``single_backward``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ class AutoencoderLoss(nn.Module):
         disc_factor: overall factor of the adversarial terms (0 disables the GAN).
         disc_weight: multiplies the adaptive weight.
         d_weight_max: upper clamp of the adaptive weight before ``disc_weight``; when it hits, the log says so.
+        single_backward: CompVis takes the adaptive weight's two gradients with two backward passes (through
+            LPIPS, through the discriminator) and then back-propagates the total through both again. With True
+            (the default) the gradients of nll and g_loss are taken once, at the reconstructions; the weight's
+            two gradients follow from them through the last layer alone, and the returned loss carries their
+            weighted sum to the autoencoder. Same value, same gradients for the autoencoder and ``logvar``
+            (tests/losses), ~a fifth less time per stage-1 step (BENCHMARKS.md); the discriminator's parameters
+            get no gradient from the generator's loss (the stage freezes them for it anyway). It applies in
+            training with the adversarial term on; elsewhere (validation, pixel ``weights``, float16 autocast,
+            inputs that need a gradient) the loss is CompVis' graph.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class AutoencoderLoss(nn.Module):
         disc_factor: float = 1.0,
         disc_weight: float = 0.5,
         d_weight_max: float = 1e4,
+        single_backward: bool = True,
     ):
         super().__init__()
         if rec_loss not in ("l1", "l2"):
@@ -117,6 +128,7 @@ class AutoencoderLoss(nn.Module):
         self.disc_factor = float(disc_factor)
         self.disc_weight = float(disc_weight)
         self.d_weight_max = float(d_weight_max)
+        self.single_backward = bool(single_backward)
         self.register_load_state_dict_pre_hook(_drop_unused_perceptual_keys)
 
     # --- parameters and schedules -------------------------------------------------------------------------
@@ -217,12 +229,17 @@ class AutoencoderLoss(nn.Module):
         logits_fake = self.discriminator(reconstructions)
         g_loss = -logits_fake.mean()
         factor = self.adversarial_factor(global_step)
-        if factor > 0 and self.disc_factor > 0:
-            d_weight, clamped = self.adaptive_weight(nll_loss, g_loss, last_layer)
-        else:  # skip two backward passes while the term is off
-            d_weight, clamped = torch.zeros((), device=inputs.device), False
-        # g_loss stays in the graph even with a zero factor, so the set of used parameters never changes (DDP).
-        loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * factor * g_loss
+        if factor > 0 and self.disc_factor > 0 and self._takes_single_backward(inputs, reconstructions, nll_loss,
+                                                                                last_layer, weights):
+            loss, d_weight, clamped = self._single_backward_loss(reconstructions, nll_loss, g_loss, kl_loss, factor,
+                                                                 last_layer)
+        else:
+            if factor > 0 and self.disc_factor > 0:
+                d_weight, clamped = self.adaptive_weight(nll_loss, g_loss, last_layer)
+            else:  # skip two backward passes while the term is off
+                d_weight, clamped = torch.zeros((), device=inputs.device), False
+            # g_loss stays in the graph even with a zero factor, so the set of used parameters never changes (DDP)
+            loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * factor * g_loss
 
         log = {
             "total": loss,
@@ -237,6 +254,40 @@ class AutoencoderLoss(nn.Module):
             "g_loss": g_loss,
         }
         return loss, {f"{split}/{k}": v.detach() for k, v in log.items()}
+
+    def _takes_single_backward(self, inputs: Tensor, reconstructions: Tensor, nll_loss: Tensor,
+                               last_layer: Tensor | None, weights: Tensor | None) -> bool:
+        device = reconstructions.device.type
+        half = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        # float16 autocast: the gradients taken here are not loss-scaled, as the trainer's backward would be
+        return (self.single_backward and torch.is_grad_enabled() and reconstructions.requires_grad
+                and nll_loss.requires_grad and not inputs.requires_grad and last_layer is not None
+                and weights is None and not half)
+
+    def _single_backward_loss(self, reconstructions: Tensor, nll_loss: Tensor, g_loss: Tensor, kl_loss: Tensor,
+                              factor: float, last_layer: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """The generator's loss with one backward pass through LPIPS and the discriminator (``single_backward``).
+
+        nll and g_loss reach the autoencoder only through the reconstructions r (and nll reaches ``logvar``), so
+        d loss/d theta = (dr/d theta)^T (d nll/dr + w * factor * d g_loss/dr) + d(kl_weight * kl)/d theta: both
+        gradients at r are taken once, the adaptive weight's gradients at the last layer follow from them through
+        that layer alone, and the returned tensor has the loss as its value and that sum as its gradient.
+        """
+        learn_logvar = isinstance(self.logvar, nn.Parameter) and self.logvar.requires_grad
+        wrt = [reconstructions, self.logvar] if learn_logvar else [reconstructions]
+        nll_grads = torch.autograd.grad(nll_loss, wrt)  # frees LPIPS' graph; the autoencoder's stays
+        (g_grad,) = torch.autograd.grad(g_loss, reconstructions)  # no gradients for D's weights
+        nll_w = torch.autograd.grad(reconstructions, last_layer, nll_grads[0], retain_graph=True)[0]
+        g_w = torch.autograd.grad(reconstructions, last_layer, g_grad, retain_graph=True)[0]
+        raw = nll_w.norm() / (g_w.norm() + 1e-4)
+        clamped = bool(raw > self.d_weight_max)
+        d_weight = raw.clamp(0.0, self.d_weight_max) * self.disc_weight
+        surrogate = (reconstructions * (nll_grads[0] + d_weight * factor * g_grad)).sum() + self.kl_weight * kl_loss
+        if learn_logvar:
+            surrogate = surrogate + self.logvar * nll_grads[1]
+        value = (nll_loss + self.kl_weight * kl_loss + d_weight * factor * g_loss).detach()
+        # value exactly (s - s is 0), gradient of the surrogate
+        return surrogate - surrogate.detach() + value, d_weight, clamped
 
     def _discriminator_loss(
         self, inputs: Tensor, reconstructions: Tensor, global_step: int, split: str

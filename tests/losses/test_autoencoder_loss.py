@@ -362,3 +362,55 @@ def test_lpips_patchgan_config(monkeypatch, tmp_path):
     torch.save({"features.0.weight": torch.zeros(1)}, trunk)
     _, loss_fn = _instantiate("lpips_patchgan", **{"discriminator.ndf": 8, "perceptual.trunk_path": str(trunk)})
     assert isinstance(loss_fn.perceptual_loss, lpips_module.LPIPS)
+
+
+# --- one backward pass through LPIPS and the discriminator (single_backward) -----------------------------------
+
+def _generator_grads(single: bool, learn_logvar: bool = True, **call):
+    """Loss, log and gradients of a tiny encoder → Gaussian posterior → two-conv decoder under the full loss
+    (random-init LPIPS, PatchGAN), float64, computed with ``single_backward`` on or off."""
+    from sdlight.losses import LPIPS
+    from sdlight.nn.discriminator import NLayerDiscriminator
+    from sdlight.nn.distributions import DiagonalGaussianDistribution
+
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(3, 8, 3, padding=1)
+    decoder = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.SiLU(), nn.Conv2d(6, 3, 3, padding=1))
+    loss_fn = AutoencoderLoss(NLayerDiscriminator(3, ndf=8, n_layers=1), LPIPS(pretrained=False), kl_weight=0.1,
+                              logvar_init=0.2, learn_logvar=learn_logvar, disc_start=0, disc_warmup_steps=4,
+                              single_backward=single)
+    encoder, decoder, loss_fn = encoder.double(), decoder.double(), loss_fn.double()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    posterior = DiagonalGaussianDistribution(encoder(x))
+    rec = decoder(posterior.mode())
+    loss, log = loss_fn(x, rec, posterior, "generator", global_step=2, last_layer=decoder[-1].weight, **call)
+    loss.backward()
+    trained = [*encoder.parameters(), *decoder.parameters(), *loss_fn.generator_parameters()]
+    d_grads = [p.grad for p in loss_fn.discriminator.parameters()]
+    return loss.detach(), log, [p.grad for p in trained], d_grads
+
+
+@pytest.mark.parametrize("learn_logvar", [True, False])
+def test_single_backward_gives_compvis_value_weight_and_gradients(learn_logvar, monkeypatch):
+    ref_loss, ref_log, ref_grads, ref_d = _generator_grads(False, learn_logvar)
+    # the single pass never takes the adaptive weight's separate backward passes
+    monkeypatch.setattr(AutoencoderLoss, "adaptive_weight", lambda *a: pytest.fail("two-pass adaptive weight"))
+    loss, log, grads, d_grads = _generator_grads(True, learn_logvar)
+    assert ref_log["train/disc_factor"].item() == 0.5 and ref_log["train/d_weight"].item() > 0
+    assert loss.item() == ref_loss.item()  # the same value, exactly
+    for key in ("train/d_weight", "train/nll", "train/g_loss", "train/total", "train/kl"):
+        torch.testing.assert_close(log[key], ref_log[key], rtol=1e-10, atol=0)
+    assert len(grads) == len(ref_grads) == 4 + 2 + (1 if learn_logvar else 0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    # the generator's loss leaves no gradient on the discriminator (CompVis' graph does, if D is not frozen)
+    assert all(g is None for g in d_grads) and all(g is not None for g in ref_d)
+
+
+def test_single_backward_falls_back_to_compvis_graph_with_pixel_weights(monkeypatch):
+    calls = []
+    real = AutoencoderLoss.adaptive_weight
+    monkeypatch.setattr(AutoencoderLoss, "adaptive_weight", lambda *a: calls.append(1) or real(*a))
+    weights = torch.ones(1, 1, 16, 16, dtype=torch.float64)
+    _, log, grads, _ = _generator_grads(True, weights=weights)
+    assert calls == [1] and log["train/d_weight"].item() > 0 and all(g is not None for g in grads)
