@@ -37,14 +37,15 @@ def onednn_linear_active() -> bool:
 
 
 def _matmul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """x (M, K) @ weight (N, K)^T + bias; both may be transposed views (oneDNN reads strides)."""
+    """x (M, K) @ weight (N, K)^T + bias, x contiguous; weight may be a transposed view (oneDNN reads its strides,
+    while it would copy a strided x)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
         return _matmul(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -53,7 +54,8 @@ class _OneDNNLinear(torch.autograd.Function):
     @once_differentiable  # a double backward (create_graph=True) gets a clear error, not a wrong gradient
     def backward(ctx, grad: Tensor):
         x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
+        # contiguous: a gradient may come expanded (stride 0, from a sum or mean), which oneDNN runs ~100x slower
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # dL/dx = g W: a linear layer with weight W^T
             grad_x = _matmul(g2, weight.t(), None).view(*grad.shape[:-1], weight.shape[1])

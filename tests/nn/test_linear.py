@@ -25,7 +25,7 @@ def calls(monkeypatch):
     real = linear_mod._matmul
 
     def counting(x, w, b):
-        seen.append((tuple(x.shape), tuple(w.shape)))
+        seen.append((tuple(x.shape), tuple(w.shape), x.is_contiguous()))
         return real(x, w, b)
 
     monkeypatch.setattr(linear_mod, "_matmul", counting)
@@ -55,6 +55,15 @@ def test_forward_and_gradients_match_float64(k, n, bias, calls):
     assert w.grad.is_contiguous()
     if bias:
         assert _rel(b.grad, ref[2].grad) < 1e-6
+
+
+def test_oneDNN_gets_a_contiguous_input_even_from_an_expanded_gradient(calls):
+    # the gradient of a sum is expanded (stride 0), a transposed input strided: oneDNN runs those ~100x slower
+    x = torch.randn(8, 16).t().requires_grad_()
+    layer = Linear(8, 4)
+    layer(x).sum().backward()
+    assert len(calls) == 3 and all(contiguous for _, _, contiguous in calls)
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(16, 8), rtol=1e-6, atol=1e-6)
 
 
 def test_only_the_gradients_asked_for():
