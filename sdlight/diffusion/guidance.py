@@ -55,10 +55,14 @@ def cfg_denoiser(
     ``scale == 1`` (or no ``uncond``) only the conditional pass runs.
     """
 
+    batched: dict[int, dict[str, Tensor | None]] = {}  # built once per batch size: the same tensors every step
+
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         if scale == 1.0 or uncond is None:
             return model_fn(x, t, cond)
-        conds = _batch_conds(uncond, cond, x.shape[0])
+        conds = batched.get(x.shape[0])
+        if conds is None:
+            conds = batched[x.shape[0]] = _batch_conds(uncond, cond, x.shape[0])
         out_uncond, out_cond = model_fn(torch.cat([x, x]), torch.cat([t, t]), conds).chunk(2)
         guided = out_uncond + scale * (out_cond - out_uncond)
         return rescale_guidance(guided, out_cond, rescale)

@@ -7,6 +7,8 @@ norm1, norm2, norm3}`, `CrossAttention.{to_q, to_k, to_v, to_out.0}`, `FeedForwa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -30,6 +32,8 @@ class CrossAttention(nn.Module):
     """
 
     attention_hook: AttentionHook | None = None
+    # {id(context): (context, version, k, v)} inside `cached_context_projections`, else None
+    _kv_cache: dict[int, tuple[Tensor, int, Tensor, Tensor]] | None = None
 
     def __init__(
         self,
@@ -54,8 +58,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """x: (B, Lq, query_dim); context: (B, Lk, context_dim) or None → (B, Lq, query_dim)."""
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
+        k, v = self._project_context(x if context is None else context)
         q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads) for t in (q, k, v))
         if self.attention_hook is None:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -68,6 +72,37 @@ class CrossAttention(nn.Module):
             self.attention_hook(self, probs.flatten(0, 1))
             out = torch.einsum("bhij,bhjd->bhid", probs.to(v.dtype), v)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
+
+
+    def _project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        cache = self._kv_cache
+        if cache is None or not self.is_cross_attention or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.to_k(context), self.to_v(context)
+        hit = cache.get(id(context))
+        # the cache holds the context itself, so an id seen here is that same, live tensor
+        if hit is not None and hit[0] is context and hit[1] == context._version:
+            return hit[2], hit[3]
+        k, v = self.to_k(context), self.to_v(context)
+        cache[id(context)] = (context, context._version, k, v)
+        return k, v
+
+
+@contextlib.contextmanager
+def cached_context_projections(model: nn.Module) -> Iterator[None]:
+    """Within the block, each cross-attention of ``model`` projects a given context tensor to K and V once.
+
+    A sampler calls the UNet tens of times with the same context (the prompt's, or guidance's [null; prompt]
+    batch): its K and V need not be recomputed at each step. Only without gradients; the weights must not
+    change inside the block (a sampling loop). An in-place change of the context is seen (its version).
+    """
+    layers = [m for m in model.modules() if isinstance(m, CrossAttention) and m.is_cross_attention]
+    for layer in layers:
+        layer._kv_cache = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._kv_cache  # back to the class default (None): nothing kept, nothing pickled
 
 
 class GEGLU(nn.Module):

@@ -18,6 +18,7 @@ from sdlight.conditioning import ConditionEncoder, Conditioner
 from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
                                training_target)
 from sdlight.diffusion.draw import draw
+from sdlight.nn.attention import cached_context_projections
 from sdlight.stages.common import (HeldWeights, OptimizerFactory, SchedulerFactory, TrainingFlops, WarmupEMA,
                                    all_finite, build_optimizer, build_scheduler, decay_groups,
                                    silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names, to_plain)
@@ -428,8 +429,9 @@ class LatentDiffusion(L.LightningModule):
                 denoise = cfg_denoiser(lambda x, t, c: self.model(x, t, **c), cond, uncond, scale, guidance_rescale)
                 if steps is not None:
                     sampler_kwargs["steps"] = steps
-                z = sampler(denoise, x_T, self.schedule, prediction_type=self.prediction_type, generator=generator,
-                            **sampler_kwargs)
+                with cached_context_projections(self.model):  # the context's K and V once, not at every step
+                    z = sampler(denoise, x_T, self.schedule, prediction_type=self.prediction_type,
+                                generator=generator, **sampler_kwargs)
                 return z if return_latents else self.decode_latents(z)
         finally:
             self.train(was_training)

@@ -47,6 +47,18 @@ def test_batched_equals_separate_calls():
     torch.testing.assert_close(out, u + 7.5 * (c - u))
 
 
+def test_the_batched_conditions_are_built_once_per_batch_size():
+    # the same context tensor at every step is what lets the UNet reuse its K and V (cached_context_projections)
+    x, t, cond, uncond = _inputs(1)  # batch-1 conditions broadcast to the batch
+    seen = []
+    model = CondModel()
+    denoise = cfg_denoiser(lambda x, t, c: seen.append(c["context"]) or model(x, t, c), cond, uncond, scale=3.0)
+    first, second = denoise(x, t), denoise(x, t)
+    assert seen[0] is seen[1] and seen[0].shape[0] == 2 and torch.equal(first, second)
+    denoise(torch.cat([x, x]), torch.cat([t, t]))  # another batch size gets its own
+    assert seen[2] is not seen[0] and seen[2].shape[0] == 4
+
+
 def test_scale_one_is_the_conditional_model():
     x, t, cond, uncond = _inputs()
     model = CondModel()

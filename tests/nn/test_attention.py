@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdlight.nn.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
+from sdlight.nn.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer, cached_context_projections
 from sdlight.nn.unet import AttentionBlock, UNetModel
 
 
@@ -114,3 +114,55 @@ def test_attention_block_matches_float64(new_order):
         a = torch.nn.functional.conv1d(a, block.proj_out.weight.double(), block.proj_out.bias.double())
         expected = (x.double().reshape(2, 64, 16) + a).reshape(2, 64, 4, 4)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _small_unet() -> UNetModel:
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
+                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True,
+                     context_dim=24, use_linear_in_transformer=True)
+    with torch.no_grad():  # the zero-initialised output projections would hide the attention
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+def test_cached_context_projections_compute_k_and_v_once_per_context(monkeypatch):
+    unet = _small_unet()
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)
+    t = [torch.tensor([999, 999]), torch.tensor([500, 500]), torch.tensor([1, 1])]
+    with torch.no_grad():
+        plain = [unet(x, s, context=ctx) for s in t]
+    calls = []
+    layers = [m for m in unet.modules() if isinstance(m, CrossAttention) and m.is_cross_attention]
+    for layer in layers:
+        real = layer.to_k.forward
+        layer.to_k.forward = lambda c, real=real: calls.append(1) or real(c)
+    with torch.no_grad(), cached_context_projections(unet):
+        cached = [unet(x, s, context=ctx) for s in t]
+        assert len(calls) == len(layers)  # once for three steps
+        other = torch.randn(2, 5, 24)
+        torch.testing.assert_close(unet(x, t[0], context=other), _plain(unet, x, t[0], other), rtol=0, atol=0)
+        ctx.mul_(2.0)  # an in-place change is seen
+        torch.testing.assert_close(unet(x, t[0], context=ctx), _plain(unet, x, t[0], ctx), rtol=0, atol=0)
+        ctx.div_(2.0)
+    for a, b in zip(cached, plain):
+        assert torch.equal(a, b)  # the same numbers, bit for bit
+    assert all(layer._kv_cache is None for layer in layers)  # nothing kept after the block
+    with cached_context_projections(unet):  # with gradients (training) it never caches
+        calls.clear()
+        unet(x, t[0], context=ctx).sum().backward()
+        unet(x, t[1], context=ctx)
+        assert len(calls) == 2 * len(layers)
+
+
+def _plain(unet: UNetModel, x, t, ctx):
+    saved = {}
+    for m in unet.modules():
+        if isinstance(m, CrossAttention) and m._kv_cache is not None:
+            saved[m] = m.__dict__.pop("_kv_cache")
+    try:
+        return unet(x, t, context=ctx)
+    finally:
+        for m, cache in saved.items():
+            m._kv_cache = cache
