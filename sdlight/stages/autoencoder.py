@@ -58,7 +58,8 @@ class AutoencoderModule(L.LightningModule):
             :func:`sdlight.checkpoints.load_autoencoder_weights`).
         max_nonfinite_steps: consecutive non-finite batches tolerated before raising ``FloatingPointError``.
         compile: ``torch.compile`` the encoder and decoder (at setup, lazily at their first call).
-        channels_last: hold the autoencoder's weights NHWC.
+        channels_last: hold the autoencoder's weights NHWC; None (the default): when training on a CPU, where
+            oneDNN's NHWC convolutions make the stage-1 step ~5 % faster (BENCHMARKS.md); GPUs were not measured.
         gradient_checkpointing: recompute the encoder's and decoder's block activations in backward (less
             memory at 256 px and up, more compute).
     """
@@ -79,7 +80,7 @@ class AutoencoderModule(L.LightningModule):
         init_from: str | None = None,
         max_nonfinite_steps: int = 20,
         compile: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -91,7 +92,8 @@ class AutoencoderModule(L.LightningModule):
             self.add_module(name, child)
         object.__setattr__(self, "autoencoder", autoencoder)
         autoencoder.set_gradient_checkpointing(gradient_checkpointing)
-        speed_up([autoencoder], channels_last=channels_last)
+        speed_up([autoencoder], channels_last=bool(channels_last))
+        self.channels_last = channels_last  # None: decided at setup, on the device the trainer trains on
         self.compile_autoencoder = compile  # at setup: each process compiles its own (ddp_spawn pickles the module)
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -123,6 +125,9 @@ class AutoencoderModule(L.LightningModule):
         return self._flops.value
 
     def setup(self, stage: str) -> None:
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        if self.channels_last is None and device.type == "cpu":
+            speed_up([self.autoencoder], channels_last=True)
         if self.compile_autoencoder:
             allow_retained_graphs()
         speed_up([self.autoencoder.encoder, self.autoencoder.decoder], compile=self.compile_autoencoder)

@@ -67,9 +67,18 @@ def test_ldm_channels_last_trains_to_the_same_weights(tmp_path):
 def test_vae_gradient_checkpointing_and_channels_last_give_the_same_gradients():
     module = make_module(gradient_checkpointing=True)
     assert module.autoencoder.encoder.gradient_checkpointing and module.autoencoder.decoder.gradient_checkpointing
-    reference = vae_gradients()
-    assert_close(reference, vae_gradients(gradient_checkpointing=True))
+    reference = vae_gradients(channels_last=False)
+    assert_close(reference, vae_gradients(gradient_checkpointing=True, channels_last=False))
     assert_close(reference, vae_gradients(channels_last=True))
+
+
+@pytest.mark.parametrize("setting, nhwc", [(None, True), (False, False), (True, True)])
+def test_vae_channels_last_by_default_when_training_on_a_cpu(tmp_path, setting, nhwc):
+    module = make_module(channels_last=setting)
+    conv = module.autoencoder.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == bool(setting)  # not before setup
+    tiny_trainer(tmp_path, max_steps=1).fit(module, loader(4, 4))
+    assert conv.is_contiguous(memory_format=torch.channels_last) == nhwc and not (nhwc and conv.is_contiguous())
 
 
 def test_compile_is_applied_at_setup_and_keeps_the_checkpoint_keys(tmp_path):
