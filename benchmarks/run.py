@@ -8,13 +8,19 @@ same architecture and weights (below 1: sdlight is faster), A/B alternated, and 
 Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers' converters for SD files):
 - ``unet``: UNet forward + backward + AdamW step on random latents and contexts.
 - ``vae``: one stage-1 batch: generator loss (L1 + LPIPS with a random-init VGG trunk + KL + PatchGAN with the
-  adaptive weight) and its step, then the discriminator's loss and step; the same loss module for both.
+  adaptive weight) and its step with the discriminator frozen, then the discriminator's loss and step; the same
+  loss networks for both. diffusers ships no stage-1 loss: its side computes CompVis' ``LPIPSWithDiscriminator``
+  way (``single_backward=False``: LPIPS and the discriminator back-propagated twice), sdlight's as its stage does
+  (once; ``--two-pass-loss`` for CompVis' way on both sides).
 - ``stage2``: one stage-2 step end to end: the next shapes batch, VAE encoding, text encoding (the same learned
   text encoder), noising, eps loss, backward, AdamW step, EMA update (diffusers: ``EMAModel``).
 - ``ddim``: 50 DDIM steps with classifier-free guidance (scale 3, both branches in one batch) and decoding.
 
-The ``sdlight`` side uses the speed switches given (``--compile``, ``--channels-last``, ``--fused``); diffusers
-runs as its training scripts do (eager, default AdamW). Peak memory: CUDA's max allocated, or on a CPU the
+The ``sdlight`` side runs as its stages do: on a CPU its linear layers on oneDNN's matmul (``sdlight.nn.linear``)
+and a fused AdamW for float32 weights (``sdlight.stages.common.build_optimizer``), the VAE NHWC in the stage-1
+step (``channels_last: null``), which ``--no-onednn-linear``, ``--no-fused`` and ``--vae-nchw`` turn off, plus the
+switches given (``--compile``, ``--channels-last``); diffusers runs as its training scripts do (eager, default
+AdamW). Peak memory: CUDA's max allocated, or on a CPU the
 resident set's rise during the timed steps (sampled; an estimate), divided by the batch.
 """
 
@@ -32,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, randomize_, rel_error
+from sdlight.nn.linear import set_onednn_linear
+from sdlight.stages.common import build_optimizer
 
 SIZES = {
     # the quickstart: 32 px shapes, kl_f4_tiny VAE (8x8x4 latents), the tiny UNet, the learned text encoder
@@ -50,8 +58,8 @@ def our_switches(modules, opt_kwargs: dict, args) -> None:
             m.to(memory_format=torch.channels_last)
         if args.compile:
             m.compile(dynamic=False)  # as sdlight.stages.common.speed_up
-    if args.fused:
-        opt_kwargs["fused"] = True
+    if args.no_fused:
+        opt_kwargs["fused"] = False  # an explicit choice: torch's default kernel
 
 
 # --------------------------------------------------------------------------------------------------- unet step
@@ -78,7 +86,8 @@ def bench_unet(size: dict, args, device: torch.device):
             opt.zero_grad(set_to_none=True)
         return run
     return err, b, {
-        "sdlight": step(ours, lambda m: m(x, t, context=ctx), torch.optim.AdamW(ours.parameters(), 1e-4, **kw)),
+        "sdlight": step(ours, lambda m: m(x, t, context=ctx),
+                        build_optimizer(partial(torch.optim.AdamW, lr=1e-4, **kw), ours.parameters())),
         "diffusers": step(theirs, lambda m: m(x, t, encoder_hidden_states=ctx).sample,
                           torch.optim.AdamW(theirs.parameters(), 1e-4)),
     }
@@ -96,10 +105,11 @@ def bench_vae(size: dict, args, device: torch.device):
     b, res = size["vae_batch"], params["resolution"]
     x = torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(1)).to(device) * 2 - 1
 
-    def loss_module():
+    def loss_module(single_backward: bool):
         torch.manual_seed(0)  # the same discriminator and LPIPS for both sides
         return AutoencoderLoss(NLayerDiscriminator(3, ndf=64, n_layers=3), partial(LPIPS, pretrained=False),
-                               perceptual_weight=1.0, disc_start=0, disc_warmup_steps=0).to(device)
+                               perceptual_weight=1.0, disc_start=0, disc_warmup_steps=0,
+                               single_backward=single_backward).to(device)
 
     with torch.no_grad():
         err = rel_error(ours(x, sample_posterior=False)[0], theirs.decode(theirs.encode(x).latent_dist.mode()).sample)
@@ -107,16 +117,21 @@ def bench_vae(size: dict, args, device: torch.device):
     if args.compile:
         allow_retained_graphs()  # as the stage does: the adaptive weight differentiates the decoder twice
     our_switches([ours.encoder, ours.decoder], kw, args)
+    if device.type == "cpu" and not args.vae_nchw:
+        ours.to(memory_format=torch.channels_last)  # the stage's default on a CPU (channels_last: null)
 
-    def step(encode_decode, model, last_layer, opt_kw):
-        loss = loss_module()
-        opt_g = torch.optim.Adam(list(model.parameters()) + list(loss.generator_parameters()), 4.5e-6, **opt_kw)
-        opt_d = torch.optim.Adam(loss.discriminator_parameters(), 4.5e-6, **opt_kw)
+    def step(encode_decode, model, last_layer, make_opt, single_backward):
+        loss = loss_module(single_backward)
+        opt_g = make_opt(partial(torch.optim.Adam, lr=4.5e-6),
+                         list(model.parameters()) + list(loss.generator_parameters()))
+        opt_d = make_opt(partial(torch.optim.Adam, lr=4.5e-6), loss.discriminator_parameters())
 
         def run():
+            loss.discriminator.requires_grad_(False)  # as the stage (and CompVis' toggled optimizers): G's step
             rec, post = encode_decode(x)
             loss_g, _ = loss(x, rec, post, part="generator", global_step=1, last_layer=last_layer())
             loss_g.backward()
+            loss.discriminator.requires_grad_(True)
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             loss_d, _ = loss(x, rec.detach(), post, part="discriminator", global_step=1)
@@ -130,8 +145,12 @@ def bench_vae(size: dict, args, device: torch.device):
         return theirs.decode(post.sample()).sample, post
 
     return err, b, {
-        "sdlight": step(lambda img: ours(img), ours, ours.get_last_layer, kw),
-        "diffusers": step(theirs_fn, theirs, lambda: theirs.decoder.conv_out.weight, {}),
+        "sdlight": step(lambda img: ours(img), ours, ours.get_last_layer,
+                        lambda factory, params: build_optimizer(partial(factory, **kw), params),
+                        single_backward=not args.two_pass_loss),
+        # diffusers ships no stage-1 loss: CompVis' LPIPSWithDiscriminator computation (two extra backward passes)
+        "diffusers": step(theirs_fn, theirs, lambda: theirs.decoder.conv_out.weight,
+                          lambda factory, params: factory(params), single_backward=False),
     }
 
 
@@ -147,9 +166,7 @@ def latent_diffusion(size: dict, args, device: torch.device):
     torch.manual_seed(0)
     text = randomize_(LearnedTextEncoder(max_length=32, width=128, layers=2, heads=4,
                                          context_dim=params["context_dim"]))
-    kw: dict = {}
-    if args.fused:
-        kw["fused"] = True
+    kw: dict = {"fused": False} if args.no_fused else {}
     module = LatentDiffusion(unet=unet, schedule=NoiseSchedule.make("scaled_linear", 1000, 0.00085, 0.012),
                              conditioning=text, first_stage=vae, optimizer=partial(torch.optim.AdamW, lr=1e-4, **kw),
                              sampler=partial(sample_ddim, steps=50), scale_factor=0.5, ema_decay=0.9999,
@@ -164,7 +181,7 @@ def diffusers_side(module, params: dict, vae_params: dict, device: torch.device)
 
     theirs_unet = diffusers_unet(module.model.diffusion_model, params).to(device)
     theirs_vae = diffusers_vae(module.first_stage_model, vae_params).to(device).requires_grad_(False)
-    text = copy.deepcopy(module.cond_stage_model)
+    text = copy.deepcopy(module.cond_stage_model.single)  # the text encoder itself: captions → context
     sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, steps_offset=1, timestep_spacing="leading")
     # sdlight's DDIM ends at alpha_bar = 1 (x0 itself)
@@ -266,10 +283,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (UNet step)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--fused", action="store_true", help="fused AdamW / Adam")
+    ap.add_argument("--no-fused", action="store_true", help="torch's default Adam / AdamW kernel on the CPU too")
+    ap.add_argument("--no-onednn-linear", action="store_true", help="sdlight's linear layers on MKL (F.linear)")
+    ap.add_argument("--two-pass-loss", action="store_true",
+                    help="sdlight's stage-1 loss in CompVis' order (single_backward=False)")
+    ap.add_argument("--vae-nchw", action="store_true", help="sdlight's VAE step without channels_last on a CPU")
     args = ap.parse_args()
     device = torch.device(args.device)
-    switches = [s for s in ("compile", "channels_last", "fused") if getattr(args, s)] or ["none"]
+    set_onednn_linear(not args.no_onednn_linear)  # diffusers' own layers never take it
+    cpu_defaults = [name for name, off in (("onednn_linear", args.no_onednn_linear), ("fused", args.no_fused),
+                                           ("vae_channels_last", args.vae_nchw)) if not off and device.type == "cpu"]
+    cpu_defaults += [] if args.two_pass_loss else ["single_backward_loss"]
+    switches = cpu_defaults + [s for s in ("compile", "channels_last") if getattr(args, s)] or ["none"]
     rows = []
     for size_name in args.sizes.split(","):
         for bench in args.benches.split(","):

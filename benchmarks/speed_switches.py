@@ -4,9 +4,11 @@ diffusers' UNet at the same architecture and weights, alternated in one process.
     OMP_NUM_THREADS=1 python -m benchmarks.speed_switches --unet tiny --batch 64
     OMP_NUM_THREADS=1 python -m benchmarks.speed_switches --vae kl_f4_tiny --batch 16   # VAE forward + backward
 
-Switches: ``channels_last`` (memory format of weights and inputs), ``foreach`` / ``fused`` AdamW, ``compile``
-(torch.compile through inductor: CPU C++ / GPU Triton), ``checkpoint`` (activation checkpointing; saves memory,
-costs time). SDPA is always on (``F.scaled_dot_product_attention`` in both implementations).
+Switches: ``onednn`` (sdlight's linear layers on oneDNN's matmul instead of MKL's sgemm, float32 CPU),
+``channels_last`` (memory format of weights and inputs), ``foreach`` / ``fused`` AdamW, ``compile`` (torch.compile
+through inductor: CPU C++ / GPU Triton), ``checkpoint`` (activation checkpointing; saves memory, costs time).
+``eager`` is none of them; ``defaults`` is what the stages do on a CPU (``onednn+fused``). SDPA is always on
+(``F.scaled_dot_product_attention`` in both implementations).
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ import argparse
 import torch
 
 from benchmarks.common import (alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, rel_error)
+from sdlight.nn.linear import set_onednn_linear
+
+
+def flag_set(variant: str) -> set[str]:
+    flags = set(variant.split("+"))
+    return flags | {"onednn", "fused"} if "defaults" in flags else flags
+
+
+def with_linear_kernel(flags: set[str], step):
+    """The step with sdlight's linear layers on oneDNN or not (a process-wide switch, set before each run)."""
+    def run():
+        set_onednn_linear("onednn" in flags)
+        step()
+    return run
 
 
 def switched(model: torch.nn.Module, parts: list[torch.nn.Module], flags: set[str], x: torch.Tensor):
@@ -41,7 +57,7 @@ def unet_steps(name: str, batch: int, device: torch.device, variants: list[str])
     ctx = torch.randn(batch, 77, ctx_dim, generator=g).to(device)
 
     def make(variant: str):
-        flags = set(variant.split("+"))
+        flags = flag_set(variant)
         model, _ = build_unet(name, use_checkpoint="checkpoint" in flags)
         model, xin, opt = switched(model.to(device), [model], flags, x)
 
@@ -50,7 +66,7 @@ def unet_steps(name: str, batch: int, device: torch.device, variants: list[str])
             out.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step, model
+        return with_linear_kernel(flags, step), model
 
     with torch.no_grad():
         ref = theirs(x, t, encoder_hidden_states=ctx).sample
@@ -78,7 +94,7 @@ def vae_steps(name: str, batch: int, device: torch.device, variants: list[str]) 
     x = torch.randn(batch, params["in_channels"], res, res, generator=torch.Generator().manual_seed(1)).to(device)
 
     def make(variant: str):
-        flags = set(variant.split("+"))
+        flags = flag_set(variant)
         model, _ = build_vae(name)
         model.set_gradient_checkpointing("checkpoint" in flags)
         model, xin, opt = switched(model.to(device), [model.encoder, model.decoder], flags, x)
@@ -88,7 +104,7 @@ def vae_steps(name: str, batch: int, device: torch.device, variants: list[str]) 
             (rec.float().abs().mean() + 1e-6 * post.kl().mean()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
+        return with_linear_kernel(flags, step)
 
     steps = {v: make(v) for v in variants}
     opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
@@ -111,7 +127,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--variants", default="eager,channels_last,foreach,fused,compile,checkpoint,compile+fused")
+    ap.add_argument("--variants", default="eager,onednn,fused,defaults,channels_last,foreach,compile,checkpoint,"
+                                          "compile+fused")
     args = ap.parse_args()
     device = torch.device(args.device)
     variants = args.variants.split(",")
