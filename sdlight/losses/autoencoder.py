@@ -73,7 +73,7 @@ class AutoencoderLoss(nn.Module):
             (the default) the gradients of nll and g_loss are taken once, at the reconstructions; the weight's
             two gradients follow from them through the last layer alone, and the returned loss carries their
             weighted sum to the autoencoder. Same value, same gradients for the autoencoder and ``logvar``
-            (tests/losses), ~a fifth less time per stage-1 step (BENCHMARKS.md); the discriminator's parameters
+            (tests/losses), ~10 % less time per stage-1 step (BENCHMARKS.md); the discriminator's parameters
             get no gradient from the generator's loss (the stage freezes them for it anyway). It applies in
             training with the adversarial term on; elsewhere (validation, pixel ``weights``, float16 autocast,
             inputs that need a gradient) the loss is CompVis' graph.

@@ -2,7 +2,8 @@
 
 A float32 ``F.linear`` on the CPU goes to MKL's sgemm. On AMD processors MKL takes its AVX2 code path and reaches
 about half of what the cores can do; oneDNN (the library that already runs PyTorch's CPU convolutions) uses
-AVX-512 there: forward + backward of the UNet's linear layers in ~half the time (BENCHMARKS.md, "oneDNN linear").
+AVX-512 there: forward + backward of the UNet's linear layers in 0.5-0.8x the time (BENCHMARKS.md, "Linear layers:
+MKL against oneDNN").
 The math is the same float32 matmul in another summation order (~1e-7 relative).
 
 The oneDNN path is taken only where it is the same computation: float32 CPU tensors, outside CPU autocast and
