@@ -73,7 +73,6 @@ class CrossAttention(nn.Module):
             out = torch.einsum("bhij,bhjd->bhid", probs.to(v.dtype), v)
         return self.to_out(rearrange(out, "b h l d -> b l (h d)"))
 
-
     def _project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         cache = self._kv_cache
         if cache is None or not self.is_cross_attention or torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -96,13 +95,17 @@ def cached_context_projections(model: nn.Module) -> Iterator[None]:
     change inside the block (a sampling loop). An in-place change of the context is seen (its version).
     """
     layers = [m for m in model.modules() if isinstance(m, CrossAttention) and m.is_cross_attention]
+    outer = [layer.__dict__.get("_kv_cache") for layer in layers]  # a block inside another keeps the outer one
     for layer in layers:
         layer._kv_cache = {}
     try:
         yield
     finally:
-        for layer in layers:
-            del layer._kv_cache  # back to the class default (None): nothing kept, nothing pickled
+        for layer, cache in zip(layers, outer):
+            if cache is None:
+                layer.__dict__.pop("_kv_cache", None)  # back to the class default: nothing kept, nothing pickled
+            else:
+                layer._kv_cache = cache
 
 
 class GEGLU(nn.Module):

@@ -149,6 +149,12 @@ def test_cached_context_projections_compute_k_and_v_once_per_context(monkeypatch
     for a, b in zip(cached, plain):
         assert torch.equal(a, b)  # the same numbers, bit for bit
     assert all(layer._kv_cache is None for layer in layers)  # nothing kept after the block
+    with torch.no_grad(), cached_context_projections(unet):  # nested blocks: the inner one leaves the outer's
+        unet(x, t[0], context=ctx)
+        with cached_context_projections(unet):
+            unet(x, t[0], context=ctx)
+        assert all(len(layer._kv_cache) == 1 for layer in layers)
+    assert all(layer._kv_cache is None for layer in layers)
     with cached_context_projections(unet):  # with gradients (training) it never caches
         calls.clear()
         unet(x, t[0], context=ctx).sum().backward()

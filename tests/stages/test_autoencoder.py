@@ -446,7 +446,7 @@ def test_ddp_sim_trains_the_gan(train_cfg, tmp_path):
 # trained (23.4 dB after 400 batches; a 1-thread run of the same config gave 22.3 dB there and 25.3 dB at 800:
 # thread count alone moves it by ~1 dB). At the shipped batch 8 (1,600 batches, the GAN from batch 1,200 with its
 # 400-batch warm-up): 22.8 dB with CompVis' two-pass loss and the per-parameter Adam, 22.2 dB with the single-pass
-# loss and fused Adam (the same math, other rounding; 2026-11-30).
+# loss and fused Adam, 24.2 dB with the VAE NHWC as well (the same math, other rounding; 2026-11-30).
 # References on the same images: the perfect background with the shape dropped gives 17.2 dB, the per-image mean
 # colour 17.9 dB, so a model that has not learned the shapes sits below ~19 dB (the former L1 quickstart: 18.7 dB
 # after 400 batches). 21 dB requires the shapes, with ~1 dB left for platform differences.
