@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, randomize_, rel_error
 from sdlight.nn.linear import set_onednn_linear
-from sdlight.stages.common import build_optimizer
+from sdlight.stages.common import build_optimizer, speed_up
 
 SIZES = {
     # the quickstart: 32 px shapes, kl_f4_tiny VAE (8x8x4 latents), the tiny UNet, the learned text encoder
@@ -53,11 +53,7 @@ SIZES = {
 
 
 def our_switches(modules, opt_kwargs: dict, args) -> None:
-    for m in modules:
-        if args.channels_last:
-            m.to(memory_format=torch.channels_last)
-        if args.compile:
-            m.compile(dynamic=False)  # as sdlight.stages.common.speed_up
+    speed_up(modules, compile=args.compile, channels_last=args.channels_last)
     if args.no_fused:
         opt_kwargs["fused"] = False  # an explicit choice: torch's default kernel
 
@@ -117,8 +113,7 @@ def bench_vae(size: dict, args, device: torch.device):
     if args.compile:
         allow_retained_graphs()  # as the stage does: the adaptive weight differentiates the decoder twice
     our_switches([ours.encoder, ours.decoder], kw, args)
-    if device.type == "cpu" and not args.vae_nchw:
-        ours.to(memory_format=torch.channels_last)  # the stage's default on a CPU (channels_last: null)
+    speed_up([ours], channels_last=device.type == "cpu" and not args.vae_nchw)  # the stage's CPU default (null)
 
     def step(encode_decode, model, last_layer, make_opt, single_backward):
         loss = loss_module(single_backward)

@@ -75,7 +75,8 @@ class CrossAttention(nn.Module):
 
     def _project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
         cache = self._kv_cache
-        if cache is None or not self.is_cross_attention or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # only cross-attentions get a cache (`cached_context_projections`)
+        if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.to_k(context), self.to_v(context)
         hit = cache.get(id(context))
         # the cache holds the context itself, so an id seen here is that same, live tensor

@@ -21,7 +21,8 @@ from sdlight.diffusion.draw import draw
 from sdlight.nn.attention import cached_context_projections
 from sdlight.stages.common import (HeldWeights, OptimizerFactory, SchedulerFactory, TrainingFlops, WarmupEMA,
                                    all_finite, build_optimizer, build_scheduler, decay_groups,
-                                   silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names, to_plain)
+                                   silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names,
+                                   to_plain)
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
 

@@ -54,12 +54,19 @@ def test_attention_hook_path():
     assert CrossAttention(16).attention_hook is None
 
 
+def _small_unet() -> UNetModel:
+    torch.manual_seed(0)
+    unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
+                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True,
+                     context_dim=24, use_linear_in_transformer=True)
+    with torch.no_grad():  # the zero-initialised output projections would hide the attention
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
 def test_hooks_collect_cross_attention_maps_from_unet():
-    model = UNetModel(
-        image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1, channel_mult=[1, 2],
-        attention_resolutions=[1, 2], num_head_channels=16, use_spatial_transformer=True, context_dim=24,
-        use_linear_in_transformer=True,
-    ).eval()
+    model = _small_unet()
     maps = []
     modules = [m for m in model.modules() if isinstance(m, CrossAttention) and m.is_cross_attention]
     assert len(modules) == 7  # one per input block (2), the middle block, one per output block (2 levels x 2)
@@ -114,17 +121,6 @@ def test_attention_block_matches_float64(new_order):
         a = torch.nn.functional.conv1d(a, block.proj_out.weight.double(), block.proj_out.bias.double())
         expected = (x.double().reshape(2, 64, 16) + a).reshape(2, 64, 4, 4)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-
-
-def _small_unet() -> UNetModel:
-    torch.manual_seed(0)
-    unet = UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
-                     num_res_blocks=1, channel_mult=[1, 2], num_head_channels=16, use_spatial_transformer=True,
-                     context_dim=24, use_linear_in_transformer=True)
-    with torch.no_grad():  # the zero-initialised output projections would hide the attention
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
 
 
 def test_cached_context_projections_compute_k_and_v_once_per_context(monkeypatch):
