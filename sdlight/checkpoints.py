@@ -5,8 +5,10 @@ Untrusted files are read with ``weights_only=True`` or safetensors: nothing in a
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -258,11 +260,31 @@ def _text_weights(conditioning: nn.Module, sd: dict[str, torch.Tensor], hf_prefi
     return [f"text encoder: {len(sd)} tensors{note}"]
 
 
+@dataclass
+class Pretrained:
+    """What ``load_pretrained`` loaded: lines describing it, and the file's latent scale factor (None when the file
+    has none: released CompVis files do not store it)."""
+
+    lines: list[str]
+    scale_factor: float | None
+
+
+def _diffusers_scale_factor(folder: Path, where: str) -> float | None:
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("shift_factor"):  # SD3 / Flux VAEs: latents are (z - shift) * scale
+        raise CheckpointError(f"{where}: its VAE's latents have a shift_factor ({config['shift_factor']}), which "
+                              "these latent diffusion models do not apply; use a VAE without one (SD 1.x / 2.x / XL)")
+    scale = config.get("scaling_factor")
+    return None if scale is None else float(scale)
+
+
 def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, conditioning: nn.Module,
-                    use_ema: bool = True) -> list[str]:
+                    use_ema: bool = True) -> Pretrained:
     """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x checkpoint (CompVis
     layout, ``.ckpt`` or ``.safetensors``; one of ours too) or a diffusers folder. Every key must fit (missing,
-    unexpected and mismatched ones are listed in the error); returns lines describing what was loaded."""
+    unexpected and mismatched ones are listed in the error); returns lines describing what was loaded and the
+    file's scale factor (a diffusers VAE config's ``scaling_factor``, our files' ``scale_factor``)."""
     from sdlight.convert import invert_map, unet_key_map, vae_key_map
 
     path, where = Path(path), f"model.init_from={path}"
@@ -281,9 +303,10 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
             hf_prefix = "text_model." if any(k.startswith("text_model.") for k in text) else ""
         elif (path / CONDITIONING_FILE).is_file():
             text = state_dict_of(read_checkpoint(path / CONDITIONING_FILE))
-        which = "diffusers folder"
+        which, scale = "diffusers folder", _diffusers_scale_factor(path, where)
     elif path.is_file():
         sd, which = ema_swapped(state_dict_of(read_checkpoint(path, mmap=True)), use_ema)
+        scale = float(sd["scale_factor"]) if "scale_factor" in sd else None
         parts = {"unet": _under(sd, "model.diffusion_model."), "vae": _under(sd, "first_stage_model.")}
         text, hf_prefix = _under(sd, "cond_stage_model."), None
         if any(k.startswith("transformer.text_model.") for k in text):  # SD 1.x: Hugging Face CLIP layout
@@ -295,8 +318,9 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
                "Check that model/unet matches the file (sd15 for SD 1.x, sd21 for SD 2.x).")
     load_exact(first_stage, parts["vae"], f"{where}: the VAE does not fit model.first_stage.autoencoder",
                "Check that the autoencoder config matches the file (kl_f8 for SD).")
-    return [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
-            *_text_weights(conditioning, text, hf_prefix, where)]
+    lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
+             *_text_weights(conditioning, text, hf_prefix, where)]
+    return Pretrained(lines, scale)
 
 
 # ------------------------------------------------------------------------------------------ fault tolerance
@@ -319,6 +343,21 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             os.close(fd)
     except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
         pass
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``safetensors.torch.save_file`` through a temporary file and a rename, readable as the user's umask says
+    (safetensors creates its files 0600, which hides an export from the other users of a shared machine)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def has_training_state(ckpt: dict[str, Any]) -> bool:

@@ -17,12 +17,11 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sdlight import convert
-from sdlight.checkpoints import CONDITIONING_FILE
-from sdlight.diffusion import sampler_name
+from sdlight.checkpoints import CONDITIONING_FILE, save_safetensors
+from sdlight.diffusion import diffusers_prediction_type, sampler_name
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 from sdlight.stages.diffusion import LatentDiffusion
@@ -32,7 +31,6 @@ register_resolvers()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("diffusers", "single_file")
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers these configs are written for
-PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 SCHEDULERS = {  # our samplers' diffusers counterparts, configured to take the same steps
     "ddim": ("DDIMScheduler", {"set_alpha_to_one": True, "clip_sample": False}),
     "ddpm": ("DDPMScheduler", {"variance_type": "fixed_small", "clip_sample": False}),
@@ -103,7 +101,7 @@ def scheduler_config(model: LatentDiffusion) -> dict[str, Any]:
     n, start, end = len(betas), float(betas[0]), float(betas[-1])
     config = {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": n,
               "beta_start": start, "beta_end": end, "beta_schedule": "linear", "trained_betas": None,
-              "prediction_type": PREDICTION[model.prediction_type], "steps_offset": 1,
+              "prediction_type": diffusers_prediction_type(model.prediction_type), "steps_offset": 1,
               "timestep_spacing": getattr(model.sampler, "keywords", {}).get("spacing", "leading"), **extra}
     f64 = torch.float64
     named = {"linear": torch.linspace(start, end, n, dtype=f64),
@@ -159,8 +157,8 @@ def write_diffusers(model: LatentDiffusion, out: str | Path, use_ema: bool = Tru
     for name, weights, table, config, squeeze in (("unet", unet, tables[0], unet_json, False),
                                                  ("vae", vae, tables[1], vae_json, True)):
         (out / name).mkdir(parents=True, exist_ok=True)
-        save_file(_cast(convert.apply_map(weights, table, squeeze), dtype),
-                  str(out / name / "diffusion_pytorch_model.safetensors"))
+        save_safetensors(_cast(convert.apply_map(weights, table, squeeze), dtype),
+                         out / name / "diffusion_pytorch_model.safetensors")
         _json(out / name / "config.json", config)
     scheduler = scheduler_config(model)
     _json(out / "scheduler" / "scheduler_config.json", scheduler)
@@ -169,7 +167,7 @@ def write_diffusers(model: LatentDiffusion, out: str | Path, use_ema: bool = Tru
     if text is not None:
         weights, config, tokenizer = text
         (out / "text_encoder").mkdir(parents=True, exist_ok=True)
-        save_file(_cast(weights, dtype), str(out / "text_encoder" / "model.safetensors"))
+        save_safetensors(_cast(weights, dtype), out / "text_encoder" / "model.safetensors")
         _json(out / "text_encoder" / "config.json", config)
         tokenizer_files(tokenizer, out / "tokenizer")
         _json(out / "model_index.json", {
@@ -181,7 +179,7 @@ def write_diffusers(model: LatentDiffusion, out: str | Path, use_ema: bool = Tru
         return written + ["text_encoder", "tokenizer"]
     cond = {k[len("cond_stage_model."):]: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
     if cond:
-        save_file(_cast(cond, dtype), str(out / CONDITIONING_FILE))
+        save_safetensors(_cast(cond, dtype), out / CONDITIONING_FILE)
         written.append(CONDITIONING_FILE)
     encoder = " + ".join(type(e).__name__ for e in model.cond_stage_model.embedders) or "nothing"
     (out / "README.md").write_text(
@@ -218,8 +216,7 @@ def main(cfg: DictConfig) -> None:
         dtype, out = DTYPES[cfg.dtype], Path(str(cfg.out))
         weights = "EMA" if cfg.use_ema and model.model_ema is not None else "raw"
         if cfg.format == "single_file":
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save_file(single_file(model, cfg.use_ema, dtype), str(out))
+            save_safetensors(single_file(model, cfg.use_ema, dtype), out)
             log.info(f"Wrote {out} ({weights} weights, {cfg.dtype}, sampler: {sampler_name(model.sampler)})")
             return
         parts = write_diffusers(model, out, cfg.use_ema, dtype)

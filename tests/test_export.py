@@ -109,8 +109,9 @@ def test_init_from_round_trips(exported, tmp_path, source):
         folder = tmp_path / "model.safetensors"
         save_file(single_file(model), str(folder))
     fresh = tiny_clip_ldm(model.cond_stage_model.single.layer, seed=1)
-    lines = load_pretrained(folder, fresh.model.diffusion_model, fresh.first_stage_model, fresh.cond_stage_model)
-    assert "text encoder" in lines[-1]
+    loaded = load_pretrained(folder, fresh.model.diffusion_model, fresh.first_stage_model, fresh.cond_stage_model)
+    assert "text encoder" in loaded.lines[-1]
+    assert loaded.scale_factor == pytest.approx(float(model.scale_factor))  # diffusers' scaling_factor too
     want, got = compvis_weights(model), compvis_weights(fresh)
     # what CLIPTextModel does not hold (the contrastive projection, SD 2's unused last block) stays as it was
     unused = {"diffusers": ("text_projection", "logit_scale", "resblocks.2."),
@@ -145,6 +146,9 @@ def test_cli_exports_a_learned_text_model(tiny_text_ldm, tmp_path):
     done = run_export(f"ckpt={ckpt}", "format=single_file", f"out={single}", "dtype=fp16",
                       f"hydra.run.dir={tmp_path / 'h'}")
     assert done.returncode == 0, done.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert single.stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone would write 0600
     model = Pipeline.from_checkpoint(ckpt, "cpu").model
     out = tmp_path / "d"  # format=diffusers in-process (one interpreter start per test is enough)
     assert write_diffusers(model, out) == ["unet", "vae", "scheduler", "sdlight_conditioning.safetensors"]
@@ -175,6 +179,37 @@ def test_cli_exports_a_learned_text_model(tiny_text_ldm, tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.parametrize("spelling, diffusers_name", [
+    ("eps", "epsilon"), ("epsilon", "epsilon"), ("v", "v_prediction"), ("v_prediction", "v_prediction"),
+    ("x0", "sample"), ("sample", "sample")])
+def test_every_training_spelling_exports(spelling, diffusers_name):
+    assert scheduler_config(tiny_clip_ldm(prediction_type=spelling))["prediction_type"] == diffusers_name
+
+
+def test_an_unknown_objective_name_is_refused_when_the_model_is_built():
+    from sdlight.errors import UsageError
+
+    with pytest.raises(UsageError, match="prediction_type 'noise'.*'eps', 'v', 'x0'.*'epsilon'"):
+        tiny_clip_ldm(prediction_type="noise")
+
+
+def test_cli_exports_a_checkpoint_trained_with_diffusers_spelling(tiny_text_ldm, tmp_path):
+    """`model.prediction_type=epsilon` trains; its checkpoint exports (once a KeyError), into world-readable files."""
+    ckpt = torch.load(tiny_text_ldm[0], weights_only=True)
+    ckpt["sdlight"]["config"]["model"]["prediction_type"] = "epsilon"
+    ckpt["hyper_parameters"]["prediction_type"] = "epsilon"
+    torch.save(ckpt, tmp_path / "epsilon.ckpt")
+    done = run_export(f"ckpt={tmp_path / 'epsilon.ckpt'}", "format=diffusers", f"out={tmp_path / 'd'}",
+                      f"hydra.run.dir={tmp_path / 'h'}")
+    assert done.returncode == 0, done.stderr
+    config = diffusers.DDIMScheduler.load_config(tmp_path / "d" / "scheduler")
+    assert config["prediction_type"] == "epsilon"
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in (tmp_path / "d").rglob("*") if p.is_file()] + [tiny_text_ldm[0]]  # checkpoints too
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}, files
+
+
 @pytest.mark.parametrize("options, message", [
     ({"format": "onnx"}, "format=onnx: choose diffusers"), ({"dtype": "fp8"}, "dtype=fp8: choose one of"),
     ({"format": "single_file", "out": "m.ckpt"}, "ending in .safetensors")])
@@ -198,6 +233,13 @@ def test_init_from_through_the_config(tiny_text_ldm, train_cfg, tmp_path):
     source = Pipeline.from_checkpoint(ckpt, "cpu").model
     want, got = compvis_weights(source), compvis_weights(model, use_ema=False)
     assert all(torch.equal(want[k], got[k]) for k in want)
+    # the file's scale factor is taken, not re-estimated: from a checkpoint and from a diffusers export
+    assert model._scale_factor_ready and float(model.scale_factor) == float(source.scale_factor)
+    write_diffusers(source, tmp_path / "exported")
+    cfg = train_cfg(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}",
+                     f"model.init_from={tmp_path / 'exported'}"])
+    model = hydra.utils.instantiate(cfg.model)
+    assert model._scale_factor_ready and float(model.scale_factor) == pytest.approx(float(source.scale_factor))
     cfg = train_cfg(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", f"model.init_from={ckpt}",
                      "model.unet.model_channels=32"])
     with pytest.raises(Exception, match=r"UNet does not fit model.unet: .*shape mismatches \(file vs model\) 285"):

@@ -4,6 +4,7 @@ from .guidance import cfg_denoiser, rescale_guidance
 from .process import (
     PREDICTION_TYPES,
     canonical_prediction_type,
+    diffusers_prediction_type,
     get_v,
     predict_eps_from_v,
     predict_eps_from_x0,
@@ -38,7 +39,7 @@ __all__ = [
     "NoiseSchedule", "make_betas", "rescale_zero_terminal_snr", "at", "SCHEDULES",
     "q_sample", "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "predict_eps_from_v", "get_v",
     "score_from_eps", "to_x0_eps", "training_target", "sample_timesteps", "canonical_prediction_type",
-    "PREDICTION_TYPES",
+    "diffusers_prediction_type", "PREDICTION_TYPES",
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
     "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc",

@@ -12,16 +12,23 @@ from .draw import draw
 from .schedules import NoiseSchedule, at
 
 PREDICTION_TYPES = ("eps", "v", "x0")
-# diffusers' names, so configs written for either tool work
-_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# the one table of names: ours and diffusers' (configs written for either tool work; export writes diffusers')
+DIFFUSERS_PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+_ALIASES = {theirs: ours for ours, theirs in DIFFUSERS_PREDICTION_TYPES.items()}
 
 
 def canonical_prediction_type(prediction_type: str) -> str:
     """'eps' | 'v' | 'x0' for our names or diffusers' ('epsilon', 'v_prediction', 'sample')."""
     name = _ALIASES.get(prediction_type, prediction_type)
     if name not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES} "
+                         f"(or diffusers' {tuple(_ALIASES)})")
     return name
+
+
+def diffusers_prediction_type(prediction_type: str) -> str:
+    """diffusers' name ('epsilon' | 'v_prediction' | 'sample') for any spelling ``canonical_prediction_type`` takes."""
+    return DIFFUSERS_PREDICTION_TYPES[canonical_prediction_type(prediction_type)]
 
 
 def q_sample(x0: Tensor, t: Tensor | int, noise: Tensor, schedule: NoiseSchedule) -> Tensor:

@@ -15,13 +15,14 @@ from torch.optim.swa_utils import AveragedModel
 
 from sdlight.checkpoints import load_pretrained
 from sdlight.conditioning import ConditionEncoder, Conditioner
-from sdlight.diffusion import (NoiseSchedule, cfg_denoiser, diffusion_loss, loss_weight, q_sample, sample_timesteps,
-                               training_target)
+from sdlight.diffusion import (NoiseSchedule, canonical_prediction_type, cfg_denoiser, diffusion_loss, loss_weight,
+                               q_sample, sample_timesteps, training_target)
 from sdlight.diffusion.draw import draw
+from sdlight.errors import UsageError
 from sdlight.nn.attention import cached_context_projections
 from sdlight.stages.common import (HeldWeights, OptimizerFactory, SchedulerFactory, TrainingFlops, WarmupEMA,
                                    all_finite, build_optimizer, build_scheduler, decay_groups,
-                                   silence_eval_mode_warning, speed_up, swapped_weights, timestep_bucket_names,
+                                   silence_eval_mode_warning, speed_up, stepping_batches, swapped_weights, timestep_bucket_names,
                                    to_plain)
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.latents import CONTEXT, CachedContexts, batch_size_of, check_cache, is_frozen, posterior_of
@@ -110,6 +111,12 @@ class LatentDiffusion(L.LightningModule):
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if scale_factor_batches < 1:
             raise ValueError(f"scale_factor_batches must be >= 1, got {scale_factor_batches}")
+        try:  # the objective's names, checked once here rather than at the first training or sampling step
+            canonical_prediction_type(prediction_type)
+            loss_weight(torch.ones(1), prediction_type, loss_weighting, snr_gamma)
+            diffusion_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, loss_type)
+        except ValueError as err:
+            raise UsageError(f"model: {err}") from None
         self.model = DiffusionWrapper(unet)
         self.first_stage_model = first_stage.eval().requires_grad_(False)
         # `conditioning` is the first encoder (a config group), `conditioners` more (a dict in the config: by name)
@@ -131,8 +138,10 @@ class LatentDiffusion(L.LightningModule):
         self.nonfinite_skips, self._nonfinite_in_a_row = 0, 0
         self._val_stats: Tensor | None = None  # (buckets, 2): sum of losses, count
         if init_from:  # released SD weights (or another run's), loaded before the EMA copies them
-            for line in load_pretrained(init_from, unet, self.first_stage_model, conditioner, init_from_ema):
+            pretrained = load_pretrained(init_from, unet, self.first_stage_model, conditioner, init_from_ema)
+            for line in pretrained.lines:
                 log.info(line)
+            self._take_scale_factor(pretrained.scale_factor, scale_factor)
         # before the EMA copies the UNet, so that both hold their weights in the same memory format
         speed_up([self.model], channels_last=channels_last)
         self.compile_unet = compile  # at setup: each process compiles its own (ddp_spawn pickles the module)
@@ -155,6 +164,18 @@ class LatentDiffusion(L.LightningModule):
             "condition_key": (conditioner.input_keys or [None])[0], "condition_keys": conditioner.input_keys,
             "num_timesteps": schedule.num_timesteps, "concat_channels": getattr(concat, "channels", 0),
         })
+
+    def _take_scale_factor(self, found: float | None, given: float | None) -> None:
+        """The scale factor of the ``init_from`` file: its latents are what its UNet was trained on."""
+        if found is None:
+            log.info("init_from: the file stores no scale factor; it is estimated from the training data")
+        elif given is not None:
+            if abs(found - float(given)) > 1e-6 * abs(found):
+                log.warning(f"init_from: model.scale_factor={given} is used, not the file's {found:.5f}")
+        else:
+            self.scale_factor.fill_(found)
+            self._scale_factor_ready = True
+            log.info(f"scale_factor = {found:.5f}, the init_from file's (not re-estimated)")
 
     # ------------------------------------------------------------------------------------------ components
     @property
@@ -272,7 +293,7 @@ class LatentDiffusion(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": build_scheduler(self.lr_scheduler_factory, optimizer,
-                                                              self.trainer.estimated_stepping_batches),
+                                                              lambda: stepping_batches(self.trainer)),
                                  "interval": "step"}}
 
     def losses(self, batch: dict[str, Any], *, t: Tensor | None = None, noise: Tensor | None = None,
