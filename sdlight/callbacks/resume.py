@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 from sdlight.checkpoints import save_atomic
 
@@ -60,20 +64,21 @@ def _gather(obj: Any) -> list[Any]:
     return [obj]
 
 
-def as_mid_epoch(loops: dict[str, Any], num_training_batches: float) -> bool:
-    """Rewrites the fit loop's progress of a checkpoint saved at the end of an epoch that was cut short
-    (``max_steps`` reached mid-epoch, then ModelCheckpoint's epoch-end save) into the form of a save at the end of
-    its last batch; returns whether it did.
+def as_last_batch(loops: dict[str, Any]) -> bool:
+    """Rewrites the fit loop's progress of a checkpoint saved at the end of an epoch (ModelCheckpoint's epoch-end
+    save: after a whole epoch, or one cut short by ``max_steps`` or a time limit) into the form of a save at the end
+    of its last batch; returns whether it did.
 
-    Lightning would otherwise resume it as a finished epoch, run its remaining batches all the same and count the
-    epoch twice: a run resumed towards a larger ``max_steps`` then stops an epoch early.
+    Lightning resumes the epoch-end form wrongly in two ways: an epoch cut short is taken as finished, its remaining
+    batches run all the same and the epoch counts twice (a run resumed towards a larger ``max_steps`` stops an epoch
+    early); and with ``max_steps`` set, a whole epoch is taken as unfinished, so the next one starts at batch index
+    ``num_batches`` and ends after one batch. The last-batch form is the one its loops are built to resume.
     """
     fit = loops.get("fit_loop", {})
     epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
-    if not epochs or not batches:
+    if not epochs or not batches or batches["current"]["completed"] < 1:
         return False
-    cut_short = batches["current"]["completed"] < num_training_batches
-    if not (cut_short and epochs["current"]["processed"] > epochs["current"]["completed"]):
+    if not epochs["current"]["processed"] > epochs["current"]["completed"]:
         return False
     for part in ("total", "current"):
         epochs[part]["processed"] -= 1
@@ -86,8 +91,8 @@ def as_mid_epoch(loops: dict[str, Any], num_training_batches: float) -> bool:
 
 class ExactResume(L.Callback):
     """Saves the global generators of every rank (torch, CUDA, numpy, python) in checkpoints and restores them
-    when training starts on resume; and saves an epoch cut short by ``max_steps`` as the mid-epoch state it is
-    (see ``as_mid_epoch``).
+    when training starts on resume; and saves the end of an epoch (whole, or cut short by ``max_steps`` or a time
+    limit) as the end of its last batch, the form Lightning resumes exactly (see ``as_last_batch``).
 
     Validation (the sanity check included) runs on a copy of the generators: whether or not a validation happened
     before a checkpoint, or how many sanity batches a resumed run checks, the training stream is the same.
@@ -104,7 +109,7 @@ class ExactResume(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if "loops" in checkpoint:
-            as_mid_epoch(checkpoint["loops"], trainer.num_training_batches)
+            as_last_batch(checkpoint["loops"])
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.training or trainer.sanity_checking:
@@ -142,3 +147,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         save_atomic(checkpoint, Path(path))
+
+
+def set_aside_earlier_checkpoints(callbacks: Iterable[L.Callback]) -> list[Path]:
+    """For a run that starts afresh: checkpoint folders that already hold ``*.ckpt`` files (an earlier run in the
+    same run directory) are renamed to ``<folder>_earlier_<time of their newest file>``, and said so.
+
+    Lightning would write ``last-v1.ckpt`` beside the earlier run's ``last.ckpt``, and everything that reads
+    ``checkpoints/last.ckpt`` (stage 2's ``model.first_stage.ckpt``, sample, evaluate) would read the old model.
+    Nothing is deleted. Global rank 0 only (other ranks and SLURM tasks find the folder already moved).
+    Returns the new names of the folders moved.
+    """
+    moved = []
+    if rank_zero_only.rank != 0:
+        return moved
+    for callback in callbacks:
+        folder = Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+        if folder is None or "://" in str(callback.dirpath) or not folder.is_dir():
+            continue
+        earlier = list(folder.glob("*.ckpt"))
+        if not earlier:
+            continue
+        newest = max(p.stat().st_mtime for p in earlier)
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(newest))
+        target, n = folder.with_name(f"{folder.name}_earlier_{stamp}"), 1
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"{folder.name}_earlier_{stamp}_{n}")
+        folder.rename(target)
+        moved.append(target)
+        log.warning(f"{folder} held {len(earlier)} checkpoint(s) of an earlier run: moved to {target}, so that "
+                    "this new run's last.ckpt is its own (to continue the earlier run instead: resume=auto)")
+    return moved

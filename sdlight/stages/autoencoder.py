@@ -15,7 +15,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.stages.common import (OptimizerFactory, SchedulerFactory, TrainingFlops, all_finite, allow_retained_graphs,
-                                   build_optimizer, build_scheduler, speed_up)
+                                   build_optimizer, build_scheduler, speed_up, stepping_batches)
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -141,7 +141,10 @@ class AutoencoderModule(L.LightningModule):
         opt_d = build_optimizer(self.disc_optimizer_factory, self.loss.discriminator_parameters())
         if self.lr_scheduler_factory is None:
             return [opt_g, opt_d]
-        steps = math.ceil(self.trainer.estimated_stepping_batches / self.accumulate_grad_batches)
+        def steps() -> int | float:  # counted only for a schedule that needs the run's length
+            total = stepping_batches(self.trainer)
+            return math.ceil(total / self.accumulate_grad_batches) if math.isfinite(total) else total
+
         return [opt_g, opt_d], [build_scheduler(self.lr_scheduler_factory, opt, steps) for opt in (opt_g, opt_d)]
 
     def _step(self, optimizer, loss: torch.Tensor, boundary: bool) -> None:

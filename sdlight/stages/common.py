@@ -203,14 +203,31 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Itera
     return factory(params)
 
 
-def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimizer, total_steps: int | float) -> Any:
+def stepping_batches(trainer: L.Trainer) -> int | float:
+    """``trainer.estimated_stepping_batches`` (the run's optimizer steps), without losing a resumed run's data position.
+
+    To count the batches Lightning builds the training loader, before a resumed run's checkpoint is restored, and
+    then keeps that loader without handing it its saved position (Lightning issue #20550): a run resumed mid-epoch
+    would start its epoch over. The loader built here is dropped again, so the fit loop builds it after the restore.
+    """
+    built_here = trainer.fit_loop._combined_loader is None
+    steps = trainer.estimated_stepping_batches
+    if built_here:
+        trainer.fit_loop._combined_loader = None
+    return steps
+
+
+def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimizer,
+                    total_steps: int | float | Callable[[], int | float]) -> Any:
     """``factory(optimizer)``, with ``total_steps`` passed when the factory takes it and left it unset (``None``):
-    a decay that ends with the run follows ``max_epochs`` / ``max_steps`` overrides without a second setting."""
+    a decay that ends with the run follows ``max_epochs`` / ``max_steps`` overrides without a second setting.
+    ``total_steps`` may be a function, called only then (counting a run's steps builds its training loader)."""
     try:
         param = inspect.signature(factory).parameters.get("total_steps")
     except (TypeError, ValueError):  # builtins without a signature
         param = None
     if param is not None and param.default is None:
+        total_steps = total_steps() if callable(total_steps) else total_steps
         if not math.isfinite(total_steps):
             raise ValueError("the LR schedule needs the run's length: set trainer.max_steps or trainer.max_epochs")
         return factory(optimizer, total_steps=int(total_steps))

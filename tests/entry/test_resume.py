@@ -67,6 +67,24 @@ def assert_same_end_state(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} of {len(ta)} differ, e.g. {differ[:5]}"
 
 
+def _signal_at(run_dir: Path, args: list[str], line: str, signum: int) -> tuple[int, str]:
+    """Trains with slow steps and sends ``signum`` once a progress line holds ``line``; (exit code, output)."""
+    args = args + ["+callbacks.slow._target_=resume_helpers.SlowSteps"]
+    proc = subprocess.Popen(_command(run_dir, args), cwd=run_dir.parent, env=_env(run_dir.parent),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for printed in proc.stdout:  # plain progress lines: stdout is a pipe, not a terminal
+            lines.append(printed)
+            if line in printed:
+                proc.send_signal(signum)
+                break
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines) + rest
+
+
 def test_autoencoder_resumes_exactly_and_survives_a_kill_during_a_checkpoint_write(tmp_path):
     full = _train(tmp_path, "full", VAE + ["trainer.max_steps=24"])  # 14 batches: into epoch 1, GAN on
     part = _train(tmp_path, "part", VAE + ["trainer.max_steps=10"])  # 7 batches: mid-epoch 0
@@ -122,27 +140,61 @@ def test_diffusion_on_a_folder_resumes_exactly_after_sigterm(tmp_path, stage1):
            "callbacks.progress_log.every_n_steps=1"]
     full = _train(tmp_path, "full", ldm)  # 4 batches an epoch: 3 epochs
 
-    args = ldm + ["+callbacks.slow._target_=resume_helpers.SlowSteps"]
-    proc = subprocess.Popen(_command(tmp_path / "part", args), cwd=tmp_path, env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    try:
-        for line in proc.stdout:  # plain progress lines: stdout is a pipe, not a terminal
-            lines.append(line)
-            if "step 3/12" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest = proc.communicate(timeout=120)[0]
-    finally:
-        proc.kill()
-    printed = "".join(lines) + rest
-    assert proc.returncode == 0, printed[-3000:]
+    returncode, printed = _signal_at(tmp_path / "part", ldm, "step 3/12", signal.SIGTERM)
+    assert returncode == 0, printed[-3000:]
     assert "Stopped on SIGTERM" in printed and "img/s" in printed and "ETA" in printed
     stopped = read_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")
     assert 3 <= stopped["global_step"] < 12
 
     resumed = _train(tmp_path, "part", ldm + ["ckpt_path=last"])
     assert_same_end_state(full, resumed)
+
+
+# stage 2 on shapes: 8 batches an epoch, an LR schedule of a fixed length (so that runs of another max_steps share it)
+LDM = ["+experiment=quickstart_ldm", "data.train_size=64", "data.val_size=8", "data.batch_size=8",
+       "+model.lr_scheduler.total_steps=12", "model.lr_scheduler.warmup_steps=2", "+trainer.limit_val_batches=0",
+       "model.sample_every_n_steps=0", "seed=3"]
+
+
+@pytest.mark.parametrize("stop", [5, 8], ids=["mid_epoch", "epoch_end"])
+def test_diffusion_resumes_exactly_after_max_steps(tmp_path, stage1, stop):
+    """A finished run extended with a larger max_steps continues as if it had never stopped."""
+    ldm = LDM + [f"model.first_stage.ckpt={stage1}"]
+    full = _train(tmp_path, "full", ldm + ["trainer.max_steps=12"])
+    _train(tmp_path, "part", ldm + [f"trainer.max_steps={stop}"])
+    resumed = _train(tmp_path, "part", ldm + ["trainer.max_steps=12", "ckpt_path=last"])
+    assert_same_end_state(full, resumed)
+
+
+# the schedule's length left to the run (trainer.max_steps): counting it must not cost the loader its position
+OTHER_STOPS = ["+experiment=quickstart_ldm", "data.train_size=64", "data.val_size=8", "data.batch_size=8",
+               "model.lr_scheduler.warmup_steps=2", "+trainer.limit_val_batches=0", "model.sample_every_n_steps=0",
+               "trainer.max_steps=12", "seed=4", "callbacks.progress_log.every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def full_ldm_run(tmp_path_factory, stage1) -> tuple[Path, list[str]]:
+    args = OTHER_STOPS + [f"model.first_stage.ckpt={stage1}"]
+    return _train(tmp_path_factory.mktemp("full"), "full", args), args
+
+
+def test_diffusion_resumes_exactly_after_its_time_limit(tmp_path, full_ldm_run):
+    full, args = full_ldm_run
+    slow = ["+callbacks.slow._target_=resume_helpers.SlowSteps", "+callbacks.slow.seconds=0.5"]
+    # min_epochs=0: Lightning would otherwise finish the first epoch before it honours the limit
+    stopped = _train(tmp_path, "part", args + slow + ["+trainer.max_time=00:00:00:03", "trainer.min_epochs=0"])
+    assert 0 < read_checkpoint(stopped)["global_step"] < 8  # cut short by the time limit, in the first epoch
+    assert_same_end_state(full, _train(tmp_path, "part", args + ["ckpt_path=last"]))
+
+
+def test_diffusion_resumes_exactly_after_a_keyboard_interrupt(tmp_path, full_ldm_run):
+    """Ctrl-C ends the run without a new checkpoint (Lightning's graceful shutdown); the last one it saved, at the
+    end of epoch 0, resumes exactly."""
+    full, args = full_ldm_run
+    returncode, printed = _signal_at(tmp_path / "part", args, "step 10/12", signal.SIGINT)
+    assert returncode != 0 and "KeyboardInterrupt" in printed, printed[-3000:]
+    assert read_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")["global_step"] == 8
+    assert_same_end_state(full, _train(tmp_path, "part", args + ["ckpt_path=last"]))
 
 
 def test_ckpt_path_last_passes_over_a_truncated_checkpoint(tmp_path):
