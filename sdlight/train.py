@@ -11,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdlight.callbacks.preemption import Preempted
-from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume
+from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume, set_aside_earlier_checkpoints
 from sdlight.callbacks.run_config import RunConfigInCheckpoint
 from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, instantiate_callbacks, instantiate_loggers,
                                  metric_value, prepare_wandb, quiet_lightning, register_resolvers, task_wrapper,
@@ -136,6 +136,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
                "loggers": loggers, "trainer": trainer}
     if cfg.get("train", True):
+        if ckpt_path is None:  # a new run: an earlier run's last.ckpt in this directory must not pass for ours
+            set_aside_earlier_checkpoints(callbacks)
         log.info("Starting training")
         try:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -44,6 +44,24 @@ def test_train_saves_last_checkpoint_and_resumes(train_cfg, tmp_path):
     assert objects2["model"].batches == 2 * batches  # resumed, not restarted
 
 
+def test_a_new_run_in_a_used_run_directory_moves_the_earlier_checkpoints_aside(train_cfg, tmp_path, caplog):
+    """Run twice into one directory (as `make quickstart` does): checkpoints/last.ckpt is the second run's, never
+    the first's beside a last-v1.ckpt, and the first run's checkpoints are kept under another name."""
+    args = TINY + ["data.train_size=16", "trainer.max_epochs=1", "logger=none", "+trainer.limit_val_batches=0",
+                   "~callbacks.rich_progress_bar", "~callbacks.model_summary"]
+    train(train_cfg(args + ["seed=1"]))
+    first = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    train(train_cfg(args + ["seed=2"]))
+    earlier = [p for p in tmp_path.iterdir() if p.name.startswith("checkpoints_earlier_")]
+    assert len(earlier) == 1 and (earlier[0] / "last.ckpt").read_bytes() == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "step_0000002.ckpt"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() != first
+    assert any("checkpoint(s) of an earlier run: moved to" in r.getMessage() for r in caplog.records)
+    # resuming is not a new run: nothing is moved
+    train(train_cfg(args + ["seed=2", "resume=auto", "trainer.max_epochs=2"]))
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("checkpoints_earlier_")]) == 1
+
+
 def test_wandb_offline_writes_run_files(train_cfg, tmp_path, monkeypatch, caplog, capfd):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the key check alone must switch to offline
