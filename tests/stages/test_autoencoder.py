@@ -423,9 +423,10 @@ def test_no_val_lpips_without_a_perceptual_network(tmp_path):
 
 # -------------------------------------------------------------------------------------------- 8. DDP (2 CPUs)
 def test_ddp_sim_trains_the_gan(train_cfg, tmp_path):
-    # torch's DDP refuses SyncBatchNorm in CPU modules ("SyncBatchNorm layers only work with GPU modules"), so
-    # on CPU the discriminator's BatchNorm stays per-rank (DDP broadcasts rank 0's buffers at each forward).
-    cfg = train_cfg(TINY + ["trainer=ddp_sim", "trainer.sync_batchnorm=false", "model.loss.disc_start=0",
+    # trainer=ddp_sim as shipped: torch's DDP refuses SyncBatchNorm in CPU modules ("SyncBatchNorm layers only work
+    # with GPU modules"), so the config leaves it off and the discriminator's BatchNorm stays per-rank (DDP
+    # broadcasts rank 0's buffers at each forward).
+    cfg = train_cfg(TINY + ["trainer=ddp_sim", "model.loss.disc_start=0",
                             "trainer.max_epochs=1", "logger=csv",
                             "callbacks=default", "~callbacks.rich_progress_bar", "~callbacks.model_summary",
                             "trainer.num_sanity_val_steps=0", "model.image_log_every_n_steps=0"])

@@ -141,7 +141,7 @@ def test_scale_factor_is_stored_and_kept_on_resume(train_cfg, vae_ckpt, tmp_path
 def test_scale_factor_is_pooled_over_ranks_under_ddp_sim(train_cfg, vae_ckpt, tmp_path):
     n, batch = 32, 8
     cfg = train_cfg(quickstart(vae_ckpt) + [
-        "trainer=ddp_sim", "trainer.sync_batchnorm=false", "trainer.max_steps=1", "+trainer.limit_val_batches=0",
+        "trainer=ddp_sim", "trainer.max_steps=1", "+trainer.limit_val_batches=0",
         f"data.train_size={n}", f"data.batch_size={batch}", "model.scale_factor_batches=8"])
     train(cfg)
     got = float(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["scale_factor"])
