@@ -16,8 +16,8 @@ Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers'
   text encoder), noising, eps loss, backward, AdamW step, EMA update (diffusers: ``EMAModel``).
 - ``ddim``: 50 DDIM steps with classifier-free guidance (scale 3, both branches in one batch) and decoding.
 
-The ``sdlight`` side runs as its stages do: on a CPU its linear layers on oneDNN's matmul (``sdlight.nn.linear``)
-and a fused AdamW for float32 weights (``sdlight.stages.common.build_optimizer``), the VAE NHWC in the stage-1
+The ``sdlight`` side runs as its stages do: on a CPU its linear layers on oneDNN's matmul where that is this
+processor's default (``sdlight.nn.linear``: x86 CPUs with AVX-512 not made by Intel) and a fused AdamW for float32 weights (``sdlight.stages.common.build_optimizer``), the VAE NHWC in the stage-1
 step (``channels_last: null``), which ``--no-onednn-linear``, ``--no-fused`` and ``--vae-nchw`` turn off, plus the
 switches given (``--compile``, ``--channels-last``); diffusers runs as its training scripts do (eager, default
 AdamW). Peak memory: CUDA's max allocated, or on a CPU the
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, randomize_, rel_error
-from sdlight.nn.linear import set_onednn_linear
+from sdlight.nn.linear import onednn_linear_active, set_onednn_linear
 from sdlight.stages.common import build_optimizer, speed_up
 
 SIZES = {
@@ -71,12 +71,9 @@ def bench_unet(size: dict, args, device: torch.device):
         err = rel_error(ours(x, t, context=ctx), theirs(x, t, encoder_hidden_states=ctx).sample)
     kw: dict = {}
     our_switches([ours], kw, args)
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-
     def step(model, call, opt):
         def run():
-            with autocast():
-                out = call(model)
+            out = call(model)
             out.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -256,6 +253,14 @@ def bench_ddim(size: dict, args, device: torch.device):
 BENCHES = {"unet": bench_unet, "vae": bench_vae, "stage2": bench_stage2, "ddim": bench_ddim}
 
 
+def under_bf16(step, device: torch.device):
+    """``step`` run under bfloat16 autocast (as ``trainer.precision=bf16-mixed`` runs a training step)."""
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return step()
+    return run
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -275,7 +280,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (UNet step)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: every step of both sides under bfloat16 autocast (float32 weights)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--no-fused", action="store_true", help="torch's default Adam / AdamW kernel on the CPU too")
@@ -285,9 +291,10 @@ def main() -> None:
     ap.add_argument("--vae-nchw", action="store_true", help="sdlight's VAE step without channels_last on a CPU")
     args = ap.parse_args()
     device = torch.device(args.device)
-    set_onednn_linear(not args.no_onednn_linear)  # diffusers' own layers never take it
-    cpu_defaults = [name for name, off in (("onednn_linear", args.no_onednn_linear), ("fused", args.no_fused),
-                                           ("vae_channels_last", args.vae_nchw)) if not off and device.type == "cpu"]
+    if args.no_onednn_linear:  # else this CPU's default (sdlight.nn.linear); diffusers' layers never take it
+        set_onednn_linear(False)
+    cpu_defaults = [name for name, on in (("onednn_linear", onednn_linear_active()), ("fused", not args.no_fused),
+                                          ("vae_channels_last", not args.vae_nchw)) if on and device.type == "cpu"]
     cpu_defaults += [] if args.two_pass_loss else ["single_backward_loss"]
     switches = cpu_defaults + [s for s in ("compile", "channels_last") if getattr(args, s)] or ["none"]
     rows = []
@@ -295,6 +302,8 @@ def main() -> None:
         for bench in args.benches.split(","):
             torch._dynamo.reset()  # compiled code of the previous size would make dynamo try symbolic shapes
             err, batch, steps = BENCHES[bench](SIZES[size_name], args, device)
+            if args.dtype == "bf16":
+                steps = {side: under_bf16(fn, device) for side, fn in steps.items()}
             res = alternate(steps, rounds=args.rounds, iters=args.iters, warmup=2 if args.compile else 1,
                             device=device)
             ours, theirs = res["sdlight"], res["diffusers"]

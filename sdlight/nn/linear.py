@@ -1,19 +1,24 @@
 """``nn.Linear`` that runs on oneDNN's matmul on the CPU.
 
-A float32 ``F.linear`` on the CPU goes to MKL's sgemm. On AMD processors MKL takes its AVX2 code path and reaches
-about half of what the cores can do; oneDNN (the library that already runs PyTorch's CPU convolutions) uses
-AVX-512 there: forward + backward of the UNet's linear layers in 0.5-0.8x the time (BENCHMARKS.md, "Linear layers:
-MKL against oneDNN").
+A float32 ``F.linear`` on the CPU goes to MKL's sgemm. MKL picks its code path by the processor's vendor: on AMD
+processors it takes its AVX2 path and reaches about half of what the cores can do, while oneDNN (the library that
+already runs PyTorch's CPU convolutions) uses AVX-512 there: forward + backward of the UNet's linear layers in
+0.5-0.8x the time (BENCHMARKS.md, "Linear layers: MKL against oneDNN"). On Intel processors MKL has AVX-512 and
+AMX paths of its own and the gain is gone (BENCHMARKS.md, per processor family).
 The math is the same float32 matmul in another summation order (~1e-7 relative).
 
-The oneDNN path is taken only where it is the same computation: float32 CPU tensors, outside CPU autocast and
-``torch.compile`` (inductor picks its own kernels). Everywhere else — CUDA, half precision, tensor subclasses —
-it is plain ``F.linear``. ``SDLIGHT_ONEDNN_LINEAR=0`` or :func:`set_onednn_linear` turns it off.
+So the oneDNN path is on by default where MKL would leave AVX-512 unused: x86 processors with AVX-512 that are not
+Intel's (read from /proc/cpuinfo once, at import: the same choice for the whole run, hence the same numbers on
+resume). ``SDLIGHT_ONEDNN_LINEAR=1`` / ``=0`` or :func:`set_onednn_linear` override it. It is taken only where it
+is the same computation: float32 CPU tensors, outside CPU autocast and ``torch.compile`` (inductor picks its own
+kernels). Everywhere else — CUDA, half precision, tensor subclasses — it is plain ``F.linear``.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,27 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_enabled = os.environ.get("SDLIGHT_ONEDNN_LINEAR", "1") != "0"
+
+
+def cpu_vendor_and_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """The first processor's ``vendor_id`` and instruction-set ``flags`` from ``cpuinfo`` (empty where unreadable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return "", frozenset()
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    flags = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return (vendor.group(1) if vendor else ""), frozenset(flags.group(1).split() if flags else ())
+
+
+def onednn_linear_default(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether MKL would leave this CPU's AVX-512 unused: an x86 processor with AVX-512 not made by Intel."""
+    vendor, flags = cpu_vendor_and_flags(cpuinfo)
+    return bool(vendor) and vendor != "GenuineIntel" and "avx512f" in flags
+
+
+_setting = os.environ.get("SDLIGHT_ONEDNN_LINEAR", "").strip()
+_enabled = _setting != "0" if _setting else onednn_linear_default()
 _PLAIN = (Tensor, nn.Parameter)
 
 

@@ -9,9 +9,29 @@ import torch.nn.functional as F
 from torch import nn
 
 import sdlight.nn.linear as linear_mod
-from sdlight.nn.linear import Linear, linear, onednn_linear_active, set_onednn_linear
+from sdlight.nn.linear import (Linear, linear, onednn_linear_active, onednn_linear_default, set_onednn_linear)
 
-pytestmark = pytest.mark.skipif(not onednn_linear_active(), reason="this torch build has no oneDNN linear")
+pytestmark = pytest.mark.skipif(not linear_mod._ONEDNN, reason="this torch build has no oneDNN linear")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on():
+    """The path under test, whatever this CPU's default (off on Intel processors)."""
+    previous = set_onednn_linear(True)
+    yield
+    set_onednn_linear(previous)
+
+
+@pytest.mark.parametrize("vendor, flags, default", [
+    ("AuthenticAMD", "fpu sse avx2 avx512f avx512bw", True),   # MKL's AVX2 path: oneDNN's AVX-512 wins
+    ("GenuineIntel", "fpu sse avx2 avx512f amx_bf16", False),  # MKL's own AVX-512 / AMX paths
+    ("AuthenticAMD", "fpu sse avx2", False),                   # no AVX-512 for oneDNN to use either
+    ("HygonGenuine", "fpu avx2 avx512f", True)])
+def test_the_default_follows_the_processor(tmp_path, vendor, flags, default):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert onednn_linear_default(info) is default
+    assert onednn_linear_default(tmp_path / "missing") is False  # not Linux: torch's own choice
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
