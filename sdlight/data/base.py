@@ -11,6 +11,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader
 from sdlight.data.skips import SkipMonitor, SkipTally
+from sdlight.errors import UsageError
+
+
+def check_count(option: str, value: object, minimum: int, nullable: bool = False) -> None:
+    """A UsageError unless ``value`` is an integer >= ``minimum`` (or None when ``nullable``)."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"data.{option}={value}: must be an integer >= {minimum}" + (" or null" if nullable else ""))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -33,8 +42,11 @@ class ImageDataModule(L.LightningDataModule):
                  pin_memory: bool = False, persistent_workers: bool = False, train_size: int | None = None,
                  val_size: int | None = None, max_skip_fraction: float = 0.1):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_count("batch_size", batch_size, 1)
+        check_count("num_workers", num_workers, 0)
+        check_count("image_size", image_size, 1)
+        check_count("train_size", train_size, 1, nullable=True)
+        check_count("val_size", val_size, 0, nullable=True)
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0

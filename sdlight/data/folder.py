@@ -173,8 +173,8 @@ class FolderDataModule(ImageDataModule):
                  label_from: str | None = None, missing_caption: str = "skip", crop: str = "center",
                  flip: bool = False, min_size: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if not 0 <= val_fraction < 1:
-            raise UsageError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise UsageError(f"data.val_fraction={val_fraction}: must be a number in [0, 1)")
         self.root, self.val_root, self.val_fraction = root, val_root, val_fraction
         self.label_from, self.missing_caption = label_from, missing_caption
         self.crop, self.flip, self.min_size = crop, flip, min_size

@@ -1,8 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from sdlight.data.datamodules import ShapesDataModule
+from sdlight.errors import UsageError
 from sdlight.data.shapes import (BACKGROUNDS, COLOURS, NUM_CLASSES, POSITIONS, SHAPES, Scene, ShapesDataset,
                                  ShapeSpec, attribute_vocab_sizes, describe, make_sample, render, scene_attributes,
                                  scene_label)
@@ -85,3 +88,16 @@ def test_datamodule_batches():
     assert len(batch["text"]) == 8 and isinstance(batch["text"][0], str)
     assert batch["label"].dtype == torch.long and batch["attributes"].shape == (8, 4)
     assert len(dm.val_dataloader()) == 2
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("batch_size", 0, "data.batch_size=0: must be an integer >= 1"),
+    ("batch_size", "abc", "data.batch_size=abc: must be an integer >= 1"),
+    ("num_workers", -1, "data.num_workers=-1: must be an integer >= 0"),
+    ("image_size", 0, "data.image_size=0: must be an integer >= 1"),
+    ("train_size", 0, "data.train_size=0: must be an integer >= 1"),
+    ("val_size", -1, "data.val_size=-1: must be an integer >= 0"),
+])
+def test_datamodule_options_out_of_range_are_usage_errors(option, value, says):
+    with pytest.raises(UsageError, match=re.escape(says)):
+        ShapesDataModule(**{option: value})
