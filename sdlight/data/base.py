@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader
 from sdlight.data.skips import SkipMonitor, SkipTally
 from sdlight.errors import UsageError
+from sdlight.threads import available_cpus
 
 
 def check_count(option: str, value: object, minimum: int, nullable: bool = False) -> None:
@@ -37,13 +38,16 @@ class ImageDataModule(L.LightningDataModule):
 
     counts_skips = False
     collate_fn: Callable | None = None
+    max_default_workers = 4  # num_workers=None: one loader process per CPU granted, at most this many
 
-    def __init__(self, batch_size: int = 32, num_workers: int = 0, image_size: int = 32,
+    def __init__(self, batch_size: int = 32, num_workers: int | None = 0, image_size: int = 32,
                  pin_memory: bool = False, persistent_workers: bool = False, train_size: int | None = None,
                  val_size: int | None = None, max_skip_fraction: float = 0.1):
         super().__init__()
         check_count("batch_size", batch_size, 1)
-        check_count("num_workers", num_workers, 0)
+        check_count("num_workers", num_workers, 0, nullable=True)
+        if num_workers is None:  # more workers than CPUs only spin against each other (torch warns, too)
+            num_workers = min(self.max_default_workers, available_cpus())
         check_count("image_size", image_size, 1)
         check_count("train_size", train_size, 1, nullable=True)
         check_count("val_size", val_size, 0, nullable=True)

@@ -114,6 +114,7 @@ class LatentsDataModule(WebDataModule):
     """
 
     has_images = False  # callbacks that need real images (FID statistics) skip, saying why
+    max_default_workers = 2  # a cached sample is read, not decoded: few workers keep up
 
     def __init__(self, root: str, image_size: int | None = None, train_size: int | None = None,
                  val_size: int | None = None, shuffle_buffer: int = 1000, resampled: bool = True, seed: int = 0,

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,16 @@ def test_datamodule_batches():
 def test_datamodule_options_out_of_range_are_usage_errors(option, value, says):
     with pytest.raises(UsageError, match=re.escape(says)):
         ShapesDataModule(**{option: value})
+
+
+def test_default_workers_are_no_more_than_the_cpus_granted(monkeypatch):
+    """num_workers=null (data=folder, webdataset, latents): one loader process per CPU granted, at most 4."""
+    import sdlight.data.base as base
+
+    for cpus, workers in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(base, "available_cpus", lambda: cpus)
+        assert ShapesDataModule(num_workers=None).num_workers == workers
+    assert ShapesDataModule(num_workers=8).num_workers == 8  # asked for: kept
+    conf = Path(__file__).resolve().parents[2] / "conf" / "data"
+    for name in ("folder", "webdataset", "latents"):
+        assert "\nnum_workers: null " in (conf / f"{name}.yaml").read_text()
