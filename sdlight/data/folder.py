@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from sdlight.data.base import ImageDataModule
-from sdlight.data.skips import MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, item_skip_fields
+from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset, collate_counting_skips
 from sdlight.data.transforms import IMAGE_EXTENSIONS, BadImage, ImageTransform
 from sdlight.errors import UsageError
 
@@ -155,13 +155,6 @@ class ImageFolderDataset(ReplacingDataset):
         return {"image": image, "text": text, "label": rec.label, "key": rec.rel, **geometry}
 
 
-def collate_counting_skips(items: list[dict]) -> dict:
-    """default_collate for the batch fields, plus the per-item skip fields (sdlight.data.skips)."""
-    skip = item_skip_fields(items)
-    plain = [{k: v for k, v in it.items() if k not in (SKIPPED, SKIPPED_FROM)} for it in items]
-    return {**default_collate(plain), **skip}
-
-
 class FolderDataModule(ImageDataModule):
     """``data=folder data.root=DIR``: images under ``root``, split by path hash (``val_fraction``) or given a
     separate ``val_root``. ``num_classes`` is known after setup() when ``label_from="folder"``."""
@@ -203,7 +196,7 @@ class FolderDataModule(ImageDataModule):
                     val.records.append(first)
             self._scans = {"train": train, "val": val}
             skipped = train.skipped + val.skipped
-            self.skips.add(len(skipped), train.found + val.found, skipped)
+            self.skips.add(len(skipped), train.found + val.found, skipped, reported=True)
             if skipped:
                 log.warning("data: %d files under %s left out while listing, e.g. %s", len(skipped), self.root,
                             "; ".join(skipped[:MAX_EXAMPLES]))

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import webdataset as wds
 from omegaconf import open_dict
 
 from sdlight.data.shards import SkipCounting, WebDataModule, count_samples, expand_urls
-from sdlight.data.skips import SKIPPED, TooManySkipped
+from sdlight.data.skips import BROKEN_SHARDS, SKIPPED, TooManySkipped
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from conftest import train_tiny_text_ldm  # noqa: E402
@@ -119,13 +120,43 @@ def test_broken_samples_and_tars_are_skipped_and_counted(tmp_path):
     assert skipped > 0
     for b in raw:
         dm.on_before_batch_transfer(b, 0)
-    assert dm.skips.skipped == skipped and dm.skips.read == skipped + 64
+    assert dm.skips.shards == 1  # the truncated b-0002, drawn by both workers, counts once in the epoch
+    assert dm.skips.skipped == skipped + 1 and dm.skips.read == skipped + 64 + 1
     seen = " ".join(dm.skips.examples)
     assert any(k in seen for k in ("nocaption", "noimage", "zero", "notimage", "cut", "b-0002"))
     dm.skips.max_skip_fraction = 0.1
     dm.skips.check(10, 20)  # 50 % broken, but too few read yet to judge
     with pytest.raises(TooManySkipped, match=r"skipped 60 broken samples of 100 read \(60.0%\).*max_skip_fraction"):
         dm.skips.check(60, 100)
+
+
+def cut_shard_set(tmp_path: Path, n: int = 103, per_shard: int = 26) -> str:
+    """``n`` good samples in shards of ``per_shard`` (ShardWriter), the last shard cut in half; its pattern."""
+    shards = write_shards(tmp_path, n, maxcount=per_shard)
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) // 2])
+    return pattern(shards)
+
+
+def test_a_truncated_shard_counts_once_per_epoch(tmp_path):
+    """1 cut shard of 4, drawn again and again by 2 workers: one skipped input per epoch, named with the samples
+    it gave before the cut; its partial last sample is part of it, not another broken sample."""
+    dm = WebDataModule(urls=cut_shard_set(tmp_path), val_size=16, train_size=320, batch_size=8, image_size=8,
+                       num_workers=2, shuffle_buffer=16)
+    dm.setup()
+    for epoch in (1, 2):
+        dm.skips.new_epoch()  # SkipMonitor does this at each epoch's start
+        raw = list(dm.train_dataloader())
+        assert len(raw) == 40 and sum(int(b[SKIPPED].sum()) for b in raw) == 0
+        reports = [url for b in raw for pairs in b[BROKEN_SHARDS] for url, _ in pairs]
+        assert len(reports) >= 2 and set(reports) == {str(tmp_path / "s-0003.tar")}  # each worker says so
+        for b in raw:
+            dm.on_before_batch_transfer(b, 0)
+        assert dm.skips.shards == dm.skips.skipped == epoch
+    assert dm.skips.read == 2 * (320 + 1)
+    assert re.fullmatch(r".*/s-0003\.tar: ReadError: .* \(after \d+ samples\)", dm.skips.examples[0])
+    assert dm.skips.summary() == ("skipped 2 of 642 inputs read (0.3%): 0 broken samples and 2 truncated or "
+                                  "unreadable tar shards (each counted once per epoch)")
 
 
 def test_a_validation_set_of_broken_samples_leaves_them_out(tmp_path):
