@@ -23,6 +23,11 @@ def check_count(option: str, value: object, minimum: int, nullable: bool = False
         raise UsageError(f"data.{option}={value}: must be an integer >= {minimum}" + (" or null" if nullable else ""))
 
 
+def leaving(left: int, batch: str) -> str:
+    """How a too-small training split reads in the errors of ``check_training_left``."""
+    return f"leaving {left or 'none'} for training" + (f", fewer than {batch}" if batch else "")
+
+
 class ImageDataModule(L.LightningDataModule):
     """Wraps a train and a val dataset whose items are ``{image, text, label[, attributes]}`` dicts.
 
@@ -62,6 +67,16 @@ class ImageDataModule(L.LightningDataModule):
     def build(self, split: str) -> Dataset:
         """The dataset of ``split`` ("train" or "val"); each subclass defines its own."""
         raise TypeError(f"{type(self).__name__} must define build(split)")
+
+    def one_batch(self) -> tuple[int, str]:
+        """The fewest training samples a run can use, and how to say it: one batch on every rank under a Trainer;
+        one sample (and no phrase) when the datasets are built without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, ""
+        world = trainer.world_size
+        return self.batch_size * world, f"one batch (data.batch_size={self.batch_size} x {world} rank" + \
+            ("s)" if world > 1 else ")")
 
     @staticmethod
     def _first(dataset: Dataset, n: int | None) -> Dataset:

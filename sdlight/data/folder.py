@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from sdlight.data.base import ImageDataModule
+from sdlight.data.base import ImageDataModule, leaving
 from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset, collate_counting_skips
 from sdlight.data.transforms import IMAGE_EXTENSIONS, BadImage, ImageTransform
 from sdlight.errors import UsageError
@@ -201,9 +201,23 @@ class FolderDataModule(ImageDataModule):
                 log.warning("data: %d files under %s left out while listing, e.g. %s", len(skipped), self.root,
                             "; ".join(skipped[:MAX_EXAMPLES]))
             self.skips.check(len(skipped), train.found + val.found, final=True)
-            if not train.records:
+            if not train.records and (self.val_root or not val.records):  # else the split took them (setup says so)
                 raise UsageError(f"data.root={self.root}: no usable images (extensions {IMAGE_EXTENSIONS})")
         return self._scans
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit") and not self.val_root:
+            self.check_training_left()
+        super().setup(stage)
+
+    def check_training_left(self) -> None:
+        """Stops a run whose ``val_fraction`` leaves fewer training images than one batch on every rank."""
+        need, batch = self.one_batch()
+        train, val = (len(self._scan()[split].records) for split in ("train", "val"))
+        if val and train < need:
+            raise UsageError(f"data.val_fraction={self.val_fraction} holds out {val} of the {train + val} usable "
+                             f"images under data.root={self.root}, {leaving(train, batch)}: lower data.val_fraction "
+                             "(0 trains on all), or give a separate validation folder with data.val_root")
 
     def build(self, split: str) -> Dataset:
         records = self._scan()[split].records

@@ -146,3 +146,13 @@ class LatentsDataModule(WebDataModule):
 
     def count_samples(self) -> int:
         return int(self.manifest["splits"]["train"]["samples"])
+
+    def check_training_left(self) -> None:
+        """Stops a run whose cache holds fewer training samples than one batch on every rank (its validation
+        share was set aside when the cache was encoded)."""
+        need, batch = self.one_batch()
+        held = int(self.manifest["splits"].get("val", {}).get("samples", 0))
+        if self.count_samples() < need:
+            raise UsageError(f"data.root={self.root} holds {self.count_samples()} training samples (and {held} for "
+                             f"validation), fewer than {batch}: lower data.batch_size, or encode the cache with a "
+                             "smaller validation share of the image data (its data.val_size or data.val_fraction)")

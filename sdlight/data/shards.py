@@ -5,12 +5,14 @@ Training draws shards with replacement (``ResampledShards``, seeded per rank and
 buffer, and ``with_epoch`` fixes each worker's number of batches: every rank gets the same known number of
 batches per epoch, whatever was skipped, so Lightning sees epochs and no DDP rank waits on another.
 Validation is a fixed list of the first ``val_size`` samples of ``val_urls`` (else of ``urls``, which training
-then leaves out), held as encoded bytes and decoded like training images; being map-style, Lightning splits it
-over ranks with its DistributedSampler.
+then leaves out, and a run whose validation leaves fewer than one batch on every rank stops at setup), held as
+encoded bytes and decoded like training images; being map-style, Lightning splits it over ranks with its
+DistributedSampler.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import webdataset as wds
 from torch.utils.data import Dataset
 
-from sdlight.data.base import ImageDataModule
+from sdlight.data.base import ImageDataModule, leaving
 from sdlight.data.skips import (BROKEN_SHARDS, MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, TooManySkipped,
                                 collate_counting_skips)
 from sdlight.data.transforms import BadImage, ImageTransform
@@ -210,6 +212,7 @@ class WebDataModule(ImageDataModule):
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.crop, self.flip, self.min_size = crop, flip, min_size
         self._val_keys: frozenset = frozenset()
+        self._head: dict[str, int] | None = None  # validation from the head of urls: held, read, left for training
 
     def _transform(self, split: str) -> ImageTransform:
         train = split == "train"
@@ -229,9 +232,9 @@ class WebDataModule(ImageDataModule):
         return trainer.world_size if trainer is not None else 1
 
     def batches_per_worker(self) -> int:
-        """Each worker's batches per epoch: ``train_size`` over ranks, workers and the batch size, rounded up
-        (``with_epoch`` is per worker)."""
-        n = self.train_size if self.train_size is not None else self.count_samples()
+        """Each worker's batches per epoch: ``train_size`` (else the samples of the shards less the validation
+        ones taken from them) over ranks, workers and the batch size, rounded up (``with_epoch`` is per worker)."""
+        n = self.train_size if self.train_size is not None else self.count_samples() - len(self._val_keys)
         per_rank = max(1, math.ceil(n / (self._world() * self.batch_size)))
         return math.ceil(per_rank / max(1, self.num_workers))
 
@@ -257,21 +260,31 @@ class WebDataModule(ImageDataModule):
         return pipeline.with_epoch(nbatches=n).with_length(n * max(1, self.num_workers), silent=True)
 
     def _build_val(self) -> Dataset:
-        """Reads the validation samples once, decoding each to leave the broken ones out (and count them)."""
+        """Reads the validation samples once, decoding each to leave the broken ones out (and count them).
+
+        Taken from the head of ``urls``, it reads on until one batch on every rank is left for training (never
+        the whole set, which may be remote), so that setup can stop a run that would have nothing to train on.
+        """
         load = self.sample_loader("val")
         counting = SkipCounting(load)
         limit = self.val_size if self.val_size is not None or self.val_urls else 256
-        samples = []
-        for sample in iter_samples(self.val_urls or self.urls, counting):
+        samples, read = [], 0
+        stream = iter(iter_samples(self.val_urls or self.urls, counting))
+        while limit is None or len(samples) < limit:
+            sample = next(stream, None)
+            if sample is None:
+                break
+            read += not sample.get("__cut__")
             try:
                 load(sample)
                 samples.append(sample)
             except (BadImage, ValueError, OSError) as exc:
                 counting.broken(sample, exc)
-            if limit is not None and len(samples) >= limit:
-                break
         if not self.val_urls:
             self._val_keys = frozenset((s.get("__url__"), s.get("__key__")) for s in samples)
+            with_image = (s for s in stream if any(k in s for k in IMAGE_KEYS))
+            left = sum(1 for _ in itertools.islice(with_image, self.one_batch()[0]))
+            self._head = {"held": len(samples), "read": read + left, "left": left}
         bad = counting.pending + [what for _, what in counting.broken_shards]
         if bad:
             self.skips.add(len(bad), len(bad) + len(samples), bad, shards=len(counting.broken_shards), reported=True)
@@ -281,13 +294,25 @@ class WebDataModule(ImageDataModule):
             log.warning("data: no validation samples in %s", (self.val_urls or self.urls)[:MAX_EXAMPLES])
         return EncodedSamples(samples, load)
 
+    def check_training_left(self) -> None:
+        """Stops a run whose validation samples, taken from the head of ``urls``, leave fewer training samples
+        than one batch on every rank (none left: training would skip every sample it reads, forever)."""
+        need, batch = self.one_batch()
+        head = self._head
+        if head is None or head["left"] >= need:
+            return
+        # the read reached the end of the shards: their count is exact
+        total, size = head["read"], self.val_size if self.val_size is not None else "null (256)"
+        fix = f"lower data.val_size to {total - need} or less" if total > need else "lower data.batch_size"
+        shards = f"{len(self.urls)} shard" + ("s" if len(self.urls) > 1 else "")
+        raise UsageError(f"data.val_size={size} holds out {head['held']} of the {total} samples in data.urls "
+                         f"({shards}), {leaving(head['left'], batch)}: {fix}, or give a separate validation set with "
+                         "data.val_urls")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:  # val first: training leaves out the samples it holds
             self.val_set = self.build("val")
-            if not self.val_urls and self._val_keys and self.train_size is None \
-                    and len(self._val_keys) >= self.count_samples():
-                # training would skip every sample it reads, forever
-                raise UsageError(f"data.val_size={self.val_size} holds out every sample of data.urls: give a smaller "
-                                 "data.val_size or a separate data.val_urls")
+            if stage in (None, "fit"):
+                self.check_training_left()
             self.train_set = self.build("train")
         super().setup(stage)

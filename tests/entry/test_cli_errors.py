@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "data")]
 from conftest import random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
+from imagefiles import cut_shard_set  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
 
@@ -151,3 +152,14 @@ def test_a_batch_size_of_zero_is_refused_by_every_datamodule(tmp_path, data):
     out = run_cli("train", ["+experiment=quickstart_vae", f"data={data}", *where, "data.batch_size=0", "logger=none"],
                   tmp_path)
     assert_one_line(out, "data.batch_size=0: must be an integer >= 1")
+
+
+def test_shards_holding_no_more_samples_than_the_validation_head_stop_at_once(tmp_path):
+    """103 samples in 4 shards, the last cut, and data.val_size=256: training would skip every sample it reads,
+    forever (it hung, or blamed the cut shard); it stops at setup, in one line."""
+    urls = cut_shard_set(tmp_path / "shards")
+    out = run_cli("train", ["+experiment=quickstart_vae", "data=webdataset", f"data.urls='{urls}'", "logger=none"],
+                  tmp_path, timeout=120)
+    line = assert_one_line(out, "data.val_size=256 holds out 90 of the 90 samples in data.urls (4 shards)")
+    assert "leaving none for training, fewer than one batch (data.batch_size=8 x 1 rank): lower data.val_size to " \
+           "82 or less, or give a separate validation set with data.val_urls" in line
