@@ -84,7 +84,7 @@ def split_inputs(dm: Any, split: str) -> tuple[Iterator[Thunk], int | None, Skip
     if isinstance(dm, WebDataModule) and split == "train":  # a single ordered pass, not the resampled stream
         counting = SkipCounting(dm.sample_loader("val"))
         load = partial(_load, dm.sample_loader("val"), lambda s: f"{s.get('__url__')}:{s.get('__key__')}")
-        raw = (s for s in iter_samples(dm.urls, counting.handler)
+        raw = (s for s in iter_samples(dm.urls, counting)
                if (s.get("__url__"), s.get("__key__")) not in dm._val_keys)
         try:
             total = count_samples(dm.urls) - len(dm._val_keys)
@@ -230,8 +230,8 @@ def encode_dataset(first_stage: nn.Module, datamodule: Any, out: str | Path, *, 
             log.info("encode %s: %s, %d samples (%d broken), %.1f images/s", split, name, record["samples"],
                      record["skipped"], len(chunk) / max(time.perf_counter() - start, 1e-9))
         bar.close()
-        if counting is not None and counting.pending:  # unreadable tars of the input shards
-            state.setdefault("unreadable", {})[split] = [counting.pending, counting.first]
+        if counting is not None and counting.broken_shards:  # unreadable tars of the input shards
+            state.setdefault("unreadable", {})[split] = [len(counting.broken_shards), counting.broken_shards[0][1]]
     manifest = _manifest(state, identity, first_stage, first_stage_ckpt, text_encoder, data_config, dtype,
                          int(datamodule.image_size), splits, out)
     _write_json(out / MANIFEST, manifest)

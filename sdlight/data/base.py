@@ -11,6 +11,21 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader
 from sdlight.data.skips import SkipMonitor, SkipTally
+from sdlight.errors import UsageError
+from sdlight.threads import available_cpus
+
+
+def check_count(option: str, value: object, minimum: int, nullable: bool = False) -> None:
+    """A UsageError unless ``value`` is an integer >= ``minimum`` (or None when ``nullable``)."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"data.{option}={value}: must be an integer >= {minimum}" + (" or null" if nullable else ""))
+
+
+def leaving(left: int, batch: str) -> str:
+    """How a too-small training split reads in the errors of ``check_training_left``."""
+    return f"leaving {left or 'none'} for training" + (f", fewer than {batch}" if batch else "")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -28,13 +43,19 @@ class ImageDataModule(L.LightningDataModule):
 
     counts_skips = False
     collate_fn: Callable | None = None
+    max_default_workers = 4  # num_workers=None: one loader process per CPU granted, at most this many
 
-    def __init__(self, batch_size: int = 32, num_workers: int = 0, image_size: int = 32,
+    def __init__(self, batch_size: int = 32, num_workers: int | None = 0, image_size: int = 32,
                  pin_memory: bool = False, persistent_workers: bool = False, train_size: int | None = None,
                  val_size: int | None = None, max_skip_fraction: float = 0.1):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_count("batch_size", batch_size, 1)
+        check_count("num_workers", num_workers, 0, nullable=True)
+        if num_workers is None:  # more workers than CPUs only spin against each other (torch warns, too)
+            num_workers = min(self.max_default_workers, available_cpus())
+        check_count("image_size", image_size, 1)
+        check_count("train_size", train_size, 1, nullable=True)
+        check_count("val_size", val_size, 0, nullable=True)
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -46,6 +67,16 @@ class ImageDataModule(L.LightningDataModule):
     def build(self, split: str) -> Dataset:
         """The dataset of ``split`` ("train" or "val"); each subclass defines its own."""
         raise TypeError(f"{type(self).__name__} must define build(split)")
+
+    def one_batch(self) -> tuple[int, str]:
+        """The fewest training samples a run can use, and how to say it: one batch on every rank under a Trainer;
+        one sample (and no phrase) when the datasets are built without one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, ""
+        world = trainer.world_size
+        return self.batch_size * world, f"one batch (data.batch_size={self.batch_size} x {world} rank" + \
+            ("s)" if world > 1 else ")")
 
     @staticmethod
     def _first(dataset: Dataset, n: int | None) -> Dataset:

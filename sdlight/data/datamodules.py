@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sdlight.data.base import ImageDataModule
+from sdlight.data.base import ImageDataModule, check_count
 from sdlight.data.digit_oracle import render_scans
 from sdlight.data.shapes import NUM_CLASSES, ShapesDataset, attribute_vocab_sizes
+from sdlight.errors import UsageError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -19,8 +20,10 @@ class ShapesDataModule(ImageDataModule):
     num_classes = NUM_CLASSES
 
     def __init__(self, train_size: int = 20000, val_size: int = 512, max_shapes: int = 1, seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.train_size, self.val_size, self.max_shapes, self.seed = train_size, val_size, max_shapes, seed
+        super().__init__(train_size=train_size, val_size=val_size, **kwargs)
+        check_count("train_size", train_size, 1)  # generated: a number is needed
+        check_count("val_size", val_size, 0)
+        self.max_shapes, self.seed = max_shapes, seed
 
     @property
     def attribute_vocab_sizes(self) -> list[int]:
@@ -54,8 +57,8 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(self, val_fraction: float = 0.1, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+            raise UsageError(f"data.val_fraction={val_fraction}: must be a number in (0, 1)")
         self.val_fraction, self.seed = val_fraction, seed
 
     def build(self, split: str) -> Dataset:

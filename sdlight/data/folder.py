@@ -18,10 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-from sdlight.data.base import ImageDataModule
-from sdlight.data.skips import MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, item_skip_fields
+from sdlight.data.base import ImageDataModule, leaving
+from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset, collate_counting_skips
 from sdlight.data.transforms import IMAGE_EXTENSIONS, BadImage, ImageTransform
 from sdlight.errors import UsageError
 
@@ -155,13 +155,6 @@ class ImageFolderDataset(ReplacingDataset):
         return {"image": image, "text": text, "label": rec.label, "key": rec.rel, **geometry}
 
 
-def collate_counting_skips(items: list[dict]) -> dict:
-    """default_collate for the batch fields, plus the per-item skip fields (sdlight.data.skips)."""
-    skip = item_skip_fields(items)
-    plain = [{k: v for k, v in it.items() if k not in (SKIPPED, SKIPPED_FROM)} for it in items]
-    return {**default_collate(plain), **skip}
-
-
 class FolderDataModule(ImageDataModule):
     """``data=folder data.root=DIR``: images under ``root``, split by path hash (``val_fraction``) or given a
     separate ``val_root``. ``num_classes`` is known after setup() when ``label_from="folder"``."""
@@ -173,8 +166,8 @@ class FolderDataModule(ImageDataModule):
                  label_from: str | None = None, missing_caption: str = "skip", crop: str = "center",
                  flip: bool = False, min_size: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if not 0 <= val_fraction < 1:
-            raise UsageError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise UsageError(f"data.val_fraction={val_fraction}: must be a number in [0, 1)")
         self.root, self.val_root, self.val_fraction = root, val_root, val_fraction
         self.label_from, self.missing_caption = label_from, missing_caption
         self.crop, self.flip, self.min_size = crop, flip, min_size
@@ -203,14 +196,28 @@ class FolderDataModule(ImageDataModule):
                     val.records.append(first)
             self._scans = {"train": train, "val": val}
             skipped = train.skipped + val.skipped
-            self.skips.add(len(skipped), train.found + val.found, skipped)
+            self.skips.add(len(skipped), train.found + val.found, skipped, reported=True)
             if skipped:
                 log.warning("data: %d files under %s left out while listing, e.g. %s", len(skipped), self.root,
                             "; ".join(skipped[:MAX_EXAMPLES]))
             self.skips.check(len(skipped), train.found + val.found, final=True)
-            if not train.records:
+            if not train.records and (self.val_root or not val.records):  # else the split took them (setup says so)
                 raise UsageError(f"data.root={self.root}: no usable images (extensions {IMAGE_EXTENSIONS})")
         return self._scans
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit") and not self.val_root:
+            self.check_training_left()
+        super().setup(stage)
+
+    def check_training_left(self) -> None:
+        """Stops a run whose ``val_fraction`` leaves fewer training images than one batch on every rank."""
+        need, batch = self.one_batch()
+        train, val = (len(self._scan()[split].records) for split in ("train", "val"))
+        if val and train < need:
+            raise UsageError(f"data.val_fraction={self.val_fraction} holds out {val} of the {train + val} usable "
+                             f"images under data.root={self.root}, {leaving(train, batch)}: lower data.val_fraction "
+                             "(0 trains on all), or give a separate validation folder with data.val_root")
 
     def build(self, split: str) -> Dataset:
         records = self._scan()[split].records

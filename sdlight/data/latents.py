@@ -114,6 +114,7 @@ class LatentsDataModule(WebDataModule):
     """
 
     has_images = False  # callbacks that need real images (FID statistics) skip, saying why
+    max_default_workers = 2  # a cached sample is read, not decoded: few workers keep up
 
     def __init__(self, root: str, image_size: int | None = None, train_size: int | None = None,
                  val_size: int | None = None, shuffle_buffer: int = 1000, resampled: bool = True, seed: int = 0,
@@ -145,3 +146,13 @@ class LatentsDataModule(WebDataModule):
 
     def count_samples(self) -> int:
         return int(self.manifest["splits"]["train"]["samples"])
+
+    def check_training_left(self) -> None:
+        """Stops a run whose cache holds fewer training samples than one batch on every rank (its validation
+        share was set aside when the cache was encoded)."""
+        need, batch = self.one_batch()
+        held = int(self.manifest["splits"].get("val", {}).get("samples", 0))
+        if self.count_samples() < need:
+            raise UsageError(f"data.root={self.root} holds {self.count_samples()} training samples (and {held} for "
+                             f"validation), fewer than {batch}: lower data.batch_size, or encode the cache with a "
+                             "smaller validation share of the image data (its data.val_size or data.val_fraction)")

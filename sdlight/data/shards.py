@@ -5,12 +5,14 @@ Training draws shards with replacement (``ResampledShards``, seeded per rank and
 buffer, and ``with_epoch`` fixes each worker's number of batches: every rank gets the same known number of
 batches per epoch, whatever was skipped, so Lightning sees epochs and no DDP rank waits on another.
 Validation is a fixed list of the first ``val_size`` samples of ``val_urls`` (else of ``urls``, which training
-then leaves out), held as encoded bytes and decoded like training images; being map-style, Lightning splits it
-over ranks with its DistributedSampler.
+then leaves out, and a run whose validation leaves fewer than one batch on every rank stops at setup), held as
+encoded bytes and decoded like training images; being map-style, Lightning splits it over ranks with its
+DistributedSampler.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -20,9 +22,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import webdataset as wds
 from torch.utils.data import Dataset
 
-from sdlight.data.base import ImageDataModule
-from sdlight.data.folder import collate_counting_skips
-from sdlight.data.skips import MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, TooManySkipped
+from sdlight.data.base import ImageDataModule, leaving
+from sdlight.data.skips import (BROKEN_SHARDS, MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, TooManySkipped,
+                                collate_counting_skips)
 from sdlight.data.transforms import BadImage, ImageTransform
 from sdlight.errors import UsageError
 
@@ -74,27 +76,66 @@ def sample_name(sample: dict) -> str:
 
 
 class SkipCounting:
-    """The stages of a training pipeline that count what they drop; the count rides on the next good item.
+    """The stages of a shard reader that count what they drop; the counts ride on the next good item.
 
-    Lives inside each DataLoader worker (a copy per worker), so nothing is shared between processes.
+    A broken sample counts each time it is read. A tar that ends early or does not open is noted once per pass
+    over the shards (the main process counts it once per epoch, sdlight.data.skips), with the partial sample a cut
+    leaves behind, and with the samples it gave before the cut. Lives inside each DataLoader worker (a copy per
+    worker), so nothing is shared between processes.
     """
-
-    def __init__(self, load: Callable[[dict], dict], exclude: frozenset = frozenset()):
-        self.load, self.exclude = load, exclude
-        self.pending, self.first = 0, ""
 
     max_in_a_row = 1000  # resampled shards never end: without this, all-broken data would spin forever
 
-    def _skip(self, what: str) -> None:
-        self.pending += 1
+    def __init__(self, load: Callable[[dict], dict], exclude: frozenset = frozenset()):
+        self.load, self.exclude = load, exclude
+        self.pending: list[str] = []                      # broken samples since the last good item
+        self.broken_shards: list[tuple[str, str]] = []    # (url, what) not yet handed on
+        self.in_a_row, self.first = 0, ""
+        self.url, self.in_shard, self.cut = "", 0, None   # the tar being read, its samples so far, a tar just cut
+        self.seen_shards: set[str] = set()
+
+    def _bad(self, what: str) -> None:
+        self.in_a_row += 1
         self.first = self.first or what
-        if self.pending >= self.max_in_a_row:
-            raise TooManySkipped(f"data: {self.pending} broken samples in a row, e.g. {self.first}")
+        if self.in_a_row >= self.max_in_a_row:
+            raise TooManySkipped(f"data: {self.in_a_row} reads in a row gave no usable sample (broken samples or "
+                                 f"tar shards that do not read), e.g. {self.first}")
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset's exception handler: a truncated tar or unreadable shard is counted, never raised."""
-        self._skip(f"{exn.args[-1] if exn.args else '?'}: {type(exn).__name__}: {exn}")
+        """webdataset's exception handler: a truncated tar or unreadable shard is noted, never raised."""
+        why = str(exn.args[0]).split(" @ <")[0] if exn.args else ""  # webdataset appends the file object
+        what = f"{self.url}: {type(exn).__name__}: {why} (after {self.in_shard} samples)"
+        self._bad(what)
+        self.cut = self.url
+        if self.url not in self.seen_shards:
+            self.seen_shards.add(self.url)
+            self.broken_shards.append((self.url, what))
         return True
+
+    def read(self, shards: Iterable[dict]) -> Iterator[dict]:
+        """The raw samples of ``shards`` (webdataset's ``{"url": ...}`` dicts): one pass."""
+        self.seen_shards = set()
+
+        def noted() -> Iterator[dict]:
+            for shard in shards:
+                self.url, self.in_shard = shard["url"], 0
+                yield shard
+
+        for sample in wds.tarfile_samples(noted(), handler=self.handler):
+            cut, self.cut = self.cut, None
+            if sample.get("__url__") == cut:
+                sample["__cut__"] = True  # the partial last sample of a tar that ended early
+            elif sample.get("__url__") == self.url:
+                self.in_shard += 1
+            yield sample
+
+    def broken(self, sample: dict, exc: Exception) -> str:
+        """Counts a sample that does not load (a cut tar's partial sample is part of that tar's count); returns
+        what it was."""
+        what = f"{sample_name(sample)}: {exc}"
+        if not sample.get("__cut__"):
+            self.pending.append(what)
+        return what
 
     def decode(self, src: Iterable[dict]) -> Iterator[dict]:
         for sample in src:
@@ -103,16 +144,17 @@ class SkipCounting:
             try:
                 item = self.load(sample)
             except (BadImage, ValueError, OSError) as exc:
-                self._skip(f"{sample_name(sample)}: {exc}")
+                self._bad(self.broken(sample, exc))
                 continue
-            item[SKIPPED], item[SKIPPED_FROM] = self.pending, self.first
-            self.pending, self.first = 0, ""
+            item[SKIPPED], item[SKIPPED_FROM] = len(self.pending), "\n".join(self.pending)
+            item[BROKEN_SHARDS] = tuple(self.broken_shards)
+            self.pending, self.broken_shards, self.in_a_row, self.first = [], [], 0, ""
             yield item
 
 
-def iter_samples(urls: Sequence[str], handler) -> Iterator[dict]:
-    """The raw samples of ``urls`` in order, read in this process."""
-    yield from wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=handler))
+def iter_samples(urls: Sequence[str], counting: SkipCounting) -> Iterator[dict]:
+    """The raw samples of ``urls`` in order, read in this process; tar errors noted by ``counting``."""
+    yield from wds.DataPipeline(wds.SimpleShardList(list(urls)), counting.read)
 
 
 def count_samples(urls: Sequence[str]) -> int:
@@ -170,6 +212,7 @@ class WebDataModule(ImageDataModule):
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.crop, self.flip, self.min_size = crop, flip, min_size
         self._val_keys: frozenset = frozenset()
+        self._head: dict[str, int] | None = None  # validation from the head of urls: held, read, left for training
 
     def _transform(self, split: str) -> ImageTransform:
         train = split == "train"
@@ -189,9 +232,9 @@ class WebDataModule(ImageDataModule):
         return trainer.world_size if trainer is not None else 1
 
     def batches_per_worker(self) -> int:
-        """Each worker's batches per epoch: ``train_size`` over ranks, workers and the batch size, rounded up
-        (``with_epoch`` is per worker)."""
-        n = self.train_size if self.train_size is not None else self.count_samples()
+        """Each worker's batches per epoch: ``train_size`` (else the samples of the shards less the validation
+        ones taken from them) over ranks, workers and the batch size, rounded up (``with_epoch`` is per worker)."""
+        n = self.train_size if self.train_size is not None else self.count_samples() - len(self._val_keys)
         per_rank = max(1, math.ceil(n / (self._world() * self.batch_size)))
         return math.ceil(per_rank / max(1, self.num_workers))
 
@@ -209,7 +252,7 @@ class WebDataModule(ImageDataModule):
         n = self.batches_per_worker()
         pipeline = wds.DataPipeline(
             *shards,
-            wds.tarfile_to_samples(handler=counting.handler),
+            counting.read,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
             counting.decode,
             wds.batched(self.batch_size, collation_fn=collate_counting_skips, partial=False),
@@ -217,37 +260,59 @@ class WebDataModule(ImageDataModule):
         return pipeline.with_epoch(nbatches=n).with_length(n * max(1, self.num_workers), silent=True)
 
     def _build_val(self) -> Dataset:
-        """Reads the validation samples once, decoding each to leave the broken ones out (and count them)."""
+        """Reads the validation samples once, decoding each to leave the broken ones out (and count them).
+
+        Taken from the head of ``urls``, it reads on until one batch on every rank is left for training (never
+        the whole set, which may be remote), so that setup can stop a run that would have nothing to train on.
+        """
         load = self.sample_loader("val")
         counting = SkipCounting(load)
         limit = self.val_size if self.val_size is not None or self.val_urls else 256
-        samples, bad = [], []
-        for sample in iter_samples(self.val_urls or self.urls, counting.handler):
+        samples, read = [], 0
+        stream = iter(iter_samples(self.val_urls or self.urls, counting))
+        while limit is None or len(samples) < limit:
+            sample = next(stream, None)
+            if sample is None:
+                break
+            read += not sample.get("__cut__")
             try:
                 load(sample)
                 samples.append(sample)
             except (BadImage, ValueError, OSError) as exc:
-                bad.append(f"{sample_name(sample)}: {exc}")
-            if limit is not None and len(samples) >= limit:
-                break
+                counting.broken(sample, exc)
         if not self.val_urls:
             self._val_keys = frozenset((s.get("__url__"), s.get("__key__")) for s in samples)
-        bad += [counting.first] * counting.pending
+            with_image = (s for s in stream if any(k in s for k in IMAGE_KEYS))
+            left = sum(1 for _ in itertools.islice(with_image, self.one_batch()[0]))
+            self._head = {"held": len(samples), "read": read + left, "left": left}
+        bad = counting.pending + [what for _, what in counting.broken_shards]
         if bad:
-            self.skips.add(len(bad), len(bad) + len(samples), bad)
-            log.warning("data: %d broken samples left out of the validation set, e.g. %s", len(bad),
+            self.skips.add(len(bad), len(bad) + len(samples), bad, shards=len(counting.broken_shards), reported=True)
+            log.warning("data: %d broken samples or tar shards left out of the validation set, e.g. %s", len(bad),
                         "; ".join(bad[:MAX_EXAMPLES]))
         if not samples:
             log.warning("data: no validation samples in %s", (self.val_urls or self.urls)[:MAX_EXAMPLES])
         return EncodedSamples(samples, load)
 
+    def check_training_left(self) -> None:
+        """Stops a run whose validation samples, taken from the head of ``urls``, leave fewer training samples
+        than one batch on every rank (none left: training would skip every sample it reads, forever)."""
+        need, batch = self.one_batch()
+        head = self._head
+        if head is None or head["left"] >= need:
+            return
+        # the read reached the end of the shards: their count is exact
+        total, size = head["read"], self.val_size if self.val_size is not None else "null (256)"
+        fix = f"lower data.val_size to {total - need} or less" if total > need else "lower data.batch_size"
+        shards = f"{len(self.urls)} shard" + ("s" if len(self.urls) > 1 else "")
+        raise UsageError(f"data.val_size={size} holds out {head['held']} of the {total} samples in data.urls "
+                         f"({shards}), {leaving(head['left'], batch)}: {fix}, or give a separate validation set with "
+                         "data.val_urls")
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:  # val first: training leaves out the samples it holds
             self.val_set = self.build("val")
-            if not self.val_urls and self._val_keys and self.train_size is None \
-                    and len(self._val_keys) >= self.count_samples():
-                # training would skip every sample it reads, forever
-                raise UsageError(f"data.val_size={self.val_size} holds out every sample of data.urls: give a smaller "
-                                 "data.val_size or a separate data.val_urls")
+            if stage in (None, "fit"):
+                self.check_training_left()
             self.train_set = self.build("train")
         super().setup(stage)

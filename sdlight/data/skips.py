@@ -1,26 +1,32 @@
 """Broken samples are skipped and counted, never fatal, until there are too many.
 
 Counts are made where the samples are read, often inside DataLoader worker processes, so they travel to the
-main process inside the batch: ``_skipped`` is a (B,) int tensor (item i: how many bad reads it replaced) and
-``_skipped_from`` a list of B strings ("" or "what: why" for the first bad read). Per-item fields slice and
-concatenate like every other batch entry. The datamodule pops them before the batch reaches a stage
-(``on_before_batch_transfer``), so stages and callbacks see today's batch shape; :class:`SkipMonitor` logs the
-total as ``data/skipped`` and stops the run, on every rank at once, when the bad fraction is too high.
+main process inside the batch: ``_skipped`` is a (B,) int tensor (item i: how many bad reads it replaced),
+``_skipped_from`` a list of B strings (one "what: why" line per bad read, "" for none) and ``_broken_shards`` a
+list of B tuples of (url, "what: why") for tar shards that ended early or did not open. A broken shard counts as
+one skipped input once per epoch on each rank, however often it is drawn: the samples after a cut cannot be
+counted (a tar has no index), and counting each visit would make one bad shard of a few look like many broken
+samples. Per-item fields slice and concatenate like every other batch entry. The datamodule pops them before the
+batch reaches a stage (``on_before_batch_transfer``), so stages and callbacks see today's batch shape;
+:class:`SkipMonitor` logs the total as ``data/skipped`` and stops the run, on every rank at once, when the bad
+fraction is too high.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from sdlight.errors import UsageError
 
 log = logging.getLogger("sdlight")
 
-SKIPPED, SKIPPED_FROM = "_skipped", "_skipped_from"
+SKIPPED, SKIPPED_FROM, BROKEN_SHARDS = "_skipped", "_skipped_from", "_broken_shards"
+SKIP_FIELDS = (SKIPPED, SKIPPED_FROM, BROKEN_SHARDS)
 MAX_EXAMPLES = 5
 
 
@@ -29,22 +35,40 @@ class TooManySkipped(UsageError):
 
 
 class SkipTally:
-    """Running totals of samples read and skipped, with the first few offenders' names."""
+    """Running totals of inputs read and skipped (broken shards among them), with the first offenders' names.
+
+    Each broken input is warned about once, when it is first seen, not at each epoch that reads it again.
+    """
 
     def __init__(self, max_skip_fraction: float = 0.1, min_reads: int = 100):
         if not 0 <= max_skip_fraction <= 1:
             raise UsageError(f"data.max_skip_fraction={max_skip_fraction}: must be in [0, 1]")
         self.max_skip_fraction, self.min_reads = max_skip_fraction, min_reads
-        self.skipped = self.read = 0
+        self.skipped = self.read = self.shards = 0
         self.examples: list[str] = []
-        self.warned_at = 0
+        self.seen: set[str] = set()  # every offender named so far (the "what" of its "what: why" line)
+        self.new: list[str] = []     # named since the last warning
+        self.epoch_shards: set[str] = set()  # broken shards already counted this epoch
 
-    def add(self, skipped: int, read: int, examples: list[str] = ()) -> None:
+    def add(self, skipped: int, read: int, examples: Sequence[str] = (), shards: int = 0,
+            reported: bool = False) -> None:
+        """Counts ``skipped`` of ``read`` inputs (``shards`` of them broken shards); ``reported``: the caller has
+        already warned about ``examples``."""
         self.skipped += int(skipped)
         self.read += int(read)
-        for e in examples:
-            if e and e not in self.examples and len(self.examples) < MAX_EXAMPLES:
-                self.examples.append(e)
+        self.shards += int(shards)
+        for line in examples:
+            # "what: why" lines; the same input can give another why (an object's address in the message)
+            what = line.split(": ", 1)[0]
+            if line and what not in self.seen:
+                self.seen.add(what)
+                if len(self.examples) < MAX_EXAMPLES:
+                    self.examples.append(line)
+                if not reported:
+                    self.new.append(line)
+
+    def new_epoch(self) -> None:
+        self.epoch_shards.clear()
 
     def take_from(self, batch: dict) -> dict:
         """Moves a batch's skip fields into the tally; returns the batch without them."""
@@ -52,34 +76,48 @@ class SkipTally:
             counts = batch.pop(SKIPPED)
             names = batch.pop(SKIPPED_FROM, [])
             n = int(counts.sum())
-            self.add(n, n + len(counts), list(names))
+            self.add(n, n + len(counts), [line for lines in names for line in lines.splitlines()])
+            for url, what in (pair for pairs in batch.pop(BROKEN_SHARDS, []) for pair in pairs):
+                if url not in self.epoch_shards:
+                    self.epoch_shards.add(url)
+                    self.add(1, 1, [what], shards=1)
         return batch
 
-    def message(self, skipped: int | None = None, read: int | None = None) -> str:
+    def summary(self, skipped: int | None = None, read: int | None = None, shards: int | None = None) -> str:
+        """What was counted: "skipped N broken samples of M read (x %)", naming the broken shards among them."""
         skipped = self.skipped if skipped is None else skipped
         read = self.read if read is None else read
-        share = skipped / max(read, 1)
-        eg = "; ".join(self.examples[:MAX_EXAMPLES]) or "none on this rank"
-        return f"skipped {skipped} broken samples of {read} read ({share:.1%}); first: {eg}"
+        shards = self.shards if shards is None else shards
+        share = f"{skipped / max(read, 1):.1%}"
+        if not shards:
+            return f"skipped {skipped} broken samples of {read} read ({share})"
+        return (f"skipped {skipped} of {read} inputs read ({share}): {skipped - shards} broken samples and {shards} "
+                f"truncated or unreadable tar shard{'s' if shards > 1 else ''} (each counted once per epoch)")
 
     def warn_if_new(self) -> None:
-        # at 1, 2, 4, 8 ... skips: a dataset with many broken files does not print a line per batch
-        if self.skipped >= max(1, 2 * self.warned_at):
-            log.warning("data: %s", self.message())
-            self.warned_at = self.skipped
+        """One line naming the offenders seen since the last call (at most a few); nothing when none is new."""
+        if self.new:
+            more = f" (and {len(self.new) - MAX_EXAMPLES} more)" if len(self.new) > MAX_EXAMPLES else ""
+            log.warning("data: %s; new: %s%s", self.summary(), "; ".join(self.new[:MAX_EXAMPLES]), more)
+            self.new = []
 
-    def check(self, skipped: int, read: int, final: bool = False) -> None:
+    def check(self, skipped: int, read: int, final: bool = False, shards: int = 0) -> None:
         """Raises TooManySkipped when the bad share of ``read`` exceeds the limit (after ``min_reads``
         samples, or at once when ``final``)."""
         if read and (final or read >= self.min_reads) and skipped / read > self.max_skip_fraction:
-            raise TooManySkipped(f"data: {self.message(skipped, read)}, more than data.max_skip_fraction="
-                                 f"{self.max_skip_fraction}. Fix or remove the files named, or raise the limit.")
+            first = "; ".join(self.examples) or "none on this rank"
+            raise TooManySkipped(f"data: {self.summary(skipped, read, shards)}; first: {first}, more than "
+                                 f"data.max_skip_fraction={self.max_skip_fraction}. Fix or remove the files named, "
+                                 "or raise the limit.")
 
 
-def item_skip_fields(items: list[dict]) -> dict:
-    """The batch's skip fields from per-item ``_skipped`` / ``_skipped_from`` entries (0 / "" when absent)."""
-    return {SKIPPED: torch.tensor([int(it.get(SKIPPED, 0)) for it in items], dtype=torch.long),
-            SKIPPED_FROM: [str(it.get(SKIPPED_FROM, "")) for it in items]}
+def collate_counting_skips(items: list[dict]) -> dict:
+    """default_collate for the batch fields; the per-item skip fields as a tensor and lists (0 / "" / () when
+    absent)."""
+    skip = {SKIPPED: torch.tensor([int(it.get(SKIPPED, 0)) for it in items], dtype=torch.long),
+            SKIPPED_FROM: [str(it.get(SKIPPED_FROM, "")) for it in items],
+            BROKEN_SHARDS: [tuple(it.get(BROKEN_SHARDS, ())) for it in items]}
+    return {**default_collate([{k: v for k, v in it.items() if k not in SKIP_FIELDS} for it in items]), **skip}
 
 
 class ReplacingDataset(Dataset):
@@ -109,7 +147,7 @@ class ReplacingDataset(Dataset):
             except self.errors as exc:
                 bad.append(f"{self.name(i)}: {exc}")
                 continue
-            item[SKIPPED], item[SKIPPED_FROM] = len(bad), bad[0] if bad else ""
+            item[SKIPPED], item[SKIPPED_FROM] = len(bad), "\n".join(bad)
             return item
         # a long run of broken items: the data, not a few files, is the problem
         raise TooManySkipped(f"data: {len(bad)} broken samples in a row, e.g. {'; '.join(bad[:MAX_EXAMPLES])}")
@@ -123,17 +161,21 @@ class SkipMonitor(L.Callback):
     def __init__(self, tally: SkipTally):
         self.tally = tally
 
-    def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, int]:
-        local = torch.tensor([self.tally.skipped, self.tally.read], dtype=torch.float64, device=pl_module.device)
+    def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, int, int]:
+        tally = self.tally
+        local = torch.tensor([tally.skipped, tally.read, tally.shards], dtype=torch.float64, device=pl_module.device)
         total = trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1 else local
-        return int(total[0]), int(total[1])
+        return int(total[0]), int(total[1]), int(total[2])
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
-        skipped, read = self._totals(trainer, pl_module)
+        skipped, read, shards = self._totals(trainer, pl_module)
         pl_module.log("data/skipped", float(skipped), on_step=not final, on_epoch=final, rank_zero_only=True,
                       sync_dist=False)
         self.tally.warn_if_new()
-        self.tally.check(skipped, read, final=final)
+        self.tally.check(skipped, read, final=final, shards=shards)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.tally.new_epoch()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch_idx % max(1, trainer.log_every_n_steps) == 0:

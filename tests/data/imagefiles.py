@@ -53,6 +53,12 @@ def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 5) ->
     return root
 
 
+def under_trainer(datamodule: L.LightningDataModule) -> L.LightningDataModule:
+    """``datamodule`` attached to a one-process CPU Trainer, as fit() attaches it before setup("fit")."""
+    datamodule.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    return datamodule
+
+
 class KeyRecorder(L.Callback):
     """Writes the sample keys each rank trained on to out/rank<N>.json (DDP tests; importable in spawned ranks)."""
 
@@ -80,3 +86,12 @@ def write_shards(out: Path, n: int, maxcount: int = 10, size: tuple[int, int] = 
             sink.write({"__key__": f"{i:06d}", ext: image_bytes("RGB", size, fmt, seed=i), "txt": f"caption {i}",
                         "json": {"index": i}, "cls": i % 3})
     return sorted(out.glob(f"{prefix}-*.tar"))
+
+
+def cut_shard_set(out: Path, n: int = 103, per_shard: int = 26) -> str:
+    """``n`` good samples in shards of ``per_shard`` (write_shards), the last shard cut in half; returns their brace
+    pattern (out/s-{0000..000K}.tar)."""
+    shards = write_shards(out, n, maxcount=per_shard)
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) // 2])
+    return f"{out}/s-{{0000..{len(shards) - 1:04d}}}.tar"

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from sdlight.data.datamodules import DIGIT_WORDS, DigitsDataModule
+from sdlight.errors import UsageError
 
 
 def test_digits_splits_cover_the_real_dataset():
@@ -23,3 +25,8 @@ def test_digits_batch_shape_and_captions():
     assert torch.equal(batch["attributes"][:, 0], batch["label"])
     # dark ink on a light page: the left and right borders are almost all page
     assert x[..., 0].mean() > 0.8 and x[..., -1].mean() > 0.8
+
+
+def test_a_val_fraction_outside_zero_one_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"data.val_fraction=1.5: must be a number in \(0, 1\)"):
+        DigitsDataModule(val_fraction=1.5)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -11,10 +12,12 @@ from omegaconf import open_dict
 
 from sdlight.data.folder import FolderDataModule, scan_folder, split_of
 from sdlight.data.skips import SKIPPED, TooManySkipped
+from sdlight.errors import UsageError
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from conftest import TINY_TEXT_LDM, random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
-from imagefiles import GOOD_IMAGES, image_bytes, make_image_folder, write_image, write_shards  # noqa: E402
+from imagefiles import (GOOD_IMAGES, image_bytes, make_image_folder, under_trainer, write_image,  # noqa: E402
+                        write_shards)
 
 SIZES = {name: size for name, _, size in GOOD_IMAGES}  # file name -> (width, height)
 
@@ -119,6 +122,25 @@ def test_train_and_val_size_cap_the_splits(image_folder):
     assert len(dm.train_set) == 5 and len(dm.val_set) == 1
 
 
+def test_a_val_fraction_that_leaves_less_than_a_batch_is_refused(image_folder, tmp_path):
+    root = image_folder(per_class=5)
+    dm = under_trainer(FolderDataModule(root=str(root), val_fraction=0.5, batch_size=8, image_size=8))
+    train = sum(split_of(r.rel, 0.5) == "train" for r in scan_folder(root).records)
+    with pytest.raises(UsageError, match=re.escape(
+            f"data.val_fraction=0.5 holds out {10 - train} of the 10 usable images under data.root={root}, leaving "
+            f"{train} for training, fewer than one batch (data.batch_size=8 x 1 rank): lower data.val_fraction (0 "
+            "trains on all), or give a separate validation folder with data.val_root")):
+        dm.setup("fit")
+    dm.setup("validate")  # evaluating needs no training images
+    FolderDataModule(root=str(root), val_fraction=0.5, batch_size=train, image_size=8).setup()
+    # a folder whose only image hashes into the validation share has none for training (was: "no usable images")
+    one = tmp_path / "one"
+    write_image(one / "a.png")
+    assert split_of("a.png", 0.9) == "val"
+    with pytest.raises(UsageError, match=r"holds out 1 of the 1 usable images .*, leaving none for training"):
+        FolderDataModule(root=str(one), val_fraction=0.9, image_size=8).setup()
+
+
 def write_broken(root: Path) -> list[str]:
     """Every kind of broken input next to good ones; returns what must be reported."""
     good = image_bytes("RGB", (64, 64), "JPEG")
@@ -182,16 +204,22 @@ TINY_TRAIN = ["data=folder", "data.num_workers=0", "data.batch_size=4", "trainer
               "callbacks=none", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1"]
 
 
-def test_quickstart_vae_trains_from_a_folder_and_logs_skips(image_folder, train_cfg):
+def test_quickstart_vae_trains_from_a_folder_and_logs_skips(image_folder, train_cfg, caplog):
+    """Skips are logged as data/skipped; each broken file is named in one warning, not again in the next epoch
+    that reads it (an image without a caption: by the listing alone)."""
     from sdlight.train import train
 
     root = image_folder(per_class=8)
-    write_broken(root)
+    names = write_broken(root)
     cfg = train_cfg(["+experiment=quickstart_vae", f"data.root={root}", "data.image_size=32",
-                     "data.max_skip_fraction=0.5", *TINY_TRAIN])
-    metrics, objects = train(cfg)
-    assert objects["trainer"].state.finished and objects["model"].batches >= 4
-    assert float(metrics["data/skipped"]) >= 2 and "val/psnr" in metrics
+                     "data.max_skip_fraction=0.5", *TINY_TRAIN, "trainer.max_epochs=2"])
+    with caplog.at_level(logging.WARNING, logger="sdlight"):
+        metrics, objects = train(cfg)
+    assert objects["trainer"].state.finished and objects["model"].batches >= 8
+    assert float(metrics["data/skipped"]) > 2 + 4 and "val/psnr" in metrics  # broken images count at each read
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for name in names:
+        assert sum(name in w for w in warnings) == 1, (name, warnings)
 
 
 def test_class_ldm_trains_from_labelled_folders_and_refuses_unlabelled(image_folder, train_cfg, tmp_path):

@@ -4,6 +4,7 @@ one from images, the manifest's refusals, cached text contexts, broken shards, r
 import copy
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sdlight.stages.latents import check_cache
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "data")]
 from conftest import compose_train, random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
+from imagefiles import under_trainer  # noqa: E402
 
 
 def _module(path: Path, name: str):
@@ -75,6 +77,11 @@ def test_encode_writes_shards_and_a_manifest_that_data_latents_reads(tmp_path):
     dm.setup()
     assert len(dm.train_dataloader()) == 4  # the cache's 16 training samples per epoch
     assert not dm.has_images
+    dm = under_trainer(LatentsDataModule(root=str(tmp_path), batch_size=32))
+    with pytest.raises(UsageError, match=re.escape(
+            f"data.root={tmp_path} holds 16 training samples (and 8 for validation), fewer than one batch "
+            "(data.batch_size=32 x 1 rank): lower data.batch_size, or encode the cache with a smaller validation")):
+        dm.setup("fit")
 
 
 def one_step(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -241,7 +248,7 @@ def test_stage_two_trains_from_the_cache_without_the_vae_encoder(tmp_path, cache
 
 
 def test_a_run_with_another_first_stage_stops_at_once(tmp_path, cache):
-    cfg = compose_train(["+experiment=quickstart_ldm", *TRAIN, f"data.root={cache}",
+    cfg = compose_train(["+experiment=quickstart_ldm", *TRAIN, f"data.root={cache}", "data.batch_size=4",
                          f"model.first_stage.ckpt={random_stage1_checkpoint(tmp_path / 'other.ckpt', seed=1)}"],
                         tmp_path)
     from sdlight.train import train

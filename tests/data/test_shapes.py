@@ -1,8 +1,12 @@
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from sdlight.data.datamodules import ShapesDataModule
+from sdlight.errors import UsageError
 from sdlight.data.shapes import (BACKGROUNDS, COLOURS, NUM_CLASSES, POSITIONS, SHAPES, Scene, ShapesDataset,
                                  ShapeSpec, attribute_vocab_sizes, describe, make_sample, render, scene_attributes,
                                  scene_label)
@@ -85,3 +89,29 @@ def test_datamodule_batches():
     assert len(batch["text"]) == 8 and isinstance(batch["text"][0], str)
     assert batch["label"].dtype == torch.long and batch["attributes"].shape == (8, 4)
     assert len(dm.val_dataloader()) == 2
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("batch_size", 0, "data.batch_size=0: must be an integer >= 1"),
+    ("batch_size", "abc", "data.batch_size=abc: must be an integer >= 1"),
+    ("num_workers", -1, "data.num_workers=-1: must be an integer >= 0"),
+    ("image_size", 0, "data.image_size=0: must be an integer >= 1"),
+    ("train_size", 0, "data.train_size=0: must be an integer >= 1"),
+    ("val_size", -1, "data.val_size=-1: must be an integer >= 0"),
+])
+def test_datamodule_options_out_of_range_are_usage_errors(option, value, says):
+    with pytest.raises(UsageError, match=re.escape(says)):
+        ShapesDataModule(**{option: value})
+
+
+def test_default_workers_are_no_more_than_the_cpus_granted(monkeypatch):
+    """num_workers=null (data=folder, webdataset, latents): one loader process per CPU granted, at most 4."""
+    import sdlight.data.base as base
+
+    for cpus, workers in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(base, "available_cpus", lambda: cpus)
+        assert ShapesDataModule(num_workers=None).num_workers == workers
+    assert ShapesDataModule(num_workers=8).num_workers == 8  # asked for: kept
+    conf = Path(__file__).resolve().parents[2] / "conf" / "data"
+    for name in ("folder", "webdataset", "latents"):
+        assert "\nnum_workers: null " in (conf / f"{name}.yaml").read_text()

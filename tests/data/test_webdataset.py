@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -12,11 +13,12 @@ import webdataset as wds
 from omegaconf import open_dict
 
 from sdlight.data.shards import SkipCounting, WebDataModule, count_samples, expand_urls
-from sdlight.data.skips import SKIPPED, TooManySkipped
+from sdlight.data.skips import BROKEN_SHARDS, SKIPPED, TooManySkipped
+from sdlight.errors import UsageError
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from conftest import train_tiny_text_ldm  # noqa: E402
-from imagefiles import image_bytes, write_shards  # noqa: E402
+from imagefiles import cut_shard_set, image_bytes, under_trainer, write_shards  # noqa: E402
 
 
 def pattern(shards: list[Path]) -> str:
@@ -75,11 +77,37 @@ def test_train_size_defaults_to_the_samples_in_local_shards_and_val_urls_are_sep
         WebDataModule(urls="https://example.invalid/s-{0..1}.tar", batch_size=2).batches_per_worker()
 
 
-def test_a_validation_head_that_takes_every_sample_is_refused(tmp_path):
-    shards = write_shards(tmp_path / "s", 6, maxcount=10)
-    dm = WebDataModule(urls=[str(p) for p in shards], val_size=6, batch_size=2, image_size=8)
-    with pytest.raises(ValueError, match="data.val_size=6 holds out every sample"):
-        dm.setup()  # training would otherwise skip every sample it reads, forever
+def test_a_validation_head_that_leaves_less_than_a_batch_is_refused(tmp_path):
+    """Training would skip every sample it reads, forever (it hung): setup stops, naming what to change."""
+    urls = pattern(write_shards(tmp_path / "s", 6, maxcount=4))
+    dm = WebDataModule(urls=urls, val_size=6, batch_size=2, image_size=8)
+    with pytest.raises(UsageError, match=re.escape(
+            "data.val_size=6 holds out 6 of the 6 samples in data.urls (2 shards), leaving none for training: lower "
+            "data.val_size to 5 or less, or give a separate validation set with data.val_urls")):
+        dm.setup()
+    # under a Trainer, one batch on every rank must be left
+    dm = under_trainer(WebDataModule(urls=urls, val_size=3, batch_size=4, image_size=8))
+    with pytest.raises(UsageError, match=re.escape(
+            "holds out 3 of the 6 samples in data.urls (2 shards), leaving 3 for training, fewer than one batch "
+            "(data.batch_size=4 x 1 rank): lower data.val_size to 2 or less")):
+        dm.setup("fit")
+    dm.setup("validate")  # evaluating needs no training samples
+    dm = under_trainer(WebDataModule(urls=urls, val_size=2, batch_size=4, image_size=8))
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1  # train_size: the 6 samples less the 2 held out
+
+
+def test_the_check_on_remote_shards_reads_one_batch_past_the_validation_samples(tmp_path):
+    """Remote shards cannot be listed: the check reads on past the validation samples until one batch is found,
+    never the whole set (here: never reaching the shard that does not open)."""
+    shards = write_shards(tmp_path, 30, maxcount=10)
+    urls = [f"pipe:cat {p}" for p in shards] + [f"pipe:cat {tmp_path / 'missing.tar'}"]
+    dm = under_trainer(WebDataModule(urls=urls, val_size=4, train_size=8, batch_size=4, image_size=8))
+    dm.setup("fit")
+    assert dm._head == {"held": 4, "read": 8, "left": 4} and dm.skips.skipped == 0
+    with pytest.raises(UsageError, match=re.escape("data.val_size=40 holds out 30 of the 30 samples in data.urls (4 "
+                                                   "shards), leaving none for training")):
+        WebDataModule(urls=urls, val_size=40, train_size=8, batch_size=4, image_size=8).setup()
 
 
 def test_unresampled_shards_are_split_over_workers(tmp_path):
@@ -119,13 +147,35 @@ def test_broken_samples_and_tars_are_skipped_and_counted(tmp_path):
     assert skipped > 0
     for b in raw:
         dm.on_before_batch_transfer(b, 0)
-    assert dm.skips.skipped == skipped and dm.skips.read == skipped + 64
+    assert dm.skips.shards == 1  # the truncated b-0002, drawn by both workers, counts once in the epoch
+    assert dm.skips.skipped == skipped + 1 and dm.skips.read == skipped + 64 + 1
     seen = " ".join(dm.skips.examples)
     assert any(k in seen for k in ("nocaption", "noimage", "zero", "notimage", "cut", "b-0002"))
     dm.skips.max_skip_fraction = 0.1
     dm.skips.check(10, 20)  # 50 % broken, but too few read yet to judge
     with pytest.raises(TooManySkipped, match=r"skipped 60 broken samples of 100 read \(60.0%\).*max_skip_fraction"):
         dm.skips.check(60, 100)
+
+
+def test_a_truncated_shard_counts_once_per_epoch(tmp_path):
+    """1 cut shard of 4, drawn again and again by 2 workers: one skipped input per epoch, named with the samples
+    it gave before the cut; its partial last sample is part of it, not another broken sample."""
+    dm = WebDataModule(urls=cut_shard_set(tmp_path), val_size=16, train_size=320, batch_size=8, image_size=8,
+                       num_workers=2, shuffle_buffer=16)
+    dm.setup()
+    for epoch in (1, 2):
+        dm.skips.new_epoch()  # SkipMonitor does this at each epoch's start
+        raw = list(dm.train_dataloader())
+        assert len(raw) == 40 and sum(int(b[SKIPPED].sum()) for b in raw) == 0
+        reports = [url for b in raw for pairs in b[BROKEN_SHARDS] for url, _ in pairs]
+        assert len(reports) >= 2 and set(reports) == {str(tmp_path / "s-0003.tar")}  # each worker says so
+        for b in raw:
+            dm.on_before_batch_transfer(b, 0)
+        assert dm.skips.shards == dm.skips.skipped == epoch
+    assert dm.skips.read == 2 * (320 + 1)
+    assert re.fullmatch(r".*/s-0003\.tar: ReadError: .* \(after \d+ samples\)", dm.skips.examples[0])
+    assert dm.skips.summary() == ("skipped 2 of 642 inputs read (0.3%): 0 broken samples and 2 truncated or "
+                                  "unreadable tar shards (each counted once per epoch)")
 
 
 def test_a_validation_set_of_broken_samples_leaves_them_out(tmp_path):
@@ -174,6 +224,21 @@ def test_quickstart_vae_trains_from_shards(tmp_path, train_cfg):
     metrics, objects = train(cfg)
     assert objects["trainer"].state.finished and objects["model"].batches == 4  # 16 samples / batch 4
     assert "data/skipped" in metrics and "val/psnr" in metrics
+
+
+def test_a_cut_shard_set_trains_with_a_smaller_validation_head(tmp_path, train_cfg):
+    """The shards that stop at setup with data.val_size=256 (tests/entry/test_cli_errors.py) train with 16; the
+    cut shard, drawn again and again, is one skipped input per epoch."""
+    from sdlight.train import train
+
+    urls = cut_shard_set(tmp_path / "shards")
+    cfg = train_cfg(["+experiment=quickstart_vae", f'data.urls="{urls}"', "data.train_size=240", *TINY_TRAIN,
+                     "data.val_size=16", "data.batch_size=8", "trainer.max_epochs=2"])
+    metrics, objects = train(cfg)
+    skips = objects["datamodule"].skips
+    assert objects["trainer"].state.finished and objects["model"].batches == 60
+    assert skips.shards == skips.skipped == 2 and float(metrics["data/skipped"]) == 2
+    assert skips.read == 2 * (240 + 1 + 16)  # per epoch: the training samples, the cut shard, the validation ones
 
 
 def test_text_ldm_trains_from_shards(tmp_path):

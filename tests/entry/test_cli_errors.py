@@ -1,6 +1,7 @@
 """Every common mistake on the command line is answered in one line that names it, with exit status 2 and no
 traceback; a run too short to log its optimized metric still exits 0."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "data")]
 from conftest import random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
+from imagefiles import cut_shard_set  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
 
@@ -132,3 +134,32 @@ def test_runs_shorter_than_their_first_validation_exit_zero(tmp_path):
     out = run_cli("train", ["-m", *tiny, "model.optimizer.lr=1e-4,2e-4"], tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
 
+
+
+def fake_latent_cache(root: Path) -> Path:
+    """A manifest alone: enough for data=latents to be built (and refuse its options) without any shard."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "sdlight.latents", "format_version": 1, "image_size": 32, "latent_shape": [4, 8, 8],
+        "dtype": "float16", "splits": {"train": {"shards": ["train-000000.tar"], "samples": 8}}}))
+    return root
+
+
+@pytest.mark.parametrize("data", ["shapes", "digits", "folder", "webdataset", "latents"])
+def test_a_batch_size_of_zero_is_refused_by_every_datamodule(tmp_path, data):
+    where = {"folder": [f"data.root={tmp_path}"], "webdataset": [f"data.urls={tmp_path}/s-000000.tar"],
+             "latents": [f"data.root={fake_latent_cache(tmp_path / 'cache')}"]}.get(data, [])
+    out = run_cli("train", ["+experiment=quickstart_vae", f"data={data}", *where, "data.batch_size=0", "logger=none"],
+                  tmp_path)
+    assert_one_line(out, "data.batch_size=0: must be an integer >= 1")
+
+
+def test_shards_holding_no_more_samples_than_the_validation_head_stop_at_once(tmp_path):
+    """103 samples in 4 shards, the last cut, and data.val_size=256: training would skip every sample it reads,
+    forever (it hung, or blamed the cut shard); it stops at setup, in one line."""
+    urls = cut_shard_set(tmp_path / "shards")
+    out = run_cli("train", ["+experiment=quickstart_vae", "data=webdataset", f"data.urls='{urls}'", "logger=none"],
+                  tmp_path, timeout=120)
+    line = assert_one_line(out, "data.val_size=256 holds out 90 of the 90 samples in data.urls (4 shards)")
+    assert "leaving none for training, fewer than one batch (data.batch_size=8 x 1 rank): lower data.val_size to " \
+           "82 or less, or give a separate validation set with data.val_urls" in line
