@@ -2,40 +2,17 @@
 traceback; a run too short to log its optimized metric still exits 0."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_helpers import assert_one_line, run_cli  # noqa: E402
 from conftest import random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
-
-
-def _env(tmp_path, **extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SDLIGHT_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true",
-               SDLIGHT_ROOT=str(tmp_path), SDLIGHT_WEIGHTS=str(tmp_path / "no-weights"), **extra)
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
-
-
-def run_cli(tool, args, tmp_path, timeout=300, **env):
-    return subprocess.run([sys.executable, "-m", f"sdlight.{tool}", *args], cwd=tmp_path,
-                          env=_env(tmp_path, **env), capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line(out, *needles):
-    """Exit 2, no traceback, and exactly one output line carries the message (with every needle in it)."""
-    text = out.stdout + out.stderr
-    assert out.returncode == 2, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    lines = [ln for ln in text.splitlines() if all(n in ln for n in needles)]
-    assert len(lines) == 1, text[-3000:]
-    assert lines[0] in out.stderr and lines[0].startswith("Error: ")
-    assert "\\n" not in lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +109,23 @@ def test_runs_shorter_than_their_first_validation_exit_zero(tmp_path):
     out = run_cli("train", ["-m", *tiny, "model.optimizer.lr=1e-4,2e-4"], tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
 
+
+@pytest.mark.parametrize("override, hidden, package", [
+    ("+hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+])
+def test_sweep_plugin_missing_names_the_extra(tmp_path, override, hidden, package):
+    """The plugin is made unimportable for the subprocess alone, whether or not it is installed here."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {hidden!r} or name.startswith({hidden + '.'!r}):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+    out = run_cli("train", ["-m", "+experiment=quickstart_vae", override, "logger=none"], tmp_path, PYTHONPATH=path)
+    line = assert_one_line(out, override, package)
+    assert 'pip install -e ".[sweep]"' in line and "sdlight[sweep]" in line
