@@ -275,7 +275,7 @@ def _manifest(state: dict, identity: dict, first_stage: nn.Module, ckpt: str, te
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode")
 def main(cfg: DictConfig) -> None:
-    from sdlight.pipeline import resolve_device
+    from sdlight.sampling_checks import resolve_device
 
     with user_errors():
         if cfg.text and cfg.get("text_encoder") is None:

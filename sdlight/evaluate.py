@@ -65,7 +65,8 @@ def _peek(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device | None = "auto"
                ) -> tuple[L.LightningModule, str, dict[str, Any]]:
     """``(module on device, "ldm" | "autoencoder", the checkpoint's stored run config)``."""
-    from sdlight.pipeline import Pipeline, resolve_device
+    from sdlight.pipeline import Pipeline
+    from sdlight.sampling_checks import resolve_device
 
     ckpt = _peek(path)
     config = (ckpt.get("sdlight") or {}).get("config") or {}
@@ -221,7 +222,7 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     from sdlight.callbacks.sampling import StandaloneTrainer
     from sdlight.diffusion import SAMPLERS
 
-    from sdlight.pipeline import check_sampling_options, given_options, resolve_sampler_options
+    from sdlight.sampling_checks import check_sampling_options, given_options, resolve_sampler_options
 
     started = time.perf_counter()
     names = check_metrics(metrics)

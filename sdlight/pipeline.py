@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import hydra
 import numpy as np
@@ -24,9 +24,9 @@ from PIL import Image
 
 from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
-from sdlight.diffusion import sampler_options as options_of
 from sdlight.errors import UsageError
 from sdlight.pixels import from_pil, to_pil
+from sdlight.sampling_checks import check_image_file, check_sampling_options, resolve_device, resolve_sampler_options
 from sdlight.stages.diffusion import LatentDiffusion
 
 log = logging.getLogger("sdlight")
@@ -47,78 +47,6 @@ class SampleResult:
     # per sample: (tokens, maps (T, H, W)) — cross-attention of each token, averaged over layers and steps
     attention: list[tuple[list[str], torch.Tensor]] | None = None
     latents: torch.Tensor | None = field(default=None, repr=False)
-
-
-def check_sampling_options(num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
-                           guidance_rescale: float = 0.0, strength: float = 0.6, eta: float | None = None,
-                           sampler: str | None = None) -> None:
-    """The numeric sampling options, checked before anything is loaded; a :class:`UsageError` names the option
-    (as the sample CLI spells it), its value and what would work."""
-    def integer(name: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{name}={value!r}: give a whole number >= {low}")
-
-    integer("num_samples", num_samples, 1)
-    if steps is not None:
-        integer("steps", steps, 1)
-    if guidance is not None and not (isinstance(guidance, (int, float)) and guidance >= 0 and np.isfinite(guidance)):
-        raise UsageError(f"guidance={guidance!r}: classifier-free guidance scales are >= 0 (1 turns guidance off, "
-                         "3-8 is usual)")
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise UsageError(f"guidance_rescale={guidance_rescale!r}: must be in [0, 1] (0.7 is usual, 0 turns it off)")
-    if not 0.0 <= strength <= 1.0:
-        raise UsageError(f"strength={strength!r}: img2img strength must be in [0, 1] (how much of the schedule to "
-                         "re-run: 0.3 keeps the image close, 1 ignores it)")
-    if eta is not None and not eta >= 0.0:
-        raise UsageError(f"eta={eta!r}: eta must be >= 0 (DDIM: 0 deterministic, 1 DDPM-like)")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"sampler={sampler}: unknown; choose one of {', '.join(sorted(SAMPLERS))}")
-
-
-def given_options(node: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``sampler_options`` a CLI was given: its config lists every option as null (so that
-    ``sampler_options.eta=0.5`` needs no ``+``); the nulls mean "the sampler's default" and are dropped."""
-    return {str(k): v for k, v in (node or {}).items() if v is not None}
-
-
-def resolve_sampler_options(name: str | None, sampler: Callable | None, options: Mapping[str, Any] | None = None,
-                            eta: float | None = None) -> dict[str, Any]:
-    """The keyword options for ``sampler`` (registered as ``name``): ``options`` plus the ``eta`` shortcut.
-
-    An option the sampler does not take is a :class:`UsageError` naming it and the options the sampler has, so
-    ``sampler=euler sampler_options.eta=0.5`` fails before anything runs instead of being ignored.
-    """
-    resolved = dict(options or {})
-    if eta is not None:
-        resolved.setdefault("eta", eta)  # the sample CLI's older `eta=` spelling of sampler_options.eta
-    if sampler is None or not resolved:
-        return resolved
-    allowed = options_of(sampler)
-    unknown = [k for k in resolved if k not in allowed]
-    if unknown:
-        label = name or sampler_name(sampler)
-        raise UsageError(f"sampler_options.{unknown[0]}: sampler {label} has no such option; its options: "
-                         f"{', '.join(allowed) or 'none'}")
-    return resolved
-
-
-def check_image_file(path: str | Path | Image.Image | None, option: str) -> None:
-    """``path`` names a readable image (a typo here should not surface after the model has loaded)."""
-    if path is None or isinstance(path, Image.Image):
-        return
-    if not Path(path).is_file():
-        raise UsageError(f"{option}={path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:
-        raise UsageError(f"{option}={path}: not a readable image ({type(e).__name__})") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "init image") -> torch.Tensor:

@@ -15,8 +15,8 @@ from PIL import PngImagePlugin
 from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.pipeline import (Pipeline, SampleResult, check_image_file, check_sampling_options, given_options,
-                              heatmap_overlay, resolve_sampler_options)
+from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
+from sdlight.sampling_checks import check_image_file, check_sampling_options, given_options, resolve_sampler_options
 
 log = logging.getLogger("sdlight")
 register_resolvers()

@@ -11,7 +11,8 @@ from PIL import Image
 
 from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
-from sdlight.pipeline import Pipeline, resolve_sampler_options
+from sdlight.pipeline import Pipeline
+from sdlight.sampling_checks import resolve_sampler_options
 
 PROMPT = "a red circle in the center on a white background"
 
