@@ -229,8 +229,8 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     fid, clip, adherence = dict(fid or {}), dict(clip or {}), dict(adherence or {})
     check_sampling_options(num_samples, steps, guidance, sampler=sampler)
     options = given_options(sampler_options)
-    if sampler is not None:  # checked before the checkpoint is read; against the model's sampler once it is
-        resolve_sampler_options(sampler, SAMPLERS[sampler], options)
+    # checked before the checkpoint is read; against the model's sampler once it is
+    resolve_sampler_options(sampler, SAMPLERS.get(sampler), options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
     _check_weights(names, fid, clip, feature_extractor, clip_model)

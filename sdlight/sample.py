@@ -105,8 +105,7 @@ def main(cfg: DictConfig) -> None:
         check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength,
                                cfg.get("eta"), cfg.sampler)
         options = given_options(cfg.get("sampler_options"))
-        if cfg.sampler is not None:
-            resolve_sampler_options(cfg.sampler, SAMPLERS[cfg.sampler], options, cfg.get("eta"))
+        resolve_sampler_options(cfg.sampler, SAMPLERS.get(cfg.sampler), options, cfg.get("eta"))
         conditions = conditions_from(cfg)
         grid_scale(1, cfg.get("grid_scale"))
         for option in ("init_image", "mask", "lowres"):

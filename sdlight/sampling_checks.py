@@ -12,7 +12,11 @@ from PIL import Image
 
 from sdlight.diffusion import SAMPLERS, sampler_name
 from sdlight.diffusion import sampler_options as options_of
+from sdlight.diffusion.grids import GRIDS, SPACINGS
 from sdlight.errors import UsageError
+
+# sampler options that take a number >= 0
+_NUMBER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
 def check_sampling_options(num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
@@ -46,24 +50,43 @@ def given_options(node: Mapping[str, Any] | None) -> dict[str, Any]:
     return {str(k): v for k, v in (node or {}).items() if v is not None}
 
 
+def check_sampler_option_values(options: Mapping[str, Any]) -> None:
+    """The values of the sampler options, whichever sampler takes them (a wrong value would otherwise surface deep
+    in the sampler, after the model has loaded)."""
+    for name, allowed in (("grid", GRIDS), ("spacing", SPACINGS)):
+        value = options.get(name)
+        if value is not None and value not in allowed:
+            raise UsageError(f"sampler_options.{name}={value}: unknown; choose one of {', '.join(allowed)}")
+    for name in _NUMBER_OPTIONS:
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+            raise UsageError(f"sampler_options.{name}={value}: give a number >= 0")
+    if options.get("clip_x0") is not None:
+        # the samplers clamp the x0 of the space they run in; sdlight's models run in latent space, whose values
+        # are not bounded by ±1 (unit std after scale_factor), so clamping there wrecks every sample
+        raise UsageError(f"sampler_options.clip_x0={options['clip_x0']}: clip_x0 bounds x0 for pixel-space models; "
+                         "sdlight's models sample latents, where it turns every sample into noise: leave it unset")
+
+
 def resolve_sampler_options(name: str | None, sampler: Callable | None, options: Mapping[str, Any] | None = None,
                             eta: float | None = None) -> dict[str, Any]:
     """The keyword options for ``sampler`` (registered as ``name``): ``options`` plus the ``eta`` shortcut.
 
     An option the sampler does not take is a :class:`UsageError` naming it and the options the sampler has, so
-    ``sampler=euler sampler_options.eta=0.5`` fails before anything runs instead of being ignored.
+    ``sampler=euler sampler_options.eta=0.5`` fails before anything runs instead of being ignored. Without a
+    sampler (the model's own, not loaded yet) only the values are checked.
     """
     resolved = dict(options or {})
     if eta is not None:
         resolved.setdefault("eta", eta)  # the sample CLI's older `eta=` spelling of sampler_options.eta
-    if sampler is None or not resolved:
-        return resolved
-    allowed = options_of(sampler)
-    unknown = [k for k in resolved if k not in allowed]
-    if unknown:
-        label = name or sampler_name(sampler)
-        raise UsageError(f"sampler_options.{unknown[0]}: sampler {label} has no such option; its options: "
-                         f"{', '.join(allowed) or 'none'}")
+    if sampler is not None and resolved:
+        allowed = options_of(sampler)
+        unknown = [k for k in resolved if k not in allowed]
+        if unknown:
+            label = name or sampler_name(sampler)
+            raise UsageError(f"sampler_options.{unknown[0]}: sampler {label} has no such option; its options: "
+                             f"{', '.join(allowed) or 'none'}")
+    check_sampler_option_values(resolved)
     return resolved
 
 

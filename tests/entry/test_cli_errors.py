@@ -39,6 +39,10 @@ def notes(tmp_path):
     (["sampler=heun3"], ["sampler=heun3", "ddim"]),
     (["init_image=missing.png"], ["init_image=missing.png", "no such file"]),
     (["label=seven"], ["label=seven", "prompt="]),
+    (["sampler_options.grid=karas"], ["sampler_options.grid=karas", "timesteps, karras, exponential"]),
+    (["sampler_options.spacing=foo"], ["sampler_options.spacing=foo", "leading, trailing, linspace"]),
+    # clamping the latent x0 to ±1 turned every sample into noise
+    (["sampler=ddim", "sampler_options.clip_x0=true"], ["sampler_options.clip_x0=True", "latents", "leave it unset"]),
 ])
 def test_sample_option_mistakes_fail_before_loading(tmp_path, args, needles):
     # the checkpoint does not even exist: options are checked first
