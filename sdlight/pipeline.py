@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +25,8 @@ from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
 from sdlight.errors import UsageError
 from sdlight.pixels import from_pil, to_pil
-from sdlight.sampling_checks import check_image_file, check_sampling_options, resolve_device, resolve_sampler_options
+from sdlight.sampling_checks import (check_concat_inputs, check_image_file, check_mask, check_sampling_options,
+                                     resolve_device, resolve_sampler_options)
 from sdlight.stages.diffusion import LatentDiffusion
 
 log = logging.getLogger("sdlight")
@@ -55,20 +55,18 @@ def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "ini
         image = Image.open(image)
     image = image.convert("RGB")
     if image.size != (size, size):
-        warnings.warn(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}", stacklevel=3)
+        # one log line: a warning would print a second line with our source, which says nothing to a user
+        log.warning(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}")
         image = image.resize((size, size), Image.BICUBIC)
     return from_pil(image)[None]
 
 
-def to_mask(mask: Image.Image | str | Path, init_size: tuple[int, int]) -> torch.Tensor:
-    """A mask image (white = generate, black = keep) as (1, 1, H, W) in {0, 1}; it must match the init image."""
+def to_mask(mask: Image.Image | str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """A mask image (white = generate, black = keep) as (1, 1, *size) in {0, 1} (nearest-neighbour resized)."""
     if not isinstance(mask, Image.Image):
         mask = Image.open(mask)
-    if mask.size != init_size:
-        raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
-                         f"{init_size[0]}x{init_size[1]}: they must have the same size")
     m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32).copy()) / 255.0
-    return (m > 0.5).float()[None, None]
+    return F.interpolate((m > 0.5).float()[None, None], size=size, mode="nearest")
 
 
 class AttentionRecorder:
@@ -228,23 +226,20 @@ class Pipeline:
             return None
         return [negative] * n if isinstance(negative, str) else [c for c in negative for _ in range(num_samples)]
 
+    @property
+    def concat_reads(self) -> str | None:
+        """The input this model's concat stage makes its channels from: ``mask`` (inpainting), ``lowres``
+        (super-resolution), or None for a model without one."""
+        return getattr(self.model.concat_stage, "batch_key", None)
+
     def concat_inputs(self, init_image: torch.Tensor | None, mask: torch.Tensor | None,
                       lowres: Image.Image | str | Path | None) -> torch.Tensor | None:
         """The concatenated channels of a model with a concat stage, from the inputs it reads (``mask`` with the
-        init image for inpainting, ``lowres`` for super-resolution); None for other models."""
-        stage = self.model.concat_stage
-        needs = getattr(stage, "batch_key", None)  # the input its channels are made from
-        if lowres is not None and needs != "lowres":
-            raise ValueError("lowres= is the input of super-resolution models (model.concat=superres); this model's "
-                             f"concat stage: {type(stage).__name__ if stage else None}")
-        if needs is None:
+        init image for inpainting, ``lowres`` for super-resolution; see `check_concat_inputs`); None for others."""
+        if self.concat_reads is None:
             return None
-        if needs == "mask":
-            if init_image is None or mask is None:
-                raise ValueError("this is an inpainting model: give init_image and mask")
+        if self.concat_reads == "mask":
             return self.model.make_concat({"image": init_image, "mask": mask})
-        if lowres is None:
-            raise ValueError(f"this model's concat stage ({type(stage).__name__}) needs {needs}=")
         low = lowres if isinstance(lowres, Image.Image) else Image.open(lowres)
         return self.model.make_concat({"lowres": from_pil(low)[None].to(self.device)})
 
@@ -263,7 +258,7 @@ class Pipeline:
             return x_T, {}
         if pix_mask is None:
             return self.init_latents(pixels, len(x_T)), {"strength": strength}
-        if getattr(m.concat_stage, "batch_key", None) == "mask":  # an inpainting model sees the mask itself
+        if self.concat_reads == "mask":  # an inpainting model sees the mask itself
             return x_T, {}
         latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
         return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.schedule,
@@ -274,12 +269,6 @@ class Pipeline:
         maps = recorder.maps().cpu()
         return [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
                 for i, c in enumerate(conds)]
-
-    def pixel_mask(self, mask: Image.Image | str | Path, init_image: Image.Image | str | Path,
-                   size: tuple[int, int]) -> torch.Tensor:
-        """The mask (1 = regenerate) at the model's image size, checked against the init image's size."""
-        init_size = (init_image if isinstance(init_image, Image.Image) else Image.open(init_image)).size
-        return F.interpolate(to_mask(mask, init_size), size=size, mode="nearest").to(self.device)
 
     @torch.no_grad()
     def __call__(self, conditions: Any = None, num_samples: int = 1, *, steps: int | None = None,
@@ -305,8 +294,8 @@ class Pipeline:
         if steps is not None and steps > m.schedule.num_timesteps:
             raise UsageError(f"steps={steps}: this model was trained with {m.schedule.num_timesteps} timesteps, "
                              "so at most that many steps")
-        if mask is not None and init_image is None:
-            raise ValueError("a mask needs an init_image: the mask says which part of it to regenerate")
+        check_mask(mask, init_image)
+        check_concat_inputs(self.concat_reads, init_image, mask, lowres)
         n = len(conds)
         fn = SAMPLERS[sampler] if sampler is not None else None
         options = resolve_sampler_options(sampler, fn or m.sampler, sampler_options, eta)
@@ -316,7 +305,7 @@ class Pipeline:
         scale = m.guidance_scale if guidance_scale is None else guidance_scale
 
         pixels = to_tensor_image(init_image, m.image_size).to(self.device) if init_image is not None else None
-        pix_mask = self.pixel_mask(mask, init_image, pixels.shape[-2:]) if mask is not None else None
+        pix_mask = to_mask(mask, pixels.shape[-2:]).to(self.device) if mask is not None else None
         kwargs["concat"] = self.concat_inputs(pixels, pix_mask, lowres)
         x_T, extra = self.start(x_T, pixels, pix_mask, strength, generator)
         kwargs.update(extra)

@@ -16,7 +16,8 @@ from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
-from sdlight.sampling_checks import check_image_file, check_sampling_options, given_options, resolve_sampler_options
+from sdlight.sampling_checks import (check_image_file, check_mask, check_sampling_options, given_options,
+                                     resolve_sampler_options)
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -110,8 +111,7 @@ def main(cfg: DictConfig) -> None:
         grid_scale(1, cfg.get("grid_scale"))
         for option in ("init_image", "mask", "lowres"):
             check_image_file(cfg.get(option), option)
-        if cfg.mask is not None and cfg.init_image is None:
-            raise UsageError("mask= needs init_image=: the mask says which part of that image to regenerate")
+        check_mask(cfg.mask, cfg.init_image)
         pipe = Pipeline.from_checkpoint(cfg.ckpt, device=cfg.device)
         log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
         result = pipe(conditions, cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,

@@ -15,6 +15,7 @@ from sdlight.diffusion import sampler_options as options_of
 from sdlight.diffusion.grids import GRIDS, SPACINGS
 from sdlight.errors import UsageError
 
+ImageInput = Image.Image | str | Path
 # sampler options that take a number >= 0
 _NUMBER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
@@ -90,7 +91,12 @@ def resolve_sampler_options(name: str | None, sampler: Callable | None, options:
     return resolved
 
 
-def check_image_file(path: str | Path | Image.Image | None, option: str) -> None:
+def _shown(option: str, value: Any) -> str:
+    """``option=value`` for a path; an image given in Python has no short form."""
+    return option if isinstance(value, Image.Image) else f"{option}={value}"
+
+
+def check_image_file(path: ImageInput | None, option: str) -> None:
     """``path`` names a readable image (a typo here should not surface after the model has loaded)."""
     if path is None or isinstance(path, Image.Image):
         return
@@ -101,6 +107,45 @@ def check_image_file(path: str | Path | Image.Image | None, option: str) -> None
             im.verify()
     except Exception as e:
         raise UsageError(f"{option}={path}: not a readable image ({type(e).__name__})") from None
+
+
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """(width, height) of an image or image file, without decoding its pixels."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as im:
+        return im.size
+
+
+def check_mask(mask: ImageInput | None, init_image: ImageInput | None) -> None:
+    """A mask comes with an init image and covers it pixel for pixel (both are resized to the model's size)."""
+    if mask is None:
+        return
+    if init_image is None:
+        raise UsageError(f"{_shown('mask', mask)} needs init_image=: the mask says which part of that image to "
+                         "regenerate")
+    (mw, mh), (iw, ih) = image_size(mask), image_size(init_image)
+    if (mw, mh) != (iw, ih):
+        raise UsageError(f"{_shown('mask', mask)} is {mw}x{mh} but {_shown('init_image', init_image)} is {iw}x{ih}: "
+                         "give a mask of the init image's size (white = regenerate, black = keep)")
+
+
+def check_concat_inputs(reads: str | None, init_image: ImageInput | None, mask: ImageInput | None,
+                        lowres: ImageInput | None) -> None:
+    """The inputs of a model's concat stage are given, and ``lowres`` only to a model that reads it. ``reads`` is
+    the batch entry the stage makes its channels from: ``mask`` (inpainting), ``lowres`` (super-resolution), or
+    None for a model without one."""
+    if lowres is not None and reads != "lowres":
+        kind = "an inpainting model (give init_image= and mask=)" if reads == "mask" else \
+            "not a super-resolution model"
+        raise UsageError(f"{_shown('lowres', lowres)}: this checkpoint is {kind}; lowres= is the input of "
+                         "super-resolution models (trained with model/concat=superres): leave it out")
+    if reads == "mask" and (init_image is None or mask is None):
+        raise UsageError("this checkpoint is an inpainting model (model/concat=inpaint): give init_image= and mask= "
+                         "(white = regenerate, black = keep)")
+    if reads == "lowres" and lowres is None:
+        raise UsageError("this checkpoint is a super-resolution model (model/concat=superres): give lowres= (the "
+                         "low-resolution image to upscale)")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -112,6 +113,30 @@ def test_runs_shorter_than_their_first_validation_exit_zero(tmp_path):
     assert "optimized_metric=val/psnr was not logged" in out.stdout + out.stderr
     out = run_cli("train", ["-m", *tiny, "model.optimizer.lr=1e-4,2e-4"], tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+
+
+def test_mask_of_another_size_than_the_init_image_fails_before_loading(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "mask.png")
+    out = run_cli("sample", ["ckpt=nowhere.ckpt", f"prompt={PROMPT}", "init_image=init.png", "mask=mask.png"], tmp_path)
+    assert_one_line(out, "mask=mask.png is 16x16 but init_image=init.png is 32x32")
+
+
+def test_lowres_for_a_model_that_is_not_super_resolution(tmp_path, tiny_text_ldm):
+    Image.new("RGB", (16, 16)).save(tmp_path / "low.png")
+    out = run_cli("sample", [f"ckpt={tiny_text_ldm[0]}", f"prompt={PROMPT}", "lowres=low.png"], tmp_path)
+    assert_one_line(out, "lowres=low.png: this checkpoint is not a super-resolution model", "leave it out")
+
+
+def test_resized_init_image_is_said_in_one_plain_line(tmp_path, tiny_text_ldm):
+    Image.new("RGB", (48, 40), "white").save(tmp_path / "init.png")
+    out = run_cli("sample", [f"ckpt={tiny_text_ldm[0]}", f"prompt={PROMPT}", "init_image=init.png", "steps=2",
+                             "num_samples=1", "progress=false", "device=cpu"], tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert len([ln for ln in text.splitlines() if "resized from" in ln]) == 1, text[-3000:]
+    assert "init image resized from 48x40 to the model's 32x32" in text
+    assert "Warning" not in text and "warn(" not in text  # no Python warning with its source line
 
 
 @pytest.mark.parametrize("override, hidden, package", [
