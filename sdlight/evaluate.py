@@ -222,7 +222,7 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     from sdlight.callbacks.sampling import StandaloneTrainer
     from sdlight.diffusion import SAMPLERS
 
-    from sdlight.sampling_checks import check_sampling_options, given_options, resolve_sampler_options
+    from sdlight.sampling_checks import check_sampling_options, given_options, resolve_device, resolve_sampler_options
 
     started = time.perf_counter()
     names = check_metrics(metrics)
@@ -231,6 +231,7 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     options = given_options(sampler_options)
     # checked before the checkpoint is read; against the model's sampler once it is
     resolve_sampler_options(sampler, SAMPLERS.get(sampler), options)
+    resolve_device(device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
     _check_weights(names, fid, clip, feature_extractor, clip_model)

@@ -17,7 +17,7 @@ from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
 from sdlight.sampling_checks import (check_image_file, check_mask, check_sampling_options, given_options,
-                                     resolve_sampler_options)
+                                     resolve_device, resolve_sampler_options)
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -112,7 +112,8 @@ def main(cfg: DictConfig) -> None:
         for option in ("init_image", "mask", "lowres"):
             check_image_file(cfg.get(option), option)
         check_mask(cfg.mask, cfg.init_image)
-        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=cfg.device)
+        device = resolve_device(cfg.device)
+        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=device)
         log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
         result = pipe(conditions, cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
                       guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,

@@ -148,7 +148,25 @@ def check_concat_inputs(reads: str | None, init_image: ImageInput | None, mask: 
                          "low-resolution image to upscale)")
 
 
+def available_devices() -> list[str]:
+    """The devices torch can use on this machine, as ``device=`` takes them."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None)
+    return ["cpu", *(f"cuda:{i}" for i in range(gpus)), *(["mps"] if mps is not None and mps.is_available() else [])]
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (``auto`` or None: the GPU if there is one, else the CPU); a CUDA or MPS device
+    this machine does not have is a :class:`UsageError` listing the ones it has."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    have = available_devices()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device={device}: not a device name; this machine has {', '.join(have)} "
+                         "(or device=auto)") from None
+    if dev.type in ("cuda", "mps") and str(dev) not in have and f"{dev}:0" not in have:
+        raise UsageError(f"device={device}: not available here; this machine has {', '.join(have)} (device=auto "
+                         "takes the GPU when there is one)")
+    return dev

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -14,6 +15,8 @@ from cli_helpers import assert_one_line, run_cli  # noqa: E402
 from conftest import random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
+# a CUDA device this machine does not have
+NO_SUCH_GPU = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,7 @@ def notes(tmp_path):
     (["sampler_options.spacing=foo"], ["sampler_options.spacing=foo", "leading, trailing, linspace"]),
     # clamping the latent x0 to ±1 turned every sample into noise
     (["sampler=ddim", "sampler_options.clip_x0=true"], ["sampler_options.clip_x0=True", "latents", "leave it unset"]),
+    ([f"device={NO_SUCH_GPU}"], [f"device={NO_SUCH_GPU}: not available here", "cpu"]),
 ])
 def test_sample_option_mistakes_fail_before_loading(tmp_path, args, needles):
     # the checkpoint does not even exist: options are checked first
@@ -137,6 +141,16 @@ def test_resized_init_image_is_said_in_one_plain_line(tmp_path, tiny_text_ldm):
     assert len([ln for ln in text.splitlines() if "resized from" in ln]) == 1, text[-3000:]
     assert "init image resized from 48x40 to the model's 32x32" in text
     assert "Warning" not in text and "warn(" not in text  # no Python warning with its source line
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("evaluate", ["ckpt=nowhere.ckpt", "metrics=[adherence]"]),
+    ("encode", ["ckpt=nowhere.ckpt", "data=shapes", "out=cache"]),
+])
+def test_device_this_machine_does_not_have(tmp_path, tool, args):
+    # the sample CLI's case is among the option mistakes above
+    out = run_cli(tool, [*args, f"device={NO_SUCH_GPU}"], tmp_path)
+    assert_one_line(out, f"device={NO_SUCH_GPU}: not available here", "cpu")
 
 
 @pytest.mark.parametrize("override, hidden, package", [
