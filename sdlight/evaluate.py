@@ -87,11 +87,40 @@ def data_config(stored: Mapping[str, Any] | None, override: Mapping[str, Any] | 
     return {**stored, **{k: v for k, v in override.items() if v is not None}}
 
 
-def val_loader(config: Mapping[str, Any]) -> torch.utils.data.DataLoader:
+def val_data(config: Mapping[str, Any]) -> tuple[L.LightningDataModule, torch.utils.data.DataLoader]:
+    """(the datamodule of ``config``, set up for validation; its val loader)."""
     datamodule: L.LightningDataModule = hydra.utils.instantiate(dict(config))
     datamodule.prepare_data()
     datamodule.setup("validate")
-    return datamodule.val_dataloader()
+    return datamodule, datamodule.val_dataloader()
+
+
+def check_metric_data(names: Sequence[str], datamodule: Any, loader: torch.utils.data.DataLoader,
+                      truth_key: str = "attributes") -> None:
+    """The metrics that read samples with an oracle fit the val data, checked before anything is sampled:
+    ``adherence`` reads shapes scenes (the val items' ``truth_key`` must encode them), ``digits`` the digits 0-9."""
+    from sdlight.callbacks.adherence import max_shapes_of
+    from sdlight.callbacks.sampling import load_items
+
+    if not {"adherence", "digits"} & set(names):
+        return
+    given, data = f"metrics=[{','.join(names)}]", type(datamodule).__name__
+    item = next(load_items(loader, range(1), batch_size=1))
+    if "adherence" in names:
+        try:
+            max_shapes_of(torch.as_tensor(item[truth_key]))
+        except (KeyError, ValueError):
+            raise UsageError(f"{given}: adherence reads shapes scenes (colour, shape, position, background) back from "
+                             f"the samples, and the val data ({data}) has no shapes attributes: score it on the "
+                             "shapes data (data=shapes); digit models are scored by metrics=[digits]") from None
+    if "digits" in names:
+        classes = getattr(datamodule, "num_classes", None)
+        label = torch.as_tensor(item.get("label", -1)).flatten().tolist()
+        if (classes is not None and classes != 10) or not all(0 <= v <= 9 for v in label):
+            found = f"{classes} classes" if classes is not None else f"labels {label}"
+            raise UsageError(f"{given}: digits reads the samples as the handwritten digits 0-9, and the val data "
+                             f"({data}, {found}) is not digit data: score it on the digits data (data=digits); "
+                             "shapes models are scored by metrics=[adherence]")
 
 
 def _fingerprint(value: Any) -> Any:
@@ -246,7 +275,8 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
         raise UsageError("this run trained on cached latents (data=latents), and FID/KID compare against real "
                          "images: name the image dataset the cache was made from, e.g. data=folder "
                          "data.root=DIR (or data=shapes)")
-    loader = val_loader(data_cfg)
+    datamodule, loader = val_data(data_cfg)
+    check_metric_data(names, datamodule, loader, adherence.get("truth_key", "attributes"))
     image_size = getattr(module, "image_size", None)
     if image_size is not None and data_cfg.get("image_size") not in (None, image_size):
         log.warning(f"the model generates {image_size} px images but the val data is {data_cfg['image_size']} px")

@@ -153,6 +153,18 @@ def test_device_this_machine_does_not_have(tmp_path, tool, args):
     assert_one_line(out, f"device={NO_SUCH_GPU}: not available here", "cpu")
 
 
+def test_evaluate_metric_for_other_data_fails_before_sampling(tmp_path, tiny_text_ldm):
+    """adherence reads shapes scenes and digits reads digits, from the val data: the digits model's data (here
+    data=digits beside the text model, the same check) and the shapes data are refused before any sampling."""
+    out = run_cli("evaluate", [f"ckpt={tiny_text_ldm[0]}", "metrics=[adherence]", "data=digits", "num_samples=2",
+                               "steps=2"], tmp_path)
+    line = assert_one_line(out, "metrics=[adherence]", "DigitsDataModule", "data=shapes")
+    assert "metrics=[digits]" in line and "sampling" not in out.stdout + out.stderr
+    out = run_cli("evaluate", [f"ckpt={tiny_text_ldm[0]}", "metrics=[digits]", "num_samples=2", "steps=2"], tmp_path)
+    assert_one_line(out, "metrics=[digits]", "ShapesDataModule, 24 classes", "data=digits")
+    assert "sampling" not in out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("override, hidden, package", [
     ("+hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
     ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
