@@ -275,12 +275,13 @@ def _manifest(state: dict, identity: dict, first_stage: nn.Module, ckpt: str, te
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="encode")
 def main(cfg: DictConfig) -> None:
-    from sdlight.pipeline import resolve_device
+    from sdlight.sampling_checks import resolve_device
 
     with user_errors():
         if cfg.text and cfg.get("text_encoder") is None:
             raise UsageError("text=true needs the frozen text encoder of the model to train: add "
                              "+model/conditioning@text_encoder=open_clip (and its options)")
+        device = resolve_device(cfg.device)  # before the autoencoder is loaded
         first_stage = hydra.utils.instantiate(cfg.first_stage)
         datamodule = hydra.utils.instantiate(cfg.data)
         text_encoder = hydra.utils.instantiate(cfg.text_encoder) if cfg.text else None
@@ -288,7 +289,7 @@ def main(cfg: DictConfig) -> None:
             first_stage, datamodule, cfg.out, first_stage_ckpt=str(cfg.ckpt),
             data_config=OmegaConf.to_container(cfg.data, resolve=True), text_encoder=text_encoder, dtype=cfg.dtype,
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, shard_size=cfg.shard_size,
-            splits=tuple(cfg.splits), device=resolve_device(cfg.device), progress=cfg.progress)
+            splits=tuple(cfg.splits), device=device, progress=cfg.progress)
     counts = ", ".join(f"{s}: {v['samples']} ({v['skipped']} broken)" for s, v in manifest["splits"].items())
     log.info(f"Wrote the latent cache {cfg.out} ({counts}; {manifest['bytes_per_image']:.0f} bytes per image, "
              f"{manifest['dtype']})")

@@ -65,7 +65,8 @@ def _peek(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device | None = "auto"
                ) -> tuple[L.LightningModule, str, dict[str, Any]]:
     """``(module on device, "ldm" | "autoencoder", the checkpoint's stored run config)``."""
-    from sdlight.pipeline import Pipeline, resolve_device
+    from sdlight.pipeline import Pipeline
+    from sdlight.sampling_checks import resolve_device
 
     ckpt = _peek(path)
     config = (ckpt.get("sdlight") or {}).get("config") or {}
@@ -86,11 +87,40 @@ def data_config(stored: Mapping[str, Any] | None, override: Mapping[str, Any] | 
     return {**stored, **{k: v for k, v in override.items() if v is not None}}
 
 
-def val_loader(config: Mapping[str, Any]) -> torch.utils.data.DataLoader:
+def val_data(config: Mapping[str, Any]) -> tuple[L.LightningDataModule, torch.utils.data.DataLoader]:
+    """(the datamodule of ``config``, set up for validation; its val loader)."""
     datamodule: L.LightningDataModule = hydra.utils.instantiate(dict(config))
     datamodule.prepare_data()
     datamodule.setup("validate")
-    return datamodule.val_dataloader()
+    return datamodule, datamodule.val_dataloader()
+
+
+def check_metric_data(names: Sequence[str], datamodule: Any, loader: torch.utils.data.DataLoader,
+                      truth_key: str = "attributes") -> None:
+    """The metrics that read samples with an oracle fit the val data, checked before anything is sampled:
+    ``adherence`` reads shapes scenes (the val items' ``truth_key`` must encode them), ``digits`` the digits 0-9."""
+    from sdlight.callbacks.adherence import max_shapes_of
+    from sdlight.callbacks.sampling import load_items
+
+    if not {"adherence", "digits"} & set(names):
+        return
+    given, data = f"metrics=[{','.join(names)}]", type(datamodule).__name__
+    item = next(load_items(loader, range(1), batch_size=1))
+    if "adherence" in names:
+        try:
+            max_shapes_of(torch.as_tensor(item[truth_key]))
+        except (KeyError, ValueError):
+            raise UsageError(f"{given}: adherence reads shapes scenes (colour, shape, position, background) back from "
+                             f"the samples, and the val data ({data}) has no shapes attributes: score it on the "
+                             "shapes data (data=shapes); digit models are scored by metrics=[digits]") from None
+    if "digits" in names:
+        classes = getattr(datamodule, "num_classes", None)
+        label = torch.as_tensor(item.get("label", -1)).flatten().tolist()
+        if (classes is not None and classes != 10) or not all(0 <= v <= 9 for v in label):
+            found = f"{classes} classes" if classes is not None else f"labels {label}"
+            raise UsageError(f"{given}: digits reads the samples as the handwritten digits 0-9, and the val data "
+                             f"({data}, {found}) is not digit data: score it on the digits data (data=digits); "
+                             "shapes models are scored by metrics=[adherence]")
 
 
 def _fingerprint(value: Any) -> Any:
@@ -221,15 +251,16 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     from sdlight.callbacks.sampling import StandaloneTrainer
     from sdlight.diffusion import SAMPLERS
 
-    from sdlight.pipeline import check_sampling_options, given_options, resolve_sampler_options
+    from sdlight.sampling_checks import check_sampling_options, given_options, resolve_device, resolve_sampler_options
 
     started = time.perf_counter()
     names = check_metrics(metrics)
     fid, clip, adherence = dict(fid or {}), dict(clip or {}), dict(adherence or {})
     check_sampling_options(num_samples, steps, guidance, sampler=sampler)
     options = given_options(sampler_options)
-    if sampler is not None:  # checked before the checkpoint is read; against the model's sampler once it is
-        resolve_sampler_options(sampler, SAMPLERS[sampler], options)
+    # checked before the checkpoint is read; against the model's sampler once it is
+    resolve_sampler_options(sampler, SAMPLERS.get(sampler), options)
+    resolve_device(device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
     _check_weights(names, fid, clip, feature_extractor, clip_model)
@@ -244,7 +275,8 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
         raise UsageError("this run trained on cached latents (data=latents), and FID/KID compare against real "
                          "images: name the image dataset the cache was made from, e.g. data=folder "
                          "data.root=DIR (or data=shapes)")
-    loader = val_loader(data_cfg)
+    datamodule, loader = val_data(data_cfg)
+    check_metric_data(names, datamodule, loader, adherence.get("truth_key", "attributes"))
     image_size = getattr(module, "image_size", None)
     if image_size is not None and data_cfg.get("image_size") not in (None, image_size):
         log.warning(f"the model generates {image_size} px images but the val data is {data_cfg['image_size']} px")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -284,3 +285,29 @@ def metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
     value = float(value.item() if hasattr(value, "item") else value)
     log.info(f"Retrieved metric value {name}={value}")
     return value
+
+
+# command-line choices whose configs need a plugin of the [sweep] extra: (group, option) -> (modules, package)
+_OPTUNA = (("hydra_plugins.hydra_optuna_sweeper", "optuna"), "hydra-optuna-sweeper")
+_SUBMITIT = (("hydra_plugins.hydra_submitit_launcher", "submitit"), "hydra-submitit-launcher")
+SWEEP_PLUGINS = {("hparams_search", "optuna"): _OPTUNA, ("hydra/sweeper", "optuna"): _OPTUNA,
+                 ("launcher", "slurm"): _SUBMITIT, ("hydra/launcher", "submitit_slurm"): _SUBMITIT,
+                 ("hydra/launcher", "submitit_local"): _SUBMITIT}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a missing parent package (hydra_plugins)
+        return False
+
+
+def check_sweep_plugins(overrides: Sequence[str]) -> None:
+    """Before Hydra composes: a choice that needs a plugin of the [sweep] extra, which is not installed, is a
+    :class:`UsageError` naming the extra (Hydra itself would only say it "could not find 'hydra/sweeper/optuna'")."""
+    for arg in overrides:
+        group, _, option = arg.lstrip("+~").partition("=")
+        modules, package = SWEEP_PLUGINS.get((group, option), ((), ""))
+        if not all(_importable(m) for m in modules):
+            raise UsageError(f"{arg} needs {package} (the [sweep] extra), which is not installed: "
+                             'pip install -e ".[sweep]" in a checkout of sdlight, or pip install "sdlight[sweep]"')

@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import hydra
 import numpy as np
@@ -24,9 +23,10 @@ from PIL import Image
 
 from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
-from sdlight.diffusion import sampler_options as options_of
 from sdlight.errors import UsageError
 from sdlight.pixels import from_pil, to_pil
+from sdlight.sampling_checks import (check_concat_inputs, check_image_file, check_mask, check_sampling_options,
+                                     resolve_device, resolve_sampler_options)
 from sdlight.stages.diffusion import LatentDiffusion
 
 log = logging.getLogger("sdlight")
@@ -49,98 +49,24 @@ class SampleResult:
     latents: torch.Tensor | None = field(default=None, repr=False)
 
 
-def check_sampling_options(num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
-                           guidance_rescale: float = 0.0, strength: float = 0.6, eta: float | None = None,
-                           sampler: str | None = None) -> None:
-    """The numeric sampling options, checked before anything is loaded; a :class:`UsageError` names the option
-    (as the sample CLI spells it), its value and what would work."""
-    def integer(name: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{name}={value!r}: give a whole number >= {low}")
-
-    integer("num_samples", num_samples, 1)
-    if steps is not None:
-        integer("steps", steps, 1)
-    if guidance is not None and not (isinstance(guidance, (int, float)) and guidance >= 0 and np.isfinite(guidance)):
-        raise UsageError(f"guidance={guidance!r}: classifier-free guidance scales are >= 0 (1 turns guidance off, "
-                         "3-8 is usual)")
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise UsageError(f"guidance_rescale={guidance_rescale!r}: must be in [0, 1] (0.7 is usual, 0 turns it off)")
-    if not 0.0 <= strength <= 1.0:
-        raise UsageError(f"strength={strength!r}: img2img strength must be in [0, 1] (how much of the schedule to "
-                         "re-run: 0.3 keeps the image close, 1 ignores it)")
-    if eta is not None and not eta >= 0.0:
-        raise UsageError(f"eta={eta!r}: eta must be >= 0 (DDIM: 0 deterministic, 1 DDPM-like)")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise UsageError(f"sampler={sampler}: unknown; choose one of {', '.join(sorted(SAMPLERS))}")
-
-
-def given_options(node: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``sampler_options`` a CLI was given: its config lists every option as null (so that
-    ``sampler_options.eta=0.5`` needs no ``+``); the nulls mean "the sampler's default" and are dropped."""
-    return {str(k): v for k, v in (node or {}).items() if v is not None}
-
-
-def resolve_sampler_options(name: str | None, sampler: Callable | None, options: Mapping[str, Any] | None = None,
-                            eta: float | None = None) -> dict[str, Any]:
-    """The keyword options for ``sampler`` (registered as ``name``): ``options`` plus the ``eta`` shortcut.
-
-    An option the sampler does not take is a :class:`UsageError` naming it and the options the sampler has, so
-    ``sampler=euler sampler_options.eta=0.5`` fails before anything runs instead of being ignored.
-    """
-    resolved = dict(options or {})
-    if eta is not None:
-        resolved.setdefault("eta", eta)  # the sample CLI's older `eta=` spelling of sampler_options.eta
-    if sampler is None or not resolved:
-        return resolved
-    allowed = options_of(sampler)
-    unknown = [k for k in resolved if k not in allowed]
-    if unknown:
-        label = name or sampler_name(sampler)
-        raise UsageError(f"sampler_options.{unknown[0]}: sampler {label} has no such option; its options: "
-                         f"{', '.join(allowed) or 'none'}")
-    return resolved
-
-
-def check_image_file(path: str | Path | Image.Image | None, option: str) -> None:
-    """``path`` names a readable image (a typo here should not surface after the model has loaded)."""
-    if path is None or isinstance(path, Image.Image):
-        return
-    if not Path(path).is_file():
-        raise UsageError(f"{option}={path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:
-        raise UsageError(f"{option}={path}: not a readable image ({type(e).__name__})") from None
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "init image") -> torch.Tensor:
     """An RGB image as (1, 3, size, size) in [-1, 1]; resized (and said so) when its size differs."""
     if not isinstance(image, Image.Image):
         image = Image.open(image)
     image = image.convert("RGB")
     if image.size != (size, size):
-        warnings.warn(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}", stacklevel=3)
+        # one log line: a warning would print a second line with our source, which says nothing to a user
+        log.warning(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}")
         image = image.resize((size, size), Image.BICUBIC)
     return from_pil(image)[None]
 
 
-def to_mask(mask: Image.Image | str | Path, init_size: tuple[int, int]) -> torch.Tensor:
-    """A mask image (white = generate, black = keep) as (1, 1, H, W) in {0, 1}; it must match the init image."""
+def to_mask(mask: Image.Image | str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """A mask image (white = generate, black = keep) as (1, 1, *size) in {0, 1} (nearest-neighbour resized)."""
     if not isinstance(mask, Image.Image):
         mask = Image.open(mask)
-    if mask.size != init_size:
-        raise ValueError(f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
-                         f"{init_size[0]}x{init_size[1]}: they must have the same size")
     m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32).copy()) / 255.0
-    return (m > 0.5).float()[None, None]
+    return F.interpolate((m > 0.5).float()[None, None], size=size, mode="nearest")
 
 
 class AttentionRecorder:
@@ -300,23 +226,20 @@ class Pipeline:
             return None
         return [negative] * n if isinstance(negative, str) else [c for c in negative for _ in range(num_samples)]
 
+    @property
+    def concat_reads(self) -> str | None:
+        """The input this model's concat stage makes its channels from: ``mask`` (inpainting), ``lowres``
+        (super-resolution), or None for a model without one."""
+        return getattr(self.model.concat_stage, "batch_key", None)
+
     def concat_inputs(self, init_image: torch.Tensor | None, mask: torch.Tensor | None,
                       lowres: Image.Image | str | Path | None) -> torch.Tensor | None:
         """The concatenated channels of a model with a concat stage, from the inputs it reads (``mask`` with the
-        init image for inpainting, ``lowres`` for super-resolution); None for other models."""
-        stage = self.model.concat_stage
-        needs = getattr(stage, "batch_key", None)  # the input its channels are made from
-        if lowres is not None and needs != "lowres":
-            raise ValueError("lowres= is the input of super-resolution models (model.concat=superres); this model's "
-                             f"concat stage: {type(stage).__name__ if stage else None}")
-        if needs is None:
+        init image for inpainting, ``lowres`` for super-resolution; see `check_concat_inputs`); None for others."""
+        if self.concat_reads is None:
             return None
-        if needs == "mask":
-            if init_image is None or mask is None:
-                raise ValueError("this is an inpainting model: give init_image and mask")
+        if self.concat_reads == "mask":
             return self.model.make_concat({"image": init_image, "mask": mask})
-        if lowres is None:
-            raise ValueError(f"this model's concat stage ({type(stage).__name__}) needs {needs}=")
         low = lowres if isinstance(lowres, Image.Image) else Image.open(lowres)
         return self.model.make_concat({"lowres": from_pil(low)[None].to(self.device)})
 
@@ -335,7 +258,7 @@ class Pipeline:
             return x_T, {}
         if pix_mask is None:
             return self.init_latents(pixels, len(x_T)), {"strength": strength}
-        if getattr(m.concat_stage, "batch_key", None) == "mask":  # an inpainting model sees the mask itself
+        if self.concat_reads == "mask":  # an inpainting model sees the mask itself
             return x_T, {}
         latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
         return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.schedule,
@@ -346,12 +269,6 @@ class Pipeline:
         maps = recorder.maps().cpu()
         return [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
                 for i, c in enumerate(conds)]
-
-    def pixel_mask(self, mask: Image.Image | str | Path, init_image: Image.Image | str | Path,
-                   size: tuple[int, int]) -> torch.Tensor:
-        """The mask (1 = regenerate) at the model's image size, checked against the init image's size."""
-        init_size = (init_image if isinstance(init_image, Image.Image) else Image.open(init_image)).size
-        return F.interpolate(to_mask(mask, init_size), size=size, mode="nearest").to(self.device)
 
     @torch.no_grad()
     def __call__(self, conditions: Any = None, num_samples: int = 1, *, steps: int | None = None,
@@ -377,8 +294,8 @@ class Pipeline:
         if steps is not None and steps > m.schedule.num_timesteps:
             raise UsageError(f"steps={steps}: this model was trained with {m.schedule.num_timesteps} timesteps, "
                              "so at most that many steps")
-        if mask is not None and init_image is None:
-            raise ValueError("a mask needs an init_image: the mask says which part of it to regenerate")
+        check_mask(mask, init_image)
+        check_concat_inputs(self.concat_reads, init_image, mask, lowres)
         n = len(conds)
         fn = SAMPLERS[sampler] if sampler is not None else None
         options = resolve_sampler_options(sampler, fn or m.sampler, sampler_options, eta)
@@ -388,7 +305,7 @@ class Pipeline:
         scale = m.guidance_scale if guidance_scale is None else guidance_scale
 
         pixels = to_tensor_image(init_image, m.image_size).to(self.device) if init_image is not None else None
-        pix_mask = self.pixel_mask(mask, init_image, pixels.shape[-2:]) if mask is not None else None
+        pix_mask = to_mask(mask, pixels.shape[-2:]).to(self.device) if mask is not None else None
         kwargs["concat"] = self.concat_inputs(pixels, pix_mask, lowres)
         x_T, extra = self.start(x_T, pixels, pix_mask, strength, generator)
         kwargs.update(extra)

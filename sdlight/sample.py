@@ -15,8 +15,9 @@ from PIL import PngImagePlugin
 from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.pipeline import (Pipeline, SampleResult, check_image_file, check_sampling_options, given_options,
-                              heatmap_overlay, resolve_sampler_options)
+from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
+from sdlight.sampling_checks import (check_image_file, check_mask, check_sampling_options, given_options,
+                                     resolve_device, resolve_sampler_options)
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -105,15 +106,14 @@ def main(cfg: DictConfig) -> None:
         check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength,
                                cfg.get("eta"), cfg.sampler)
         options = given_options(cfg.get("sampler_options"))
-        if cfg.sampler is not None:
-            resolve_sampler_options(cfg.sampler, SAMPLERS[cfg.sampler], options, cfg.get("eta"))
+        resolve_sampler_options(cfg.sampler, SAMPLERS.get(cfg.sampler), options, cfg.get("eta"))
         conditions = conditions_from(cfg)
         grid_scale(1, cfg.get("grid_scale"))
         for option in ("init_image", "mask", "lowres"):
             check_image_file(cfg.get(option), option)
-        if cfg.mask is not None and cfg.init_image is None:
-            raise UsageError("mask= needs init_image=: the mask says which part of that image to regenerate")
-        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=cfg.device)
+        check_mask(cfg.mask, cfg.init_image)
+        device = resolve_device(cfg.device)
+        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=device)
         log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
         result = pipe(conditions, cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
                       guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,

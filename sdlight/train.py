@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import hydra
@@ -13,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdlight.callbacks.preemption import Preempted
 from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume, set_aside_earlier_checkpoints
 from sdlight.callbacks.run_config import RunConfigInCheckpoint
-from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, instantiate_callbacks, instantiate_loggers,
-                                 metric_value, prepare_wandb, quiet_lightning, register_resolvers, task_wrapper,
-                                 user_errors)
+from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, check_sweep_plugins, instantiate_callbacks,
+                                 instantiate_loggers, metric_value, prepare_wandb, quiet_lightning, register_resolvers,
+                                 task_wrapper, user_errors)
 from sdlight.threads import set_torch_threads
 
 log = logging.getLogger("sdlight")
@@ -155,12 +156,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     with user_errors():
         metrics, _ = train(cfg)
         if not (cfg.get("train", True) or cfg.get("test")):
             return None  # nothing ran, nothing to optimize
         return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+def main() -> None:
+    """``python -m sdlight.train`` and ``sdlight-train``: a missing sweep plugin is named before Hydra composes
+    (Hydra fails on it before any of ``run`` could)."""
+    with user_errors():
+        check_sweep_plugins(sys.argv[1:])
+    run()
 
 
 if __name__ == "__main__":

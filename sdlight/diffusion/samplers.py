@@ -59,6 +59,12 @@ def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
     return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
 
 
+def _check_clip_x0(clip_x0: float | None) -> None:
+    # `True` is a number to Python (a bound of 1) but a switch to whoever wrote it: refused, not taken as 1
+    if clip_x0 is not None and (isinstance(clip_x0, bool) or not isinstance(clip_x0, (int, float)) or not clip_x0 > 0):
+        raise ValueError(f"clip_x0 is the bound of the predicted x0 (a number > 0, 1 for pixels in [-1, 1]), "
+                         f"got {clip_x0!r}")
+
 
 @torch.no_grad()
 def sample_ddpm(
@@ -69,8 +75,10 @@ def sample_ddpm(
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0_hat), variance "fixed_small" (Ho et al., 2020).
 
     With fewer steps than training timesteps the posterior is taken between consecutive kept timesteps.
-    ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0] (pixel-space models).
+    ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0]: for pixel-space models only, since latents are not
+    bounded by ±1.
     """
+    _check_clip_x0(clip_x0)
     dtype = x.dtype
     ts, x = _start(x, schedule, steps, spacing, strength, generator)
     for i in progress_bar(range(len(ts)), progress, len(ts)):
@@ -94,7 +102,9 @@ def sample_ddim(
     spacing: str = "leading", strength: float = 1.0, generator: torch.Generator | None = None,
     callback: Callback | None = None, progress: bool = False, eta: float = 0.0, clip_x0: float | None = None,
 ) -> Tensor:
-    """DDIM (Song et al., 2021): eta = 0 is the deterministic ODE sampler, eta = 1 matches DDPM's variance."""
+    """DDIM (Song et al., 2021): eta = 0 is the deterministic ODE sampler, eta = 1 matches DDPM's variance.
+    ``clip_x0`` as in `sample_ddpm`."""
+    _check_clip_x0(clip_x0)
     dtype = x.dtype
     ts, x = _start(x, schedule, steps, spacing, strength, generator)
     for i in progress_bar(range(len(ts)), progress, len(ts)):

@@ -125,6 +125,13 @@ def test_ddpm_clip_matches_diffusers():
     assert out.abs().max() <= 1.0 + 1e-6  # the last step returns the clipped x0
 
 
+@pytest.mark.parametrize("sampler", [sample_ddpm, sample_ddim])
+@pytest.mark.parametrize("bound", [True, False, 0, -1.0, "1"])
+def test_clip_x0_takes_a_positive_number_not_a_switch(sampler, bound):
+    with pytest.raises(ValueError, match=r"clip_x0 is the bound of the predicted x0 \(a number > 0"):
+        sampler(ToyDenoiser(), _noise(), _schedule(), steps=2, clip_x0=bound)
+
+
 @pytest.mark.parametrize("pred", ["eps", "v", "x0"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 0.7])

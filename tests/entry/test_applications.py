@@ -11,6 +11,8 @@ from PIL import Image
 from sdlight.pipeline import Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_helpers import assert_one_line, run_cli  # noqa: E402
 from conftest import train_tiny_text_ldm  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
@@ -73,3 +75,10 @@ def test_superres_model_sees_the_low_res_image(superres_ckpt):
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
     with pytest.raises(ValueError, match="lowres"):
         pipe(None, num_samples=1, steps=1)
+
+
+def test_sample_cli_asks_each_model_for_its_inputs(inpaint_ckpt, superres_ckpt, tmp_path):
+    out = run_cli("sample", [f"ckpt={inpaint_ckpt}", f"prompt={PROMPT}", "device=cpu"], tmp_path)
+    assert_one_line(out, "this checkpoint is an inpainting model", "give init_image= and mask=")
+    out = run_cli("sample", [f"ckpt={superres_ckpt}", "device=cpu"], tmp_path)
+    assert_one_line(out, "this checkpoint is a super-resolution model", "give lowres=")

@@ -3,41 +3,22 @@ traceback; a run too short to log its optimized metric still exits 0."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "data")]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1]),
+                str(Path(__file__).resolve().parents[1] / "data")]
+from cli_helpers import assert_one_line, run_cli  # noqa: E402
 from conftest import random_stage1_checkpoint, train_tiny_text_ldm  # noqa: E402
 from imagefiles import cut_shard_set  # noqa: E402
 
 PROMPT = "a red circle in the center on a white background"
-
-
-def _env(tmp_path, **extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SDLIGHT_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true",
-               SDLIGHT_ROOT=str(tmp_path), SDLIGHT_WEIGHTS=str(tmp_path / "no-weights"), **extra)
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
-
-
-def run_cli(tool, args, tmp_path, timeout=300, **env):
-    return subprocess.run([sys.executable, "-m", f"sdlight.{tool}", *args], cwd=tmp_path,
-                          env=_env(tmp_path, **env), capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line(out, *needles):
-    """Exit 2, no traceback, and exactly one output line carries the message (with every needle in it)."""
-    text = out.stdout + out.stderr
-    assert out.returncode == 2, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    lines = [ln for ln in text.splitlines() if all(n in ln for n in needles)]
-    assert len(lines) == 1, text[-3000:]
-    assert lines[0] in out.stderr and lines[0].startswith("Error: ")
-    assert "\\n" not in lines[0]
-    return lines[0]
+# a CUDA device this machine does not have
+NO_SUCH_GPU = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +45,11 @@ def notes(tmp_path):
     (["sampler=heun3"], ["sampler=heun3", "ddim"]),
     (["init_image=missing.png"], ["init_image=missing.png", "no such file"]),
     (["label=seven"], ["label=seven", "prompt="]),
+    (["sampler_options.grid=karas"], ["sampler_options.grid=karas", "timesteps, karras, exponential"]),
+    (["sampler_options.spacing=foo"], ["sampler_options.spacing=foo", "leading, trailing, linspace"]),
+    # clamping the latent x0 to ±1 turned every sample into noise
+    (["sampler=ddim", "sampler_options.clip_x0=true"], ["sampler_options.clip_x0=True", "latents", "leave it unset"]),
+    ([f"device={NO_SUCH_GPU}"], [f"device={NO_SUCH_GPU}: not available here", "cpu"]),
 ])
 def test_sample_option_mistakes_fail_before_loading(tmp_path, args, needles):
     # the checkpoint does not even exist: options are checked first
@@ -135,7 +121,6 @@ def test_runs_shorter_than_their_first_validation_exit_zero(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
 
 
-
 def fake_latent_cache(root: Path) -> Path:
     """A manifest alone: enough for data=latents to be built (and refuse its options) without any shard."""
     root.mkdir(parents=True, exist_ok=True)
@@ -163,3 +148,70 @@ def test_shards_holding_no_more_samples_than_the_validation_head_stop_at_once(tm
     line = assert_one_line(out, "data.val_size=256 holds out 90 of the 90 samples in data.urls (4 shards)")
     assert "leaving none for training, fewer than one batch (data.batch_size=8 x 1 rank): lower data.val_size to " \
            "82 or less, or give a separate validation set with data.val_urls" in line
+
+
+def test_mask_of_another_size_than_the_init_image_fails_before_loading(tmp_path):
+    Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "mask.png")
+    out = run_cli("sample", ["ckpt=nowhere.ckpt", f"prompt={PROMPT}", "init_image=init.png", "mask=mask.png"], tmp_path)
+    assert_one_line(out, "mask=mask.png is 16x16 but init_image=init.png is 32x32")
+
+
+def test_lowres_for_a_model_that_is_not_super_resolution(tmp_path, tiny_text_ldm):
+    Image.new("RGB", (16, 16)).save(tmp_path / "low.png")
+    out = run_cli("sample", [f"ckpt={tiny_text_ldm[0]}", f"prompt={PROMPT}", "lowres=low.png"], tmp_path)
+    assert_one_line(out, "lowres=low.png: this checkpoint is not a super-resolution model", "leave it out")
+
+
+def test_resized_init_image_is_said_in_one_plain_line(tmp_path, tiny_text_ldm):
+    Image.new("RGB", (48, 40), "white").save(tmp_path / "init.png")
+    out = run_cli("sample", [f"ckpt={tiny_text_ldm[0]}", f"prompt={PROMPT}", "init_image=init.png", "steps=2",
+                             "num_samples=1", "progress=false", "device=cpu"], tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert len([ln for ln in text.splitlines() if "resized from" in ln]) == 1, text[-3000:]
+    assert "init image resized from 48x40 to the model's 32x32" in text
+    assert "Warning" not in text and "warn(" not in text  # no Python warning with its source line
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("evaluate", ["ckpt=nowhere.ckpt", "metrics=[adherence]"]),
+    ("encode", ["ckpt=nowhere.ckpt", "data=shapes", "out=cache"]),
+])
+def test_device_this_machine_does_not_have(tmp_path, tool, args):
+    # the sample CLI's case is among the option mistakes above
+    out = run_cli(tool, [*args, f"device={NO_SUCH_GPU}"], tmp_path)
+    assert_one_line(out, f"device={NO_SUCH_GPU}: not available here", "cpu")
+
+
+def test_evaluate_metric_for_other_data_fails_before_sampling(tmp_path, tiny_text_ldm):
+    """adherence reads shapes scenes and digits reads digits, from the val data: the digits model's data (here
+    data=digits beside the text model, the same check) and the shapes data are refused before any sampling."""
+    out = run_cli("evaluate", [f"ckpt={tiny_text_ldm[0]}", "metrics=[adherence]", "data=digits", "num_samples=2",
+                               "steps=2"], tmp_path)
+    line = assert_one_line(out, "metrics=[adherence]", "DigitsDataModule", "data=shapes")
+    assert "metrics=[digits]" in line and "sampling" not in out.stdout + out.stderr
+    out = run_cli("evaluate", [f"ckpt={tiny_text_ldm[0]}", "metrics=[digits]", "num_samples=2", "steps=2"], tmp_path)
+    assert_one_line(out, "metrics=[digits]", "ShapesDataModule, 24 classes", "data=digits")
+    assert "sampling" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("override, hidden, package", [
+    ("+hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    ("+launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+])
+def test_sweep_plugin_missing_names_the_extra(tmp_path, override, hidden, package):
+    """The plugin is made unimportable for the subprocess alone, whether or not it is installed here."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {hidden!r} or name.startswith({hidden + '.'!r}):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+    out = run_cli("train", ["-m", "+experiment=quickstart_vae", override, "logger=none"], tmp_path, PYTHONPATH=path)
+    line = assert_one_line(out, override, package)
+    assert 'pip install -e ".[sweep]"' in line and "sdlight[sweep]" in line

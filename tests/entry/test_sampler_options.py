@@ -11,7 +11,8 @@ from PIL import Image
 
 from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
-from sdlight.pipeline import Pipeline, resolve_sampler_options
+from sdlight.pipeline import Pipeline
+from sdlight.sampling_checks import resolve_sampler_options
 
 PROMPT = "a red circle in the center on a white background"
 
@@ -34,6 +35,27 @@ def test_resolve_sampler_options_names_the_wrong_option_and_the_right_ones():
     assert "\n" not in str(err.value)
     with pytest.raises(UsageError, match="s_churn, s_tmin, s_tmax, s_noise"):
         resolve_sampler_options("heun", SAMPLERS["heun"], {"churn": 1.0})
+
+
+def test_sampler_option_values_are_checked_with_or_without_the_sampler():
+    with pytest.raises(UsageError) as err:
+        resolve_sampler_options(None, None, {"grid": "karas"})  # the model's sampler: not loaded yet
+    assert str(err.value) == "sampler_options.grid=karas: unknown; choose one of timesteps, karras, exponential"
+    with pytest.raises(UsageError, match="sampler_options.spacing=foo: unknown; choose one of leading, trailing"):
+        resolve_sampler_options("ddim", SAMPLERS["ddim"], {"spacing": "foo"})
+    with pytest.raises(UsageError, match="sampler_options.s_churn=True: give a number >= 0"):
+        resolve_sampler_options("heun", SAMPLERS["heun"], {"s_churn": True})
+    with pytest.raises(UsageError, match="sampler_options.eta=-1: give a number >= 0"):
+        resolve_sampler_options(None, None, {"eta": -1})
+    options = {"grid": "karras", "spacing": "trailing", "s_churn": 1, "s_tmax": float("inf")}
+    assert resolve_sampler_options("heun", SAMPLERS["heun"], options) == options
+
+
+def test_clip_x0_is_refused_for_latent_models(pipe):
+    """clip_x0 clamps x0 in the space the sampler runs in: sdlight's models sample latents, not pixels in [-1, 1]."""
+    for bound in (True, 1.0):
+        with pytest.raises(UsageError, match=f"sampler_options.clip_x0={bound}: .* sample latents"):
+            pipe([PROMPT], steps=2, sampler="ddim", sampler_options={"clip_x0": bound})
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m_karras", "dpmpp_2m_sde"])
