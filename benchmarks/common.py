@@ -27,8 +27,9 @@ from sdlight.nn.unet import UNetModel
 def config(group: str, name: str) -> dict:
     """A ``conf/model/<group>/<name>.yaml`` as plain constructor arguments (``_target_`` dropped)."""
     text = importlib.resources.files("sdlight.conf").joinpath(f"model/{group}/{name}.yaml").read_text()
-    cfg = OmegaConf.to_container(OmegaConf.create(text))
-    cfg.pop("_target_", None)
+    cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(text)).items() if not k.startswith("_")}
+    if cfg.get("in_channels", 0) is None:  # derived by the model from its latents: 4 here
+        cfg["in_channels"] = 4
     return cfg
 
 

@@ -77,7 +77,7 @@ def train_figures(config: str, res: int, compiled: bool, args, device: torch.dev
     flops_per_image = 3 * counter.get_total_flops()  # forward + backward ≈ 3 forwards
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     if compiled:
-        unet.compile(dynamic=False)  # as sdlight.stages.common.speed_up
+        unet.compile(dynamic=False)  # as sdlight.nn.speed.speed_up
 
     def step():
         with autocast():

@@ -4,7 +4,7 @@
     python benchmarks/latent_cache.py --only quickstart --steps 2   # a quick check
 
 For each size it writes images, encodes them once with sdlight.encode's ``encode_dataset`` (timing that too),
-then times training steps (next batch from the loader, loss, backward, AdamW step) of the same LatentDiffusion
+then times training steps (next batch from the loader, loss, backward, AdamW step) of the same latent diffusion
 fed by the image datamodule (the frozen VAE encodes every batch) and by ``data=latents``, alternating one step
 of each so that other load on the machine hits both alike; one warm-up step each is not timed. Random-init
 networks: speed does not depend on the weights.
@@ -35,7 +35,8 @@ from sdlight.diffusion import NoiseSchedule
 from sdlight.encode import encode_dataset
 from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.nn.unet import UNetModel
-from sdlight.stages.diffusion import LatentDiffusion
+from sdlight.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion
+from sdlight.optim import build_optimizer, decay_groups
 
 KL_F4_TINY = dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4, embed_dim=4,
                   resolution=32)
@@ -55,18 +56,17 @@ def write_jpegs(root: Path, n: int, size: int, seed: int = 0) -> None:
         (root / f"{i:05d}.txt").write_text(f"image number {i}")
 
 
-def build(vae: dict, unet: dict, latent: int, image_size: int) -> LatentDiffusion:
+def build(vae: dict, unet: dict, latent: int, image_size: int) -> LatentDiffusionModel:
     torch.manual_seed(0)
     text = LearnedTextEncoder(max_length=32, width=128, layers=2, heads=4, context_dim=unet["context_dim"])
     net = UNetModel(image_size=latent, in_channels=4, out_channels=4, use_spatial_transformer=True,
                     use_linear_in_transformer=True, transformer_depth=1, legacy=False, **unet)
-    return LatentDiffusion(unet=net, schedule=NoiseSchedule.make("linear", 1000, 1e-4, 2e-2), conditioning=text,
-                           first_stage=AutoencoderKL(**vae), optimizer=partial(torch.optim.AdamW, lr=1e-4),
-                           scale_factor=0.2, ema_decay=None, sample_every_n_steps=0, image_size=image_size)
+    return build_latent_diffusion(unet=net, first_stage=AutoencoderKL(**vae), conditioning=text, scale_factor=0.2,
+                                  schedule=NoiseSchedule.make("linear", 1000, 1e-4, 2e-2), image_size=image_size)
 
 
-def step_times(model: LatentDiffusion, loaders: dict[str, iter], steps: int) -> dict[str, list[float]]:
-    optimizer = model.configure_optimizers()
+def step_times(model: LatentDiffusionModel, loaders: dict[str, iter], steps: int) -> dict[str, list[float]]:
+    optimizer = build_optimizer(partial(torch.optim.AdamW, lr=1e-4), decay_groups(model))
     times: dict[str, list[float]] = {name: [] for name in loaders}
     model.train()
     for i in range(steps + 1):  # the first round warms up

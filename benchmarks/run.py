@@ -17,7 +17,8 @@ Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers'
 - ``ddim``: 50 DDIM steps with classifier-free guidance (scale 3, both branches in one batch) and decoding.
 
 The ``sdlight`` side runs as its stages do: on a CPU its linear layers on oneDNN's matmul where that is this
-processor's default (``sdlight.nn.linear``: x86 CPUs with AVX-512 not made by Intel) and a fused AdamW for float32 weights (``sdlight.stages.common.build_optimizer``), the VAE NHWC in the stage-1
+processor's default (``sdlight.nn.linear``: measured once per machine) and a fused AdamW for float32 weights
+(``sdlight.optim.build_optimizer``), the VAE NHWC in the stage-1
 step (``channels_last: null``), which ``--no-onednn-linear``, ``--no-fused`` and ``--vae-nchw`` turn off, plus the
 switches given (``--compile``, ``--channels-last``); diffusers runs as its training scripts do (eager, default
 AdamW). Peak memory: CUDA's max allocated, or on a CPU the
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 
 from benchmarks.common import alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, randomize_, rel_error
 from sdlight.nn.linear import onednn_linear_active, set_onednn_linear
-from sdlight.stages.common import build_optimizer, speed_up
+from sdlight.nn.speed import speed_up
+from sdlight.optim import build_optimizer
 
 SIZES = {
     # the quickstart: 32 px shapes, kl_f4_tiny VAE (8x8x4 latents), the tiny UNet, the learned text encoder
@@ -90,7 +92,7 @@ def bench_unet(size: dict, args, device: torch.device):
 def bench_vae(size: dict, args, device: torch.device):
     from sdlight.losses import LPIPS, AutoencoderLoss
     from sdlight.nn.discriminator import NLayerDiscriminator
-    from sdlight.stages.common import allow_retained_graphs
+    from sdlight.nn.speed import allow_retained_graphs
 
     ours, params = build_vae(**size["vae"])
     theirs = diffusers_vae(ours, params).to(device)
@@ -171,8 +173,8 @@ def latent_diffusion(size: dict, args, device: torch.device):
 def diffusers_side(module, params: dict, vae_params: dict, device: torch.device):
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    theirs_unet = diffusers_unet(module.model.diffusion_model, params).to(device)
-    theirs_vae = diffusers_vae(module.first_stage_model, vae_params).to(device).requires_grad_(False)
+    theirs_unet = diffusers_unet(module.net.model.diffusion_model, params).to(device)
+    theirs_vae = diffusers_vae(module.net.first_stage_model, vae_params).to(device).requires_grad_(False)
     text = copy.deepcopy(module.cond_stage_model.single)  # the text encoder itself: captions → context
     sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, steps_offset=1, timestep_spacing="leading")
@@ -198,7 +200,7 @@ def bench_stage2(size: dict, args, device: torch.device):
     def ours_step():
         batch = next(ours_batches)
         batch["image"] = batch["image"].to(device)
-        module.losses(batch, p_uncond=module.p_uncond)[0].mean().backward()
+        module.net.losses(batch, p_uncond=module.p_uncond)[0].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         module.model_ema.update_parameters(module._ema_parts)
@@ -231,7 +233,7 @@ def bench_ddim(size: dict, args, device: torch.device):
     theirs_unet, theirs_vae, text, _, ddim = diffusers_side(module, params, vae_params, device)
     b, scale = size["sample_batch"], 3.0
     prompts = ["a red circle in the center on a white background"] * b
-    x_T = torch.randn(b, *module.latent_shape, generator=torch.Generator().manual_seed(2)).to(device)
+    x_T = torch.randn(b, *module.net.latent_shape, generator=torch.Generator().manual_seed(2)).to(device)
 
     def ours():
         return module.generate(prompts, steps=50, guidance_scale=scale, x_T=x_T, use_ema=False)

@@ -43,7 +43,7 @@ def switched(model: torch.nn.Module, parts: list[torch.nn.Module], flags: set[st
                             fused="fused" in flags or None)
     if "compile" in flags:
         for part in parts:
-            part.compile(dynamic=False)  # as sdlight.stages.common.speed_up
+            part.compile(dynamic=False)  # as sdlight.nn.speed.speed_up
     return model, x, opt
 
 

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # lazy: `import sdlight` stays light; the pipeline pulls in Lightning, Hydra and the models
+    # lazy: `import sdlight` stays light; the pipeline pulls in torch and the models (not Lightning, not Hydra)
     if name == "Pipeline":
         from sdlight.pipeline import Pipeline
 

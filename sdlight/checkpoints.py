@@ -5,10 +5,12 @@ Untrusted files are read with ``weights_only=True`` or safetensors: nothing in a
 
 from __future__ import annotations
 
-import json
+import copy
+import functools
+import importlib
 import os
 import pickle
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,16 @@ TRUST_PICKLE_ENV = "SDLIGHT_TRUST_PICKLE"
 
 class NotACheckpointError(CheckpointError, TypeError):
     """The file holds something other than a dict (a list, a whole pickled module)."""
+
+
+def to_plain(value: Any) -> Any:
+    """Config containers (OmegaConf's included) as plain dicts / lists: what checkpoints hold, so that they load
+    with ``weights_only=True``."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [to_plain(v) for v in value]
+    return value
 
 
 def _looks_like_torch_file(path: Path) -> bool:
@@ -185,23 +197,11 @@ def load_first_stage(ckpt: str | Path | None, autoencoder: nn.Module | None = No
     return autoencoder
 
 
-# ------------------------------------------------------------------------------ starting from released weights
-DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                   "text_encoder": ("model", "pytorch_model")}
-CONDITIONING_FILE = "sdlight_conditioning.safetensors"  # our own condition encoder next to a diffusers export
+# ------------------------------------------------------------------------------------------------ EMA weights
 LITEMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")
 
 
-def component_file(folder: Path, component: str) -> Path | None:
-    """The weights file of a diffusers component folder (full precision preferred over an fp16 variant)."""
-    for stem in DIFFUSERS_STEMS[component]:
-        for suffix in (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin"):
-            if (folder / component / (stem + suffix)).is_file():
-                return folder / component / (stem + suffix)
-    return None
-
-
-def _under(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def under_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
@@ -215,7 +215,7 @@ def ema_swapped(sd: dict[str, torch.Tensor], use_ema: bool = True) -> tuple[dict
         if int(sd.get("model_ema.n_averaged", torch.tensor(1))) == 0:
             return raw, "raw weights (the EMA was never updated)"
         for part, prefix in (("model_ema.module.0.", "model."), ("model_ema.module.1.", "cond_stage_model.")):
-            raw.update({prefix + k: v for k, v in _under(sd, part).items()})
+            raw.update({prefix + k: v for k, v in under_prefix(sd, part).items()})
         return raw, "EMA weights"
     if any(k.startswith("model_ema.") and k not in LITEMA_BUFFERS for k in sd):
         # CompVis LitEma: "model_ema." + the wrapper-relative parameter name with its dots removed
@@ -227,100 +227,6 @@ def ema_swapped(sd: dict[str, torch.Tensor], use_ema: bool = True) -> tuple[dict
             raw[key] = sd[flat]
         return raw, "EMA weights"
     return raw, "the file's weights (it holds no separate EMA)"
-
-
-def _text_weights(conditioning: nn.Module, sd: dict[str, torch.Tensor], hf_prefix: str | None, where: str
-                  ) -> list[str]:
-    """Loads a text encoder's weights (ours, open_clip's, or Hugging Face CLIP's layout) into ``conditioning``
-    (a conditioner's only encoder when it has one: released checkpoints hold one text encoder)."""
-    from sdlight.convert import hf_to_open_clip
-
-    conditioning = getattr(conditioning, "single", None) or conditioning
-
-    own = conditioning.state_dict()
-    if not sd:
-        if own and all(not p.requires_grad for p in conditioning.parameters()):
-            return ["text encoder: none in the file; model.conditioning keeps its own pretrained weights"]
-        if own:
-            raise CheckpointError(f"{where} holds no weights for model.conditioning ({type(conditioning).__name__})")
-        return []
-    if not own:
-        raise CheckpointError(f"{where} has a condition encoder ({len(sd)} tensors) but model.conditioning "
-                              f"({type(conditioning).__name__}) has no weights: choose the matching conditioning")
-    if hf_prefix is not None:  # Hugging Face CLIPTextModel → the open_clip tower our encoder holds as .model
-        sd = {"model." + k: v for k, v in hf_to_open_clip(sd, hf_prefix).items()}
-    unused = {"model.text_projection", "model.logit_scale"}  # the contrastive head: never run for contexts
-    if getattr(conditioning, "layer", None) == "penultimate":
-        last = len(conditioning.tower.transformer.resblocks) - 1
-        unused |= {k for k in own if k.startswith(f"model.transformer.resblocks.{last}.")}
-    skipped = load_exact(conditioning, sd, f"{where}: the text encoder does not fit model.conditioning",
-                         "Check arch / layer of model/conditioning (SD 1.x: ViT-L-14-quickgelu, last; "
-                         "SD 2.x: ViT-H-14, penultimate).", unused)
-    note = f" ({len(skipped)} unused tensors not in the file, e.g. {skipped[0]})" if skipped else ""
-    return [f"text encoder: {len(sd)} tensors{note}"]
-
-
-@dataclass
-class Pretrained:
-    """What ``load_pretrained`` loaded: lines describing it, and the file's latent scale factor (None when the file
-    has none: released CompVis files do not store it)."""
-
-    lines: list[str]
-    scale_factor: float | None
-
-
-def _diffusers_scale_factor(folder: Path, where: str) -> float | None:
-    config_file = folder / "vae" / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("shift_factor"):  # SD3 / Flux VAEs: latents are (z - shift) * scale
-        raise CheckpointError(f"{where}: its VAE's latents have a shift_factor ({config['shift_factor']}), which "
-                              "these latent diffusion models do not apply; use a VAE without one (SD 1.x / 2.x / XL)")
-    scale = config.get("scaling_factor")
-    return None if scale is None else float(scale)
-
-
-def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, conditioning: nn.Module,
-                    use_ema: bool = True) -> Pretrained:
-    """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x checkpoint (CompVis
-    layout, ``.ckpt`` or ``.safetensors``; one of ours too) or a diffusers folder. Every key must fit (missing,
-    unexpected and mismatched ones are listed in the error); returns lines describing what was loaded and the
-    file's scale factor (a diffusers VAE config's ``scaling_factor``, our files' ``scale_factor``)."""
-    from sdlight.convert import invert_map, unet_key_map, vae_key_map
-
-    path, where = Path(path), f"model.init_from={path}"
-    if path.is_dir():
-        files = {c: component_file(path, c) for c in DIFFUSERS_STEMS}
-        if files["unet"] is None or files["vae"] is None:
-            raise CheckpointError(f"{where}: not a diffusers folder (no unet/ and vae/ weights) nor a checkpoint file")
-        own_unet, own_vae = unet.state_dict(), first_stage.state_dict()
-        parts = {"unet": invert_map(state_dict_of(read_checkpoint(files["unet"])),
-                                    unet_key_map(own_unet, unet.config), own_unet),
-                 "vae": invert_map(state_dict_of(read_checkpoint(files["vae"])),
-                                   vae_key_map(own_vae, len(first_stage.config["ch_mult"])), own_vae)}
-        text, hf_prefix = {}, None
-        if files["text_encoder"] is not None:
-            text = state_dict_of(read_checkpoint(files["text_encoder"]))
-            hf_prefix = "text_model." if any(k.startswith("text_model.") for k in text) else ""
-        elif (path / CONDITIONING_FILE).is_file():
-            text = state_dict_of(read_checkpoint(path / CONDITIONING_FILE))
-        which, scale = "diffusers folder", _diffusers_scale_factor(path, where)
-    elif path.is_file():
-        sd, which = ema_swapped(state_dict_of(read_checkpoint(path, mmap=True)), use_ema)
-        scale = float(sd["scale_factor"]) if "scale_factor" in sd else None
-        parts = {"unet": _under(sd, "model.diffusion_model."), "vae": _under(sd, "first_stage_model.")}
-        text, hf_prefix = _under(sd, "cond_stage_model."), None
-        if any(k.startswith("transformer.text_model.") for k in text):  # SD 1.x: Hugging Face CLIP layout
-            hf_prefix = "transformer.text_model."
-    else:
-        raise CheckpointError(f"{where}: no such file or directory (give an SD .ckpt/.safetensors or a diffusers "
-                              "folder)")
-    load_exact(unet, parts["unet"], f"{where}: the UNet does not fit model.unet",
-               "Check that model/unet matches the file (sd15 for SD 1.x, sd21 for SD 2.x).")
-    load_exact(first_stage, parts["vae"], f"{where}: the VAE does not fit model.first_stage.autoencoder",
-               "Check that the autoencoder config matches the file (kl_f8 for SD).")
-    lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
-             *_text_weights(conditioning, text, hf_prefix, where)]
-    return Pretrained(lines, scale)
 
 
 # ------------------------------------------------------------------------------------------ fault tolerance
@@ -381,3 +287,74 @@ def newest_checkpoint(*folders: str | Path) -> tuple[Path | None, list[str]]:
             return path, skipped
         skipped.append(f"{path.name}: no training state")
     return None, skipped
+
+
+# --------------------------------------------------------------------------- a latent diffusion model, rebuilt
+MODEL_PARTS = ("unet", "schedule", "conditioning", "conditioners", "concat", "objective", "prediction_type",
+               "loss_type", "loss_weighting", "snr_gamma", "image_size", "sampler", "guidance_scale")
+_CONFIG_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_")
+
+
+def build_from_config(node: Any) -> Any:
+    """A stored config node made into its object, as ``hydra.utils.instantiate`` would (``_target_``, nested
+    nodes, ``_partial_``), without Hydra; only ``sdlight.*`` targets: a checkpoint's config names what to call,
+    and nothing outside this package is called on a file's say-so."""
+    if isinstance(node, Mapping):
+        kwargs = {k: build_from_config(v) for k, v in node.items() if k not in _CONFIG_KEYS}
+        target = node.get("_target_")
+        if target is None:
+            return kwargs
+        if not str(target).startswith("sdlight."):
+            raise CheckpointError(f"the stored config names {target}, which is not part of sdlight: not called")
+        call = _import(str(target))
+        return functools.partial(call, **kwargs) if node.get("_partial_") else call(**kwargs)
+    if isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
+        return [build_from_config(v) for v in node]
+    return node
+
+
+def _import(dotted: str) -> Any:
+    """``pkg.module.Name`` or ``pkg.module.Class.method``."""
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise CheckpointError(f"cannot import {dotted}")
+
+
+def latent_diffusion_config(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The stored ``model`` config of a latent diffusion checkpoint of ours (a one-line error for other files)."""
+    config = (ckpt.get("sdlight") or {}).get("config", {}).get("model")
+    if not config or not str(config.get("_target_", "")).endswith("LatentDiffusion"):
+        kind = (config or {}).get("_target_", "no sdlight config")
+        raise CheckpointError(f"{path} is not a latent diffusion checkpoint of sdlight ({kind}); sample from the "
+                              "checkpoint of a `model=ldm` run (e.g. logs/<task>/runs/<time>/checkpoints/last.ckpt)")
+    return config
+
+
+def load_latent_diffusion(path: str | Path, use_ema: bool = True) -> tuple[nn.Module, str]:
+    """The :class:`~sdlight.models.LatentDiffusionModel` of one of our latent diffusion checkpoints, rebuilt from its
+    stored config and weights without Hydra or Lightning, with its EMA weights when ``use_ema`` and it has them;
+    and which weights those are, in words. Every checkpoint written since the config was first stored loads."""
+    from sdlight.models.latent_diffusion import build_latent_diffusion
+    from sdlight.nn.autoencoder import AutoencoderKL
+
+    ckpt = read_checkpoint(path)
+    config = latent_diffusion_config(ckpt, path)
+    hparams = ckpt.get("hyper_parameters", {})
+    parts = {k: copy.deepcopy(config[k]) for k in MODEL_PARTS if k in config}
+    more = parts.get("conditioners") or {}  # by name in configs; a list works too
+    for node in [parts.get("conditioning"), *(more.values() if isinstance(more, Mapping) else more)]:
+        if node and "pretrained" in node:  # a pretrained tower: its weights are in this checkpoint too
+            node.update(pretrained=None, checkpoint_path=None)
+    # the weights of every part are in this checkpoint: the first stage's architecture only
+    model = build_latent_diffusion(first_stage=AutoencoderKL(**hparams["first_stage_config"]),
+                                   **build_from_config(parts))
+    sd, which = ema_swapped(state_dict_of(ckpt), use_ema)
+    model.load_state_dict(sd, strict=True)
+    return model, which

@@ -39,7 +39,7 @@ from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset
 from sdlight.data.transforms import BadImage
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.stages.latents import TEXT, is_frozen, text_encoder_sha256, weights_sha256
+from sdlight.models.latents import TEXT, is_frozen, text_encoder_sha256, weights_sha256
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -168,14 +168,9 @@ def _identity(first_stage_sha: str, text_sha: str | None, dtype: str, image_size
             "image_size": image_size, "data": data, "shard_size": shard_size}
 
 
-def encode_dataset(first_stage: nn.Module, datamodule: Any, out: str | Path, *, first_stage_ckpt: str = "?",
-                   data_config: dict | None = None, text_encoder: nn.Module | None = None, dtype: str = "float16",
-                   batch_size: int | None = None, num_workers: int | None = None, shard_size: int = 1000,
-                   splits: tuple[str, ...] = ("train", "val"), device: str | torch.device = "cpu",
-                   progress: bool = True) -> dict[str, Any]:
-    """Writes the latent cache of ``datamodule``'s splits to ``out`` (finishing an interrupted run of the same
-    settings); returns the manifest."""
-    torch_dtype = storage_dtype(dtype)
+def check_cacheable(datamodule: Any, text_encoder: nn.Module | None, shard_size: int) -> None:
+    """What a latent cache cannot hold is refused (random flips, a learned text encoder's contexts, a cache of a
+    cache); random crops become the center crop, said so."""
     if shard_size < 1:
         raise UsageError(f"shard_size={shard_size}: must be >= 1")
     if isinstance(datamodule, LatentsDataModule):
@@ -189,6 +184,17 @@ def encode_dataset(first_stage: nn.Module, datamodule: Any, out: str | Path, *, 
     if text_encoder is not None and (not is_frozen(text_encoder) or getattr(text_encoder, "input_key", None) != TEXT):
         raise UsageError(f"text_encoder={type(text_encoder).__name__}: only a frozen, pretrained text encoder's "
                          "contexts can be cached (e.g. open_clip); a learned one trains with the UNet")
+
+
+def encode_dataset(first_stage: nn.Module, datamodule: Any, out: str | Path, *, first_stage_ckpt: str = "?",
+                   data_config: dict | None = None, text_encoder: nn.Module | None = None, dtype: str = "float16",
+                   batch_size: int | None = None, num_workers: int | None = None, shard_size: int = 1000,
+                   splits: tuple[str, ...] = ("train", "val"), device: str | torch.device = "cpu",
+                   progress: bool = True) -> dict[str, Any]:
+    """Writes the latent cache of ``datamodule``'s splits to ``out`` (finishing an interrupted run of the same
+    settings); returns the manifest."""
+    torch_dtype = storage_dtype(dtype)
+    check_cacheable(datamodule, text_encoder, shard_size)
     device = torch.device(device)
     first_stage = first_stage.eval().requires_grad_(False).to(device)
     text_encoder = text_encoder.eval().to(device) if text_encoder is not None else None

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from sdlight.checkpoints import CheckpointError, load_autoencoder, read_checkpoint
+from sdlight.checkpoints import CheckpointError, load_autoencoder, load_latent_diffusion, read_checkpoint
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 
@@ -62,17 +62,19 @@ def _peek(path: str | Path) -> dict[str, Any]:
     return read_checkpoint(path, mmap=True)
 
 
-def load_model(path: str | Path, device: str | torch.device | None = "auto"
-               ) -> tuple[L.LightningModule, str, dict[str, Any]]:
-    """``(module on device, "ldm" | "autoencoder", the checkpoint's stored run config)``."""
-    from sdlight.pipeline import Pipeline
+def load_model(path: str | Path, device: str | torch.device | None = "auto", use_ema: bool = True
+               ) -> tuple[nn.Module, str, dict[str, Any]]:
+    """``(model on device, "ldm" | "autoencoder", the checkpoint's stored run config)``; a latent diffusion model
+    with its EMA weights when ``use_ema`` and it has them (``model.weights`` says which)."""
     from sdlight.sampling_checks import resolve_device
 
     ckpt = _peek(path)
     config = (ckpt.get("sdlight") or {}).get("config") or {}
     if "autoencoder_config" in (ckpt.get("hyper_parameters") or {}):
         return ReconstructionModule(load_autoencoder(path)).to(resolve_device(device)), "autoencoder", config
-    return Pipeline.from_checkpoint(path, device).model, "ldm", config
+    model, which = load_latent_diffusion(path, use_ema)
+    model.weights = which
+    return model.to(resolve_device(device)).eval(), "ldm", config
 
 
 def data_config(stored: Mapping[str, Any] | None, override: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -138,39 +140,28 @@ def _fingerprint(value: Any) -> Any:
     return value
 
 
-class SharedSamples:
-    """Replaces ``module.generate`` for the duration: injects the chosen ``sampler`` and memoizes the results,
-    so the metrics of one evaluation score the same images instead of sampling them once each.
+class SampleSet:
+    """The model's images for the metrics of one evaluation: each metric asks for the images of its conditions
+    (``callback.images = sample_set``), and the metrics that ask for the same ones (same conditions, count and
+    generator state) get the same images, sampled once.
 
-    A call is served from memory only when its conditions, arguments and generator state equal an earlier
-    call's: the result is then what sampling would return, and the generator is moved on to the state that
-    sampling would leave it in. Each result is kept for ``uses - 1`` more calls and within ``max_bytes``
-    (beyond that, the images are sampled again).
+    Such a request is served from memory with what sampling would return, and the generator is moved on to the
+    state that sampling would leave it in. Each result is kept for ``uses - 1`` more requests and within
+    ``max_bytes`` (beyond that, the images are sampled again).
     """
 
-    def __init__(self, module: L.LightningModule, sampler: Callable | None = None, uses: int = 1,
-                 max_bytes: float = 4 * 2**30):
-        self.module, self.sampler, self.uses, self.max_bytes = module, sampler, uses, max_bytes
+    def __init__(self, model: nn.Module, *, steps: int | None, guidance: float | None, sampler: Callable | None,
+                 uses: int = 1, max_bytes: float = 4 * 2**30):
+        self.model, self.steps, self.guidance, self.sampler = model, steps, guidance, sampler
+        self.uses, self.max_bytes = uses, max_bytes
         self.entries: dict[Any, tuple[Tensor, Tensor | None, int]] = {}
         self.bytes = 0
         self.hits = self.calls = 0
 
-    def __enter__(self) -> "SharedSamples":
-        self.original = self.module.generate
-        self.module.generate = self  # an instance attribute shadows the method
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.module.generate
-        self.entries.clear()
-
-    def __call__(self, conditions: Any = None, num_samples: int | None = None, *,
-                 generator: torch.Generator | None = None, **kwargs: Any) -> Tensor:
+    def __call__(self, model: nn.Module, conditions: Any, n: int, generator: torch.Generator | None) -> Tensor:
         self.calls += 1
-        if self.sampler is not None:
-            kwargs.setdefault("sampler", self.sampler)
         state = generator.get_state() if generator is not None else None
-        key = (_fingerprint(conditions), num_samples, _fingerprint(kwargs), _fingerprint(state))
+        key = (_fingerprint(conditions), n, _fingerprint(state))
         if key in self.entries:
             images, state_after, left = self.entries.pop(key)
             if left > 1:
@@ -180,8 +171,9 @@ class SharedSamples:
             if generator is not None:
                 generator.set_state(state_after)
             self.hits += 1
-            return images.to(self.module.device)
-        images = self.original(conditions, num_samples, generator=generator, **kwargs)
+            return images.to(self.model.device)
+        images = self.model.generate(conditions, n, steps=self.steps, guidance_scale=self.guidance,
+                                     generator=generator, sampler=self.sampler)
         size = images.numel() * images.element_size()
         if self.uses > 1 and self.bytes + size <= self.max_bytes:
             self.entries[key] = (images.cpu(), generator.get_state() if generator is not None else None,
@@ -225,10 +217,56 @@ def _check_weights(names: list[str], fid: Mapping[str, Any], clip: Mapping[str, 
 
         resolve_weights("pt_inception", path=fid.get("weights_path"))
     if "clip_score" in names and clip_model is None:
-        from sdlight.conditioning.text import find_open_clip_weights
+        from sdlight.conditioning.open_clip_weights import find_open_clip_weights
 
         find_open_clip_weights(clip.get("arch", "ViT-B-32"), clip.get("pretrained", "laion2b_s34b_b79k"),
                                clip.get("checkpoint_path"))
+
+
+def _check_options(num_samples: int, steps: int | None, guidance: float | None, sampler: str | None,
+                   options: dict[str, Any], device: Any, batch_size: int) -> None:
+    """The sampling options, before the checkpoint is read (against the model's own sampler once it is)."""
+    from sdlight.diffusion import SAMPLERS
+    from sdlight.sampling_checks import check_sampling_options, resolve_device, resolve_sampler_options
+
+    check_sampling_options(num_samples, steps, guidance, sampler=sampler)
+    resolve_sampler_options(sampler, SAMPLERS.get(sampler), options)
+    resolve_device(device)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
+
+
+def _sampler(model: nn.Module, name: str | None, options: dict[str, Any]) -> Callable | None:
+    """The sampler asked for (None: the model's own), with ``options``, checked against it."""
+    from sdlight.diffusion import SAMPLERS
+    from sdlight.sampling_checks import resolve_sampler_options
+
+    fn = SAMPLERS[name] if name is not None else None
+    if not options:  # the model's configured sampler takes them when no sampler is named
+        return fn
+    fn = fn or model.sampler
+    resolve_sampler_options(name, fn, options)
+    return functools.partial(fn, **options)
+
+
+def _scored_data(ckpt: str | Path, module: nn.Module, stage: str, stored: dict[str, Any], names: list[str],
+                 data: Mapping[str, Any] | None, adherence: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(the val data config, its loader), checked against the model and the metrics before anything is sampled."""
+    if stage == "autoencoder" and not set(names) <= set(RECONSTRUCTION_METRICS):
+        raise UsageError(f"{ckpt} is an autoencoder checkpoint: it is scored by rFID / KID of its reconstructions "
+                         f"(metrics=[fid] or [fid,kid]); {sorted(set(names) - set(RECONSTRUCTION_METRICS))} "
+                         "need a latent diffusion checkpoint")
+    data_cfg = data_config(stored.get("data"), data)
+    if str(data_cfg.get("_target_", "")).endswith("LatentsDataModule") and {"fid", "kid"} & set(names):
+        raise UsageError("this run trained on cached latents (data=latents), and FID/KID compare against real "
+                         "images: name the image dataset the cache was made from, e.g. data=folder "
+                         "data.root=DIR (or data=shapes)")
+    datamodule, loader = val_data(data_cfg)
+    check_metric_data(names, datamodule, loader, adherence.get("truth_key", "attributes"))
+    image_size = getattr(module, "image_size", None)
+    if image_size is not None and data_cfg.get("image_size") not in (None, image_size):
+        log.warning(f"the model generates {image_size} px images but the val data is {data_cfg['image_size']} px")
+    return data_cfg, loader
 
 
 def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samples: int = 1000, *,
@@ -249,60 +287,34 @@ def evaluate(ckpt: str | Path, metrics: str | Sequence[str] = ("fid",), num_samp
     and ``clip_model`` for the open_clip model, as in the callbacks.
     """
     from sdlight.callbacks.sampling import StandaloneTrainer
-    from sdlight.diffusion import SAMPLERS
-
-    from sdlight.sampling_checks import check_sampling_options, given_options, resolve_device, resolve_sampler_options
+    from sdlight.sampling_checks import given_options
 
     started = time.perf_counter()
     names = check_metrics(metrics)
     fid, clip, adherence = dict(fid or {}), dict(clip or {}), dict(adherence or {})
-    check_sampling_options(num_samples, steps, guidance, sampler=sampler)
     options = given_options(sampler_options)
-    # checked before the checkpoint is read; against the model's sampler once it is
-    resolve_sampler_options(sampler, SAMPLERS.get(sampler), options)
-    resolve_device(device)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch_size={batch_size!r}: give a whole number >= 1")
+    _check_options(num_samples, steps, guidance, sampler, options, device, batch_size)
     _check_weights(names, fid, clip, feature_extractor, clip_model)
 
-    module, stage, stored = load_model(ckpt, device)
-    if stage == "autoencoder" and not set(names) <= set(RECONSTRUCTION_METRICS):
-        raise UsageError(f"{ckpt} is an autoencoder checkpoint: it is scored by rFID / KID of its reconstructions "
-                         f"(metrics=[fid] or [fid,kid]); {sorted(set(names) - set(RECONSTRUCTION_METRICS))} "
-                         "need a latent diffusion checkpoint")
-    data_cfg = data_config(stored.get("data"), data)
-    if str(data_cfg.get("_target_", "")).endswith("LatentsDataModule") and {"fid", "kid"} & set(names):
-        raise UsageError("this run trained on cached latents (data=latents), and FID/KID compare against real "
-                         "images: name the image dataset the cache was made from, e.g. data=folder "
-                         "data.root=DIR (or data=shapes)")
-    datamodule, loader = val_data(data_cfg)
-    check_metric_data(names, datamodule, loader, adherence.get("truth_key", "attributes"))
-    image_size = getattr(module, "image_size", None)
-    if image_size is not None and data_cfg.get("image_size") not in (None, image_size):
-        log.warning(f"the model generates {image_size} px images but the val data is {data_cfg['image_size']} px")
+    module, stage, stored = load_model(ckpt, device, use_ema)
+    data_cfg, loader = _scored_data(ckpt, module, stage, stored, names, data, adherence)
     log.info(f"Evaluating {ckpt} ({stage}) on {module.device}: {names}, {num_samples} samples")
 
     common = dict(every_n_steps=None, num_samples=num_samples, batch_size=batch_size, steps=steps,
                   guidance_scale=guidance, seed=seed, use_ema=use_ema, at_train_end=False)
     callbacks = _callbacks(names, common, fid, clip, adherence, feature_extractor, clip_model)
     trainer = StandaloneTrainer(loader)
+    shared = None
+    if stage == "ldm":  # every metric callback samples for a diffusion model: the same images for all of them
+        shared = SampleSet(module, steps=steps, guidance=guidance, uses=len(callbacks),
+                           sampler=_sampler(module, sampler, options), max_bytes=sample_cache_gb * 2**30)
     scores: dict[str, float] = {}
-    if stage == "ldm":
-        generating = len(callbacks)  # every metric callback samples for a diffusion model
-        sampler_fn = SAMPLERS[sampler] if sampler is not None else None
-        if options:  # the model's configured sampler takes them when no sampler is named
-            sampler_fn = sampler_fn or module.sampler
-            resolve_sampler_options(sampler, sampler_fn, options)
-            sampler_fn = functools.partial(sampler_fn, **options)
-        with SharedSamples(module, sampler_fn, uses=generating, max_bytes=sample_cache_gb * 2**30) as shared:
-            for callback in callbacks:
-                callback.setup(trainer, module, "validate")
-                scores.update(callback.run(trainer, module))
+    for callback in callbacks:
+        callback.images = shared
+        callback.setup(trainer, module, "validate")
+        scores.update(callback.run(trainer, module))
+    if shared is not None:
         log.info(f"{shared.calls - shared.hits} of {shared.calls} sampling calls ran ({shared.hits} shared)")
-    else:
-        for callback in callbacks:
-            callback.setup(trainer, module, "validate")
-            scores.update(callback.run(trainer, module))
 
     report = {"scores": {k.removeprefix("val/"): v for k, v in scores.items()},
               "settings": _settings(module, stage, ckpt, names, num_samples, batch_size, steps, guidance, sampler,
@@ -336,7 +348,7 @@ def _settings(module: L.LightningModule, stage: str, ckpt: str | Path, names: li
             steps=steps if steps is not None else configured.get("steps"),
             guidance=float(guidance if guidance is not None else module.guidance_scale),
             sampler=sampler or name,
-            use_ema=bool(use_ema and module.model_ema is not None), condition_keys=module.condition_keys)
+            weights=module.weights, use_ema=module.weights == "EMA weights", condition_keys=module.condition_keys)
     else:
         settings.update(steps=None, guidance=None, sampler=None, use_ema=None)
     if "fid" in names or "kid" in names:

@@ -20,11 +20,13 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdlight import convert
-from sdlight.checkpoints import CONDITIONING_FILE, save_safetensors
-from sdlight.diffusion import diffusers_prediction_type, sampler_name
+from sdlight.checkpoints import save_safetensors
+from sdlight.pretrained import CONDITIONING_FILE
+from sdlight.checkpoints import load_latent_diffusion
+from sdlight.diffusion import sampler_name
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.stages.diffusion import LatentDiffusion
+from sdlight.models import LatentDiffusionModel
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -45,15 +47,14 @@ def _cast(sd: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     return {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().clone() for k, v in sd.items()}
 
 
-def compvis_weights(model: LatentDiffusion, use_ema: bool = True) -> dict[str, Tensor]:
-    """The UNet, VAE and condition encoder under their CompVis names, EMA weights swapped in when asked."""
-    with model.ema_weights(use_ema):
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()
-              if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
-    return sd
+def compvis_weights(model: LatentDiffusionModel) -> dict[str, Tensor]:
+    """The backbone, VAE and condition encoder under their CompVis names (the weights the model holds: a
+    checkpoint's EMA ones when it was loaded with them)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))}
 
 
-def text_export(model: LatentDiffusion) -> tuple[dict[str, Tensor], dict[str, Any], Any] | None:
+def text_export(model: LatentDiffusionModel) -> tuple[dict[str, Tensor], dict[str, Any], Any] | None:
     """(Hugging Face CLIPTextModel weights, its config, the open_clip tokenizer) for an open_clip text tower whose
     diffusers counterpart exists; None for every other condition encoder."""
     from open_clip.tokenizer import SimpleTokenizer
@@ -70,12 +71,11 @@ def text_export(model: LatentDiffusion) -> tuple[dict[str, Tensor], dict[str, An
     return convert.open_clip_to_hf(sd, layers), config, encoder.tokenizer
 
 
-def single_file(model: LatentDiffusion, use_ema: bool = True, dtype: torch.dtype = torch.float32
-                ) -> dict[str, Tensor]:
+def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The state dict of an original SD checkpoint: ``model.diffusion_model.*``, ``first_stage_model.*`` and
     ``cond_stage_model.*`` as SD 1.x (Hugging Face CLIP, ``transformer.text_model.*``) or SD 2.x (open_clip,
     ``model.*``) tools read them, plus CompVis' schedule buffers; no optimizer, discriminator or LPIPS."""
-    sd = compvis_weights(model, use_ema)
+    sd = compvis_weights(model)
     encoder = model.cond_stage_model.single
     if hasattr(encoder, "tower") and encoder.layer == "last":  # the SD 1.x text encoder: Hugging Face layout
         sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
@@ -85,33 +85,22 @@ def single_file(model: LatentDiffusion, use_ema: bool = True, dtype: torch.dtype
                    for k, v in convert.open_clip_to_hf(tower, layers, "text_model.").items()})
     out = _cast(sd, dtype)
     # kept in float32: tools read the noise schedule from these (CompVis register_schedule names)
-    ab = model.schedule.alphas_cumprod
-    out.update({"betas": model.schedule.betas.float(), "alphas_cumprod": ab.float(),
+    schedule = model.objective.schedule
+    ab = schedule.alphas_cumprod
+    out.update({"betas": schedule.betas.float(), "alphas_cumprod": ab.float(),
                 "alphas_cumprod_prev": torch.cat([ab.new_ones(1), ab[:-1]]).float(),
                 "scale_factor": model.scale_factor.detach().float().clone()})
     return out
 
 
-def scheduler_config(model: LatentDiffusion) -> dict[str, Any]:
-    """The diffusers scheduler of the model's training schedule, prediction type and sampler (DDIM if the sampler
-    has no counterpart), with its timestep spacing."""
+def scheduler_config(model: LatentDiffusionModel) -> dict[str, Any]:
+    """The diffusers scheduler of the model's objective and sampler (DDIM if the sampler has no counterpart),
+    with its timestep spacing."""
     name = sampler_name(model.sampler) or "ddim"
     cls, extra = SCHEDULERS.get(name, SCHEDULERS["ddim"])
-    betas = model.schedule.betas
-    n, start, end = len(betas), float(betas[0]), float(betas[-1])
-    config = {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": n,
-              "beta_start": start, "beta_end": end, "beta_schedule": "linear", "trained_betas": None,
-              "prediction_type": diffusers_prediction_type(model.prediction_type), "steps_offset": 1,
-              "timestep_spacing": getattr(model.sampler, "keywords", {}).get("spacing", "leading"), **extra}
-    f64 = torch.float64
-    named = {"linear": torch.linspace(start, end, n, dtype=f64),
-             "scaled_linear": torch.linspace(start**0.5, end**0.5, n, dtype=f64) ** 2}
-    for schedule, candidate in named.items():
-        if torch.allclose(candidate, betas, rtol=1e-6, atol=0):
-            config["beta_schedule"] = schedule
-            return config
-    config["trained_betas"] = betas.tolist()  # cosine, sigmoid, zero terminal SNR: the exact table
-    return config
+    spacing = getattr(model.sampler, "keywords", {}).get("spacing", "leading")
+    return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
+            **model.objective.scheduler_config(spacing), **extra}
 
 
 def tokenizer_files(tokenizer: Any, out: Path) -> None:
@@ -137,13 +126,12 @@ def _json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def write_diffusers(model: LatentDiffusion, out: str | Path, use_ema: bool = True,
-                    dtype: torch.dtype = torch.float32) -> list[str]:
+def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.dtype = torch.float32) -> list[str]:
     """Writes the diffusers folder; returns the component folders written. Models with a diffusers text encoder
     get a ``model_index.json`` (a whole ``StableDiffusionPipeline``); the others get unet/, vae/, scheduler/ and
     their own condition encoder's weights in ``sdlight_conditioning.safetensors``."""
     out = Path(out)
-    sd = compvis_weights(model, use_ema)
+    sd = compvis_weights(model)
     unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     vae = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     unet_cfg = model.model.diffusion_model.config
@@ -208,19 +196,16 @@ def check_options(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
-    from sdlight.pipeline import Pipeline
-
     with user_errors():
         check_options(cfg)
-        model = Pipeline.from_checkpoint(cfg.ckpt, device="cpu").model
+        model, weights = load_latent_diffusion(cfg.ckpt, cfg.use_ema)
         dtype, out = DTYPES[cfg.dtype], Path(str(cfg.out))
-        weights = "EMA" if cfg.use_ema and model.model_ema is not None else "raw"
         if cfg.format == "single_file":
-            save_safetensors(single_file(model, cfg.use_ema, dtype), out)
-            log.info(f"Wrote {out} ({weights} weights, {cfg.dtype}, sampler: {sampler_name(model.sampler)})")
+            save_safetensors(single_file(model, dtype), out)
+            log.info(f"Wrote {out} ({weights}, {cfg.dtype}, sampler: {sampler_name(model.sampler)})")
             return
-        parts = write_diffusers(model, out, cfg.use_ema, dtype)
-    log.info(f"Wrote {', '.join(parts)} to {out} ({weights} weights, {cfg.dtype})")
+        parts = write_diffusers(model, out, dtype)
+    log.info(f"Wrote {', '.join(parts)} to {out} ({weights}, {cfg.dtype})")
 
 
 if __name__ == "__main__":

@@ -9,36 +9,25 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sdlight.checkpoints import CheckpointError, read_checkpoint, state_dict_of
+from sdlight.checkpoints import ema_swapped, load_latent_diffusion, read_checkpoint, state_dict_of
 from sdlight.diffusion import SAMPLERS, inpaint_callback, sampler_name
 from sdlight.errors import UsageError
 from sdlight.pixels import from_pil, to_pil
-from sdlight.sampling_checks import (check_concat_inputs, check_image_file, check_mask, check_sampling_options,
-                                     resolve_device, resolve_sampler_options)
-from sdlight.stages.diffusion import LatentDiffusion
+from sdlight.sampling_checks import (SampleRequest, check_concat_inputs, option_of, resolve_device,
+                                     resolve_sampler_options)
+from sdlight.models import LatentDiffusionModel
 
 log = logging.getLogger("sdlight")
-# the sample CLI's options for the data's condition entries; any other entry is given as conditions.<key>=
-CLI_OPTIONS = {"text": "prompt=", "label": "label=", "attributes": "attributes="}
-
-
-def option_of(key: str) -> str:
-    """How the sample CLI spells the condition entry ``key``."""
-    return CLI_OPTIONS.get(key, f"conditions.{key}=")
-
-
 @dataclass
 class SampleResult:
     images: list[Image.Image]
@@ -123,35 +112,35 @@ def heatmap_overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.6) 
 
 
 class Pipeline:
-    """A trained ``LatentDiffusion`` with the conveniences of sampling: seeds, PIL in/out, img2img, inpainting."""
+    """A trained :class:`~sdlight.models.LatentDiffusionModel` with the conveniences of sampling: seeds, PIL in and
+    out, img2img, inpainting, super-resolution, attention maps."""
 
-    def __init__(self, model: LatentDiffusion, device: str | torch.device | None = "auto"):
+    def __init__(self, model: LatentDiffusionModel, device: str | torch.device | None = "auto",
+                 path: str | Path | None = None, use_ema: bool = True):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.path, self.use_ema = path, use_ema  # which weights are in: another choice reloads them from path
 
     # --------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto") -> "Pipeline":
-        """Rebuilds the model from one of our latent diffusion checkpoints (config + weights, nothing else)."""
-        ckpt = read_checkpoint(path)
-        config = (ckpt.get("sdlight") or {}).get("config", {}).get("model")
-        if not config or not str(config.get("_target_", "")).endswith("LatentDiffusion"):
-            kind = (config or {}).get("_target_", "no sdlight config")
-            raise CheckpointError(f"{path} is not a latent diffusion checkpoint of sdlight ({kind}); sample from "
-                                  "the checkpoint of a `model=ldm` run (e.g. logs/<task>/runs/<time>/checkpoints/last.ckpt)")
-        hparams = ckpt.get("hyper_parameters", {})
-        config = copy.deepcopy(config)
-        # the weights of every part are in this checkpoint: build the architecture only
-        config["first_stage"] = {"_target_": "sdlight.nn.autoencoder.AutoencoderKL", **hparams["first_stage_config"]}
-        config["init_from"] = None  # a fine-tuned run's starting weights: overwritten below, and maybe moved since
-        more = config.get("conditioners") or {}  # by name in configs; a list works too
-        for node in [config.get("conditioning"), *(more.values() if isinstance(more, Mapping) else more)]:
-            if node and "pretrained" in node:  # a pretrained tower: its weights are in this checkpoint too
-                node.update(pretrained=None, checkpoint_path=None)
-        model: LatentDiffusion = hydra.utils.instantiate(config)
-        model.load_state_dict(state_dict_of(ckpt), strict=True)
-        model._scale_factor_ready = True
-        return cls(model, device)
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = "auto",
+                        use_ema: bool = True) -> "Pipeline":
+        """The model of one of our latent diffusion checkpoints (its config and weights, nothing else: no Hydra,
+        no Lightning), with its EMA weights when ``use_ema`` and it has them."""
+        model, which = load_latent_diffusion(path, use_ema)
+        log.info(f"Loaded {path} ({which})")
+        return cls(model, device, path, use_ema)
+
+    def _weights(self, use_ema: bool) -> None:
+        """The EMA or the raw weights in the model, as asked (read again from the checkpoint when they change)."""
+        if use_ema == self.use_ema:
+            return
+        if self.path is None:
+            raise UsageError(f"use_ema={use_ema}: this pipeline was built from a model, not a checkpoint, so it has "
+                             "only the weights it was given")
+        sd, _ = ema_swapped(state_dict_of(read_checkpoint(self.path)), use_ema)
+        self.model.load_state_dict(sd, strict=True)
+        self.use_ema = use_ema
 
     # ------------------------------------------------------------------------------------------- sampling
     @property
@@ -261,7 +250,7 @@ class Pipeline:
         if self.concat_reads == "mask":  # an inpainting model sees the mask itself
             return x_T, {}
         latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
-        return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.schedule,
+        return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.objective,
                                                   generator=generator)}
 
     def attention(self, recorder: AttentionRecorder, conds: list[Any]) -> list[tuple[list[str], torch.Tensor]]:
@@ -270,7 +259,6 @@ class Pipeline:
         return [(self.tokens(c) if isinstance(c, str) else [str(i) for i in range(maps.shape[1])], maps[i])
                 for i, c in enumerate(conds)]
 
-    @torch.no_grad()
     def __call__(self, conditions: Any = None, num_samples: int = 1, *, steps: int | None = None,
                  guidance_scale: float | None = None, guidance_rescale: float = 0.0, negative: Any = None,
                  sampler: str | None = None, eta: float | None = None,
@@ -285,47 +273,53 @@ class Pipeline:
         the masked image; any other model blends the known region back at every step. ``lowres`` is the input
         of a super-resolution model. ``sampler_options`` go to the sampler function (``{"eta": 0.5}``,
         ``{"grid": "karras"}``, ``{"s_churn": 1.0}``; see :func:`sdlight.diffusion.sampler_options`); ``eta`` is
-        a shortcut for ``sampler_options["eta"]``."""
-        m = self.model
-        check_sampling_options(num_samples, steps, guidance_scale, guidance_rescale, strength, eta, sampler)
-        for path, option in ((init_image, "init_image"), (mask, "mask"), (lowres, "lowres")):
-            check_image_file(path, option)
-        conds, values = self.per_sample(self.check_conditions(conditions), num_samples)
-        if steps is not None and steps > m.schedule.num_timesteps:
-            raise UsageError(f"steps={steps}: this model was trained with {m.schedule.num_timesteps} timesteps, "
-                             "so at most that many steps")
-        check_mask(mask, init_image)
-        check_concat_inputs(self.concat_reads, init_image, mask, lowres)
-        n = len(conds)
-        fn = SAMPLERS[sampler] if sampler is not None else None
-        options = resolve_sampler_options(sampler, fn or m.sampler, sampler_options, eta)
-        kwargs: dict[str, Any] = {"progress": progress, **options}
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        x_T = torch.randn((n, *m.latent_shape), generator=generator)  # CPU noise: same samples on any device
-        scale = m.guidance_scale if guidance_scale is None else guidance_scale
+        a shortcut for ``sampler_options["eta"]``. The options are checked once (:class:`SampleRequest`)."""
+        return self.run(SampleRequest(conditions, num_samples, steps, guidance_scale, guidance_rescale, negative,
+                                      sampler, sampler_options or {}, eta, seed, use_ema, init_image, strength, mask,
+                                      lowres, save_attention, progress))
 
-        pixels = to_tensor_image(init_image, m.image_size).to(self.device) if init_image is not None else None
-        pix_mask = to_mask(mask, pixels.shape[-2:]).to(self.device) if mask is not None else None
-        kwargs["concat"] = self.concat_inputs(pixels, pix_mask, lowres)
-        x_T, extra = self.start(x_T, pixels, pix_mask, strength, generator)
+    @torch.no_grad()
+    def run(self, request: SampleRequest) -> SampleResult:
+        """The images of a checked :class:`SampleRequest`, after the checks that need the model (its conditions,
+        its concat inputs, its step count)."""
+        m, r = self.model, request
+        conds, values = self.per_sample(self.check_conditions(r.conditions), r.num_samples)
+        timesteps = getattr(m.objective, "num_timesteps", None)
+        if r.steps is not None and timesteps is not None and r.steps > timesteps:
+            raise UsageError(f"steps={r.steps}: this model was trained with {timesteps} timesteps, so at most that "
+                             "many steps")
+        check_concat_inputs(self.concat_reads, r.init_image, r.mask, r.lowres)
+        n = len(conds)
+        fn = SAMPLERS[r.sampler] if r.sampler is not None else None
+        options = r.sampler_options if fn is not None else resolve_sampler_options(None, m.sampler, r.sampler_options)
+        kwargs: dict[str, Any] = {"progress": r.progress, **options}
+        generator = torch.Generator(device="cpu").manual_seed(r.seed)
+        x_T = torch.randn((n, *m.latent_shape), generator=generator)  # CPU noise: same samples on any device
+        scale = m.guidance_scale if r.guidance_scale is None else r.guidance_scale
+
+        pixels = to_tensor_image(r.init_image, m.image_size).to(self.device) if r.init_image is not None else None
+        pix_mask = to_mask(r.mask, pixels.shape[-2:]).to(self.device) if r.mask is not None else None
+        kwargs["concat"] = self.concat_inputs(pixels, pix_mask, r.lowres)
+        x_T, extra = self.start(x_T, pixels, pix_mask, r.strength, generator)
         kwargs.update(extra)
 
-        if save_attention and not self.encoders:
+        if r.save_attention and not self.encoders:
             raise ValueError("attention maps show where each condition token went: this model is unconditional")
-        recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, scale != 1.0) if save_attention \
+        recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, scale != 1.0) if r.save_attention \
             else None
+        self._weights(r.use_ema)
         with recorder or contextlib.nullcontext():
-            images = m.generate(values, n, steps=steps, guidance_scale=scale, guidance_rescale=guidance_rescale,
-                                negative=self.negative_conditions(negative, n, num_samples), generator=generator,
-                                use_ema=use_ema, sampler=fn, x_T=x_T, **kwargs)
+            images = m.generate(values, n, steps=r.steps, guidance_scale=scale, guidance_rescale=r.guidance_rescale,
+                                negative=self.negative_conditions(r.negative, n, r.num_samples), generator=generator,
+                                sampler=fn, x_T=x_T, **kwargs)
         if pix_mask is not None:
             # the decoder sees the whole latent: whatever the prompt did to the generated region, the known pixels
             # are the input's own (the latents alone keep them only up to the VAE's reconstruction)
             images = pix_mask * images + (1 - pix_mask) * pixels
-        settings = {"steps": steps, "guidance_scale": scale, "guidance_rescale": guidance_rescale,
-                    "sampler": sampler or sampler_name(m.sampler), "seed": seed,
-                    "eta": options.get("eta"), "sampler_options": options, "use_ema": use_ema, "negative": negative,
-                    "strength": strength if init_image is not None and mask is None else None,
-                    "inpainting": mask is not None, "superres": lowres is not None}
+        settings = {"steps": r.steps, "guidance_scale": scale, "guidance_rescale": r.guidance_rescale,
+                    "sampler": r.sampler or sampler_name(m.sampler), "seed": r.seed, "eta": options.get("eta"),
+                    "sampler_options": options, "use_ema": r.use_ema, "negative": r.negative,
+                    "strength": r.strength if r.init_image is not None and r.mask is None else None,
+                    "inpainting": r.mask is not None, "superres": r.lowres is not None}
         attention = self.attention(recorder, conds) if recorder is not None else None
         return SampleResult(to_pil(images), conds, settings, attention)

@@ -12,12 +12,10 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from PIL import PngImagePlugin
 
-from sdlight.diffusion import SAMPLERS
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
-from sdlight.sampling_checks import (check_image_file, check_mask, check_sampling_options, given_options,
-                                     resolve_device, resolve_sampler_options)
+from sdlight.sampling_checks import SampleRequest, resolve_device
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -103,23 +101,15 @@ def save(result: SampleResult, out: Path, ckpt: str, scale: int | None = None) -
 def main(cfg: DictConfig) -> None:
     with user_errors():
         # every option is checked before the checkpoint is read: a typo costs a second, not a model load
-        check_sampling_options(cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale, cfg.strength,
-                               cfg.get("eta"), cfg.sampler)
-        options = given_options(cfg.get("sampler_options"))
-        resolve_sampler_options(cfg.sampler, SAMPLERS.get(cfg.sampler), options, cfg.get("eta"))
-        conditions = conditions_from(cfg)
+        request = SampleRequest(conditions_from(cfg), cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale,
+                                cfg.negative_prompt, cfg.sampler, cfg.get("sampler_options") or {}, cfg.get("eta"),
+                                cfg.seed, cfg.use_ema, cfg.init_image, cfg.strength, cfg.mask, cfg.lowres,
+                                cfg.save_attention, cfg.progress)
         grid_scale(1, cfg.get("grid_scale"))
-        for option in ("init_image", "mask", "lowres"):
-            check_image_file(cfg.get(option), option)
-        check_mask(cfg.mask, cfg.init_image)
         device = resolve_device(cfg.device)
-        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=device)
+        pipe = Pipeline.from_checkpoint(cfg.ckpt, device=device, use_ema=cfg.use_ema)
         log.info(f"Loaded {cfg.ckpt} on {pipe.device}")
-        result = pipe(conditions, cfg.num_samples, steps=cfg.steps, guidance_scale=cfg.guidance,
-                      guidance_rescale=cfg.guidance_rescale, negative=cfg.negative_prompt, sampler=cfg.sampler,
-                      eta=cfg.get("eta"), sampler_options=options, seed=cfg.seed, use_ema=cfg.use_ema, init_image=cfg.init_image,
-                      strength=cfg.strength, mask=cfg.mask, lowres=cfg.lowres, save_attention=cfg.save_attention,
-                      progress=cfg.progress)
+        result = pipe.run(request)
         paths = save(result, Path(cfg.out), cfg.ckpt, cfg.get("grid_scale"))
     log.info(f"Wrote {len(paths)} samples and grid.png to {cfg.out}")
 

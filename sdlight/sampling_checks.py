@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,8 +17,15 @@ from sdlight.diffusion.grids import GRIDS, SPACINGS
 from sdlight.errors import UsageError
 
 ImageInput = Image.Image | str | Path
+# the sample CLI's options for the data's condition entries; any other entry is given as conditions.<key>=
+CLI_OPTIONS = {"text": "prompt=", "label": "label=", "attributes": "attributes="}
 # sampler options that take a number >= 0
 _NUMBER_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def option_of(key: str) -> str:
+    """How the sample CLI spells the condition entry ``key`` (what messages about conditions name)."""
+    return CLI_OPTIONS.get(key, f"conditions.{key}=")
 
 
 def check_sampling_options(num_samples: int = 1, steps: int | None = None, guidance: float | None = None,
@@ -170,3 +178,39 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise UsageError(f"device={device}: not available here; this machine has {', '.join(have)} (device=auto "
                          "takes the GPU when there is one)")
     return dev
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What a user asks of sampling, checked once when it is made, before any model is loaded: the numeric
+    options, the sampler's name and its ``sampler_options`` (``eta`` is a shortcut for ``sampler_options.eta``),
+    the image files. What depends on the model (its conditions, its concat inputs, its step count) is checked by
+    :meth:`sdlight.pipeline.Pipeline.run`, which takes it. See :meth:`sdlight.pipeline.Pipeline.__call__`."""
+
+    conditions: Any = None
+    num_samples: int = 1
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float = 0.0
+    negative: Any = None
+    sampler: str | None = None
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    eta: float | None = None
+    seed: int = 0
+    use_ema: bool = True
+    init_image: ImageInput | None = None
+    strength: float = 0.6
+    mask: ImageInput | None = None
+    lowres: ImageInput | None = None
+    save_attention: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling_options(self.num_samples, self.steps, self.guidance_scale, self.guidance_rescale,
+                               self.strength, self.eta, self.sampler)
+        options = resolve_sampler_options(self.sampler, SAMPLERS.get(self.sampler) if self.sampler else None,
+                                          given_options(self.sampler_options), self.eta)
+        object.__setattr__(self, "sampler_options", options)  # with the eta shortcut folded in
+        for path, option in ((self.init_image, "init_image"), (self.mask, "mask"), (self.lowres, "lowres")):
+            check_image_file(path, option)
+        check_mask(self.mask, self.init_image)

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdlight import convert
-from sdlight.checkpoints import CheckpointError, ema_swapped, load_pretrained, read_checkpoint
+from sdlight.checkpoints import CheckpointError, ema_swapped, read_checkpoint
+from sdlight.pretrained import load_pretrained
 from sdlight.conditioning.text import OpenCLIPTextEncoder
 from sdlight.diffusion import NoiseSchedule
 from sdlight.diffusion.samplers import sample_ddim
@@ -23,7 +24,7 @@ from sdlight.export import compvis_weights, scheduler_config, single_file, write
 from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.nn.unet import UNetModel
 from sdlight.pipeline import Pipeline
-from sdlight.stages.diffusion import LatentDiffusion
+from sdlight.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -32,7 +33,7 @@ from test_convert import randomize_, rel_err, tiny_text_tower  # noqa: E402
 LOAD = {"local_files_only": True, "low_cpu_mem_usage": False}
 
 
-def tiny_clip_ldm(layer: str = "last", prediction_type: str = "eps", seed: int = 0) -> LatentDiffusion:
+def tiny_clip_ldm(layer: str = "last", prediction_type: str = "eps", seed: int = 0) -> LatentDiffusionModel:
     """A random LDM at tiny size with an open_clip text tower of CLIP's vocabulary (SD 1.x: QuickGELU, last layer;
     SD 2.x: GELU, penultimate layer, v-prediction)."""
     tower = tiny_text_tower(3, quick_gelu=layer == "last", seed=seed)
@@ -43,10 +44,10 @@ def tiny_clip_ldm(layer: str = "last", prediction_type: str = "eps", seed: int =
                      legacy=False)
     vae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4, embed_dim=4,
                         resolution=32)
-    model = LatentDiffusion(unet, NoiseSchedule.make("scaled_linear"), OpenCLIPTextEncoder("ViT-L-14", layer=layer,
-                            model=tower), vae, functools.partial(torch.optim.AdamW),
-                            sampler=functools.partial(sample_ddim, steps=5, spacing="leading"),
-                            prediction_type=prediction_type, scale_factor=0.7, ema_decay=None, image_size=32)
+    model = build_latent_diffusion(unet, vae, NoiseSchedule.make("scaled_linear"),
+                                   OpenCLIPTextEncoder("ViT-L-14", layer=layer, model=tower),
+                                   sampler=functools.partial(sample_ddim, steps=5, spacing="leading"),
+                                   prediction_type=prediction_type, scale_factor=0.7, image_size=32)
     for part in (unet, vae):
         randomize_(part, seed)
     return model.eval()
@@ -126,11 +127,11 @@ def test_scheduler_config_names_or_lists_the_betas():
     config = scheduler_config(model)
     assert config["beta_schedule"] == "scaled_linear" and config["trained_betas"] is None
     assert config["_class_name"] == "DDIMScheduler" and config["timestep_spacing"] == "leading"
-    model.schedule = NoiseSchedule.make("cosine")
+    model.objective.schedule = NoiseSchedule.make("cosine")
     config = scheduler_config(model)
     assert len(config["trained_betas"]) == 1000
     scheduler = diffusers.DDIMScheduler.from_config(config)
-    torch.testing.assert_close(scheduler.alphas_cumprod.double(), model.schedule.alphas_cumprod, rtol=1e-4, atol=0)  # diffusers: float32
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), model.objective.schedule.alphas_cumprod, rtol=1e-4, atol=0)  # diffusers: float32
 
 
 # ----------------------------------------------------------------------------- a trained checkpoint, via the CLI
@@ -149,7 +150,7 @@ def test_cli_exports_a_learned_text_model(tiny_text_ldm, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert single.stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone would write 0600
-    model = Pipeline.from_checkpoint(ckpt, "cpu").model
+    model = Pipeline.from_checkpoint(ckpt, "cpu").model  # with its EMA weights
     out = tmp_path / "d"  # format=diffusers in-process (one interpreter start per test is enough)
     assert write_diffusers(model, out) == ["unet", "vae", "scheduler", "sdlight_conditioning.safetensors"]
     # no diffusers counterpart for the learned text encoder: the parts, its weights, and a README saying so
@@ -161,7 +162,7 @@ def test_cli_exports_a_learned_text_model(tiny_text_ldm, tmp_path):
     diffusers.DDIMScheduler.from_pretrained(out / "scheduler")
     assert vae.config.scaling_factor == pytest.approx(float(model.scale_factor))
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
-    with torch.no_grad(), model.ema_weights():
+    with torch.no_grad():
         context = model.cond_stage_model.single(["a red circle"])
         assert rel_err(unet(x, t, encoder_hidden_states=context).sample,
                        model.model.diffusion_model(x, t, context=context)) <= 1e-4
@@ -175,7 +176,7 @@ def test_cli_exports_a_learned_text_model(tiny_text_ldm, tmp_path):
     for p in fresh.parameters():
         p.data.normal_()
     load_pretrained(out, fresh.model.diffusion_model, fresh.first_stage_model, fresh.cond_stage_model)
-    got = compvis_weights(fresh, use_ema=False)
+    got = compvis_weights(fresh)
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
@@ -231,15 +232,15 @@ def test_init_from_through_the_config(tiny_text_ldm, train_cfg, tmp_path):
     cfg = train_cfg(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", f"model.init_from={ckpt}"])
     model = hydra.utils.instantiate(cfg.model)
     source = Pipeline.from_checkpoint(ckpt, "cpu").model
-    want, got = compvis_weights(source), compvis_weights(model, use_ema=False)
+    want, got = compvis_weights(source), compvis_weights(model.net)
     assert all(torch.equal(want[k], got[k]) for k in want)
     # the file's scale factor is taken, not re-estimated: from a checkpoint and from a diffusers export
-    assert model._scale_factor_ready and float(model.scale_factor) == float(source.scale_factor)
+    assert model._scale_factor_ready and float(model.net.scale_factor) == float(source.scale_factor)
     write_diffusers(source, tmp_path / "exported")
     cfg = train_cfg(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}",
                      f"model.init_from={tmp_path / 'exported'}"])
     model = hydra.utils.instantiate(cfg.model)
-    assert model._scale_factor_ready and float(model.scale_factor) == pytest.approx(float(source.scale_factor))
+    assert model._scale_factor_ready and float(model.net.scale_factor) == pytest.approx(float(source.scale_factor))
     cfg = train_cfg(["+experiment=quickstart_ldm", f"model.first_stage.ckpt={vae}", f"model.init_from={ckpt}",
                      "model.unet.model_channels=32"])
     with pytest.raises(Exception, match=r"UNet does not fit model.unet: .*shape mismatches \(file vs model\) 285"):
@@ -279,7 +280,7 @@ def test_reader_refuses_full_unpickling_unless_trusted(tmp_path, monkeypatch):
 
 
 def test_quickgelu_weights_need_the_quickgelu_arch():
-    from sdlight.conditioning.text import load_open_clip_text_model
+    from sdlight.conditioning.open_clip_weights import load_open_clip_text_model
 
     with pytest.raises(ValueError, match="arch=ViT-L-14-quickgelu"):
         load_open_clip_text_model("ViT-L-14", "openai")
@@ -302,16 +303,15 @@ def test_sd15_architecture_exports_exactly(tmp_path):
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "model"
     unet_cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(conf / "unet" / "sd15.yaml")).items()
-                if k != "_target_"}
+                if not k.startswith("_")} | {"in_channels": 4}
     vae_cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(conf / "autoencoder" / "kl_f8.yaml")).items()
                if k != "_target_"}
     torch.manual_seed(0)
     tower = _build_text_tower(768, CLIPTextCfg(context_length=77, vocab_size=49408, width=768, heads=12, layers=12),
                               quick_gelu=True)
-    model = LatentDiffusion(UNetModel(**unet_cfg), NoiseSchedule.make("scaled_linear"),
-                            OpenCLIPTextEncoder("ViT-L-14-quickgelu", layer="last", model=tower),
-                            AutoencoderKL(**vae_cfg), functools.partial(torch.optim.AdamW), scale_factor=0.18215,
-                            ema_decay=None, image_size=64).eval()
+    model = build_latent_diffusion(UNetModel(**unet_cfg), AutoencoderKL(**vae_cfg), NoiseSchedule.make("scaled_linear"),
+                                   OpenCLIPTextEncoder("ViT-L-14-quickgelu", layer="last", model=tower),
+                                   scale_factor=0.18215, image_size=64).eval()
     randomize_(model.model.diffusion_model)
     write_diffusers(model, tmp_path)
     with warnings.catch_warnings():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdlight.optim import WarmupCosine, warmup_cosine
-from sdlight.stages.common import build_scheduler
+from sdlight.optim import build_scheduler
 
 
 def lrs(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[float]:
@@ -73,7 +73,7 @@ def _params(dtype=torch.float32):
 
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_build_optimizer_fuses_adam_left_at_torchs_choice_on_the_cpu(cls):
-    from sdlight.stages.common import build_optimizer
+    from sdlight.optim import build_optimizer
 
     params = _params()
     groups = [{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}]
@@ -98,7 +98,7 @@ def test_build_optimizer_fuses_adam_left_at_torchs_choice_on_the_cpu(cls):
     (partial(torch.optim.SGD, lr=1e-3), torch.float32),
 ])
 def test_build_optimizer_leaves_other_choices_alone(factory, dtype):
-    from sdlight.stages.common import build_optimizer
+    from sdlight.optim import build_optimizer
 
     opt = build_optimizer(factory, _params(dtype))
     assert not opt.defaults.get("fused")

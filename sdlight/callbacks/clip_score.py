@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
 from sdlight.callbacks.sampling import SampleEvaluationCallback, condition_keys, to_unit_range
-from sdlight.conditioning.text import find_open_clip_weights, quiet_open_clip
+from sdlight.conditioning.open_clip_weights import find_open_clip_weights
+from sdlight.conditioning.text import quiet_open_clip
 
 
 def load_open_clip_model(arch: str = "ViT-B-32", pretrained: str | None = "laion2b_s34b_b79k",

@@ -44,11 +44,14 @@ def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
 
 # ------------------------------------------------------------------------------------------- parameter counts
 def _parts(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Top-level children with parameters; single-child wrappers are looked through, so the UNet shows as
-    ``model.diffusion_model`` (its CompVis name). Averaged copies and lists (the condition encoders, shown as
-    ``cond_stage_model``) are reported whole."""
+    """Top-level children with parameters (a stage's model, ``net``, by its parts); single-child wrappers are
+    looked through, so the UNet shows as ``model.diffusion_model`` (its CompVis name). Averaged copies and lists
+    (the condition encoders, shown as ``cond_stage_model``) are reported whole."""
     whole = (AveragedModel, nn.ModuleList, nn.ModuleDict)
-    for name, child in module.named_children():
+    net = getattr(module, "net", None)
+    children = [*(net.named_children() if isinstance(net, nn.Module) else []),
+                *((n, c) for n, c in module.named_children() if c is not net)]
+    for name, child in children:
         while not isinstance(child, whole):
             kids = list(child.named_children())
             if len(kids) != 1 or isinstance(kids[0][1], whole) or any(True for _ in child.parameters(recurse=False)):
@@ -173,7 +176,7 @@ class SampleTableCallback(SampleEvaluationCallback):
         if not keys:
             return {}, {}
         if given:
-            return {k: v[: self.num_samples] for k, v in pl_module.condition_values(given).items()}, {}
+            return {k: v[: self.num_samples] for k, v in pl_module.net.condition_values(given).items()}, {}
         if self._val_items is None:
             loader = val_dataloader(trainer)
             self._val_items = concat_batches(list(load_items(loader, range(self.num_samples), None, self.batch_size)))

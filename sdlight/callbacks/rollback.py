@@ -28,14 +28,15 @@ class NonFiniteRollback(L.Callback):
         self.rollbacks = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        limit = getattr(pl_module, "max_nonfinite_steps", None)
+        limit = getattr(getattr(pl_module, "guard", None), "max_in_a_row", None)
         if self.after_nonfinite and limit is not None and self.after_nonfinite >= limit:
             log.warning(f"callbacks.rollback.after_nonfinite={self.after_nonfinite} is not below the model's "
                         f"max_nonfinite_steps={limit}: the run stops before it could roll back")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        in_a_row = getattr(pl_module, "_nonfinite_in_a_row", 0)
+        guard = getattr(pl_module, "guard", None)
+        in_a_row = guard.in_a_row if guard is not None else 0
         if not self.after_nonfinite or in_a_row < self.after_nonfinite or self.rollbacks >= self.max_rollbacks:
             return
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir, "checkpoints")
@@ -47,7 +48,7 @@ class NonFiniteRollback(L.Callback):
         pl_module.load_state_dict(ckpt["state_dict"])
         for optimizer, state in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
             optimizer.load_state_dict(state)
-        pl_module._nonfinite_in_a_row = 0
+        guard.in_a_row = 0
         self.rollbacks += 1
         log.warning(f"{in_a_row} non-finite steps in a row at step {trainer.global_step}: weights and optimizer "
                     f"rolled back to {path} (step {ckpt.get('global_step')}), data goes on "

@@ -256,6 +256,9 @@ class SampleEvaluationCallback(L.Callback, ABC):
         self._prev_step = 0
         self._last_eval_step: int | None = None
         self._conditions: dict[tuple[int, int], Batch] = {}
+        # where the images come from: None samples with the module (`sample`); the evaluate CLI hands every
+        # metric the images it sampled once (`sdlight.evaluate.SampleSet`)
+        self.images: Callable[[Any, Batch | None, int, torch.Generator], Tensor] | None = None
 
     # --------------------------------------------------------------------------------------------- schedule
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -302,6 +305,12 @@ class SampleEvaluationCallback(L.Callback, ABC):
             self._conditions[cache_key] = concat_batches(batches) if batches else {k: [] for k in keys}
         return self._conditions[cache_key]
 
+    def sample(self, module: Any, conditions: Batch | None, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` images of a training stage for ``conditions``, with the EMA weights (``use_ema``), ``steps`` sampler
+        steps and ``guidance_scale``."""
+        return module.generate(conditions, num_samples=n, steps=self.steps, guidance_scale=self.guidance_scale,
+                               generator=generator, use_ema=self.use_ema)
+
     def generate(self, trainer: L.Trainer, pl_module: L.LightningModule, conditions: Batch,
                  description: str) -> Iterator[tuple[Batch, Tensor]]:
         """Yield ``(condition chunk, images in [-1, 1] float32)`` for this rank, ``batch_size`` at a time.
@@ -321,9 +330,7 @@ class SampleEvaluationCallback(L.Callback, ABC):
                 chunk = slice_batch(conditions, start, stop)
                 cond = {k: chunk[k].to(pl_module.device) if isinstance(chunk[k], Tensor) else chunk[k]
                         for k in keys} or None
-                images = pl_module.generate(cond, num_samples=stop - start, steps=self.steps,
-                                            guidance_scale=self.guidance_scale, generator=generator,
-                                            use_ema=self.use_ema)
+                images = (self.images or self.sample)(pl_module, cond, stop - start, generator)
                 if images.shape[0] != stop - start:
                     raise RuntimeError(f"generate returned {images.shape[0]} images for {stop - start} conditions")
                 advance(stop - start)

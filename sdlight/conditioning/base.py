@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdlight.diffusion.draw import draw
+from sdlight.diffusion.draw import Draws, as_draws
 
 
 ROUTES = ("crossattn", "vector", "concat")
@@ -68,7 +68,7 @@ class ConditionEncoder(nn.Module, ABC):
     def null_like(self, values: Any) -> Any:
         """The null condition with the same type and shape as ``values``."""
 
-    def drop(self, values: Any, p: float, generator: torch.Generator | None = None) -> Any:
+    def drop(self, values: Any, p: float, draws: Draws | torch.Generator | None = None) -> Any:
         """Replace each sample's value by the null one with probability ``p`` (classifier-free guidance training).
 
         Works for tensors (the first dimension is the batch) and for sequences of strings. ``p == 0`` returns
@@ -78,7 +78,7 @@ class ConditionEncoder(nn.Module, ABC):
             raise ValueError(f"drop probability must be in [0, 1], got {p}")
         if values is None or p == 0.0:
             return values
-        dropped = drop_mask(len(values), p, generator)
+        dropped = drop_mask(len(values), p, draws)
         null = self.null_like(values)
         if isinstance(values, Tensor):
             dropped = dropped.to(values.device).view(-1, *([1] * (values.ndim - 1)))
@@ -86,10 +86,10 @@ class ConditionEncoder(nn.Module, ABC):
         return [n if d else v for v, n, d in zip(values, null, dropped.tolist())]
 
 
-def drop_mask(n: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+def drop_mask(n: int, p: float, draws: Draws | torch.Generator | None = None) -> Tensor:
     """Boolean ``(n,)`` mask, each entry True with probability ``p``; drawn on the generator's device."""
     # rand is in [0, 1): p = 1 drops everything, p = 0 nothing
-    return draw(torch.rand, n, generator=generator) < p
+    return as_draws(draws).uniform((n,)) < p
 
 
 def as_text_list(values: str | Sequence[str]) -> list[str]:

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlight.diffusion.draw import draw
+from sdlight.diffusion.draw import Draws, as_draws
 
 Encode = Callable[[Tensor], Tensor]  # images in [-1, 1] -> scaled latents
 
 
-def random_masks(batch: int, size: int, generator: torch.Generator | None = None, p_full: float = 0.25,
+def random_masks(batch: int, size: int, draws: Draws | torch.Generator | None = None, p_full: float = 0.25,
                  min_frac: float = 0.1, max_frac: float = 0.6, device: torch.device | str | None = None) -> Tensor:
     """(B, 1, size, size) masks, 1 = to generate: a random box covering ``min_frac``..``max_frac`` of each side,
     or (with probability ``p_full``) the whole image, so the model also learns plain text-to-image."""
-    u = draw(torch.rand, batch, 5, generator=generator, device="cpu")
+    u = as_draws(draws).uniform((batch, 5), device="cpu")
     masks = torch.zeros(batch, 1, size, size)
     for i, (full, fh, fw, y, x) in enumerate(u.tolist()):
         if full < p_full:
@@ -46,16 +46,17 @@ class InpaintingConcat(nn.Module):
         self.channels = 1 + latent_channels
         self.p_full, self.min_frac, self.max_frac = p_full, min_frac, max_frac
 
-    def training_inputs(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def training_inputs(self, batch: dict, draws: Draws | torch.Generator | None = None) -> dict[str, Tensor]:
         """The batch's own ``mask`` if it has one, else random boxes (the usual way to train inpainting)."""
         image = batch["image"]
         mask = batch.get("mask")
         if mask is None:
-            mask = random_masks(image.shape[0], image.shape[-1], generator, self.p_full, self.min_frac,
+            mask = random_masks(image.shape[0], image.shape[-1], draws, self.p_full, self.min_frac,
                                 self.max_frac, device=image.device)
         return {"image": image, "mask": mask.to(image)}
 
-    def forward(self, image: Tensor, mask: Tensor, encode: Encode, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, image: Tensor, mask: Tensor, encode: Encode, draws: Draws | torch.Generator | None = None
+                ) -> Tensor:
         if mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"mask {tuple(mask.shape[-2:])} and image {tuple(image.shape[-2:])} differ in size")
         masked = image * (mask < 0.5)  # the region to generate becomes 0 (mid grey), as SD's inpainting models
@@ -83,15 +84,16 @@ class LowResConcat(nn.Module):
         """The low-res input made from a full-res image: area downsampling (an ideal box filter)."""
         return F.interpolate(image, size=(self.lowres_size, self.lowres_size), mode="area")
 
-    def training_inputs(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def training_inputs(self, batch: dict, draws: Draws | torch.Generator | None = None) -> dict[str, Tensor]:
         lowres = batch.get("lowres")
         return {"lowres": self.degrade(batch["image"]) if lowres is None else lowres}
 
-    def forward(self, lowres: Tensor, encode: Encode | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, lowres: Tensor, encode: Encode | None = None, draws: Draws | torch.Generator | None = None
+                ) -> Tensor:
         if lowres.shape[-1] != self.lowres_size or lowres.shape[-2] != self.lowres_size:
             lowres = F.interpolate(lowres, size=(self.lowres_size, self.lowres_size), mode="bicubic",
                                    align_corners=False)
         if self.noise_level > 0:
-            noise = draw(torch.randn, lowres.shape, generator=generator, device=lowres.device).to(lowres)
+            noise = as_draws(draws).normal(lowres.shape, device=lowres.device).to(lowres)
             lowres = lowres + self.noise_level * noise
         return F.pixel_unshuffle(lowres, self.ratio)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdlight.diffusion.draw import Draws
+
 from .base import ConditionEncoder
 
 OUTPUTS = {"crossattn": "context", "vector": "y", "concat": "concat"}  # route → keyword of the UNet wrapper
@@ -111,11 +113,11 @@ class Conditioner(nn.Module):
         return out
 
     def drop(self, values: Mapping[str, Any], default_rate: float,
-             generator: torch.Generator | None = None) -> dict[str, Any]:
+             draws: Draws | torch.Generator | None = None) -> dict[str, Any]:
         """Each encoder's values replaced by its null per sample, with its own ``drop_rate`` (``default_rate``
         where that is None), drawn independently in encoder order."""
         return {e.input_key: e.drop(values[e.input_key], default_rate if e.drop_rate is None else e.drop_rate,
-                                    generator)
+                                    draws)
                 for e in self.embedders}
 
     def null_like(self, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -110,7 +110,7 @@ class LatentsDataModule(WebDataModule):
     ``image_size``, if given, must be the cache's (the model's latent size follows it).
 
     ``first_stage_ckpt`` is only named in the error when the model's autoencoder is not the cache's (the
-    stage compares content hashes at setup, see sdlight.stages.latents).
+    stage compares content hashes at setup, see sdlight.models.latents).
     """
 
     has_images = False  # callbacks that need real images (FID statistics) skip, saying why

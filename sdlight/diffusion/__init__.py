@@ -1,4 +1,5 @@
-"""Diffusion math over plain tensors: schedules, the forward process, loss weighting, samplers, guidance."""
+"""Diffusion math over plain tensors: schedules, the forward process, objectives, loss weighting, grids, samplers,
+guidance."""
 
 from .guidance import cfg_denoiser, rescale_guidance
 from .process import (
@@ -16,8 +17,9 @@ from .process import (
     to_x0_eps,
     training_target,
 )
-from .denoisers import x0_denoiser
-from .grids import GRIDS, exponential_sigmas, karras_sigmas, make_sigmas, nearest_timestep, sigma_to_t
+from .draw import Draws
+from .grids import GRIDS, Grid, VPPath, exponential_sigmas, karras_sigmas, make_sigmas, nearest_timestep, sigma_to_t
+from .objectives import DDPM, OBJECTIVES, Objective
 from .samplers import (
     SAMPLERS,
     inpaint_callback,
@@ -43,6 +45,7 @@ __all__ = [
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
     "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc",
-    "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "x0_denoiser",
+    "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "Grid", "VPPath",
+    "Objective", "DDPM", "OBJECTIVES", "Draws",
     "cfg_denoiser", "rescale_guidance",
 ]

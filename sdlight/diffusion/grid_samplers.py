@@ -1,59 +1,32 @@
-"""Samplers over a sigma grid: the grid is an argument (`grids.make_sigmas`), the model is seen through
-`denoisers.x0_denoiser`, and each sampler is one short function with the signature of `samplers`::
+"""Samplers over any of the objective's sigma grids (``grid``: timesteps | karras | exponential): each one short
+function with the signature and the start of `samplers`::
 
-    sample_X(denoise, x, schedule, *, steps, prediction_type, spacing, grid, strength, generator, callback,
+    sample_X(denoise, x, process, *, steps, prediction_type, spacing, grid, strength, generator, callback,
              progress, ...options)
 
-``x`` and the state stay in the variance-preserving scale. ``callback(i, t, x)`` sees x after step i at
-``t = nearest_timestep(sigma_next)``: on a ``grid="timesteps"`` grid that is exactly the timestep x lives at; on a
-Karras or exponential grid it is the training timestep whose sigma is nearest (in log space) to x's noise level,
-and -1 once x is the final sample. With ``strength < 1`` the last ``int(steps * strength)`` grid points are kept
-and x0 is noised to the first of them, as diffusers' img2img pipelines do.
+The steps are written on k-diffusion's ``x / signal = x0 + sigma eps`` and applied in the objective's own scale
+(``x = signal x0 + noise eps``; variance-preserving for DDPM), which keeps float32 accurate where sigma is in the
+thousands (zero terminal SNR). ``callback(i, level, x)`` sees x after step i at the objective's level nearest to
+its sigma (DDPM: on a ``timesteps`` grid exactly the timestep x lives at; on a Karras or exponential grid the
+training timestep whose sigma is nearest in log space; -1 once x is the final sample).
 """
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .denoisers import x0_denoiser
-from .grids import make_sigmas, nearest_timestep, sigma_to_t
-from .sampling_utils import Callback, Denoiser, after_step, progress_bar, randn_like
+from .objectives import Objective
+from .sampling_utils import Callback, Denoiser, prepare, progress_bar, randn_like, step_done
 from .schedules import NoiseSchedule
 
-
-def _grid_start(x: Tensor, schedule: NoiseSchedule, steps: int, spacing: str, grid: str, strength: float,
-                generator: torch.Generator | None, round_t: bool) -> tuple[list[float], list[float], Tensor]:
-    """The sigmas (ending in 0) and model timesteps to run, and the starting x in the working dtype."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    sigmas, ts = make_sigmas(schedule, steps, spacing, grid, round_t)
-    sigmas, ts = sigmas.tolist(), ts.tolist()
-    if strength < 1.0:
-        keep = min(int(steps * strength), steps)  # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps
-        sigmas, ts = sigmas[steps - keep :], ts[steps - keep :]
-        if ts:
-            alpha = 1.0 / math.sqrt(1.0 + sigmas[0] ** 2)
-            x = alpha * x + (sigmas[0] * alpha) * randn_like(x, generator)
-    return sigmas, ts, x
-
-
-def _vp(sigma: float) -> tuple[float, float]:
-    """(alpha, sigma_vp) of a grid sigma: x = alpha x0 + sigma_vp eps."""
-    alpha = 1.0 / math.sqrt(1.0 + sigma**2)
-    return alpha, sigma * alpha
-
-
-def _callback(callback: Callback | None, i: int, sigma_next: float, schedule: NoiseSchedule, x: Tensor) -> Tensor:
-    if callback is None:
-        return x
-    return after_step(callback, i, nearest_timestep(sigma_next, schedule), x)
+Process = Objective | NoiseSchedule
 
 
 @torch.no_grad()
 def sample_euler(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
+    denoise: Denoiser, x: Tensor, process: Process, *, steps: int = 50, prediction_type: str | None = None,
     spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
     generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
 ) -> Tensor:
@@ -65,20 +38,20 @@ def sample_euler(
     with DDIM at eta = 0.
     """
     dtype = x.dtype
-    sigmas, ts, x = _grid_start(x, schedule, steps, spacing, grid, strength, generator, round_t=False)
-    d_x0 = x0_denoiser(denoise, prediction_type)
-    for i in progress_bar(range(len(ts)), progress, len(ts)):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = d_x0(x, s, ts[i])
-        r, c, c_next = s_next / s, math.sqrt(1 + s**2), math.sqrt(1 + s_next**2)
+    g, den, x, objective = prepare(denoise, x, process, prediction_type=prediction_type, steps=steps, spacing=spacing,
+                                 grid=grid, strength=strength, generator=generator)
+    for i in progress_bar(range(len(g)), progress, len(g)):
+        s, s_next = g.sigmas[i], g.sigmas[i + 1]
+        x0, _ = den(x, s, g.times[i])
+        r, c, c_next = s_next / s, g.path.inv_signal(s), g.path.inv_signal(s_next)
         x = (r * c / c_next) * x + ((1 - r) / c_next) * x0
-        x = _callback(callback, i, s_next, schedule, x)
+        x = step_done(callback, i, s_next, objective, x)
     return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_heun(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 25, prediction_type: str = "eps",
+    denoise: Denoiser, x: Tensor, process: Process, *, steps: int = 25, prediction_type: str | None = None,
     spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
     generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
     s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0,
@@ -91,41 +64,45 @@ def sample_heun(
     ``s_tmin <= sigma <= s_tmax``, with fresh noise scaled by ``s_noise``.
     """
     dtype = x.dtype
-    sigmas, ts, x = _grid_start(x, schedule, steps, spacing, grid, strength, generator, round_t=False)
-    d_x0 = x0_denoiser(denoise, prediction_type)
-    n = len(ts)
+    g, den, x, objective = prepare(denoise, x, process, prediction_type=prediction_type, steps=steps, spacing=spacing,
+                                 grid=grid, strength=strength, generator=generator)
+    n, signal = len(g), (lambda sigma: g.path.scales(sigma)[0])
+
+    def x0_at(x_ve: Tensor, sigma: float, t: float) -> Tensor:
+        return den(x_ve * signal(sigma), sigma, t)[0]
+
     for i in progress_bar(range(n), progress, n):
-        s, s_next, t = sigmas[i], sigmas[i + 1], ts[i]
-        x_ve = x * math.sqrt(1 + s**2)  # the ODE is written on x / alpha = x0 + sigma eps
+        s, s_next, t = g.sigmas[i], g.sigmas[i + 1], g.times[i]
+        x_ve = x * g.path.inv_signal(s)  # the ODE is written on x / signal = x0 + sigma eps
         gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
         if gamma > 0:
             s_hat = s * (1 + gamma)
             x_ve = x_ve + randn_like(x, generator) * (s_noise * math.sqrt(s_hat**2 - s**2))
-            s, t = s_hat, float(sigma_to_t(torch.tensor([s_hat]), schedule)[0])
-        d = (x_ve - d_x0(x_ve * _vp(s)[0], s, t)) / s
-        x_next = x_ve + d * (s_next - s)
+            s, t = s_hat, g.time_of(s_hat)
+        slope = (x_ve - x0_at(x_ve, s, t)) / s
+        x_next = x_ve + slope * (s_next - s)
         if s_next > 0:  # the trapezoid: average the slopes at both ends
-            d_next = (x_next - d_x0(x_next * _vp(s_next)[0], s_next, ts[i + 1])) / s_next
-            x_next = x_ve + (d + d_next) / 2 * (s_next - s)
-        x = _callback(callback, i, s_next, schedule, x_next * _vp(s_next)[0])
+            slope_next = (x_next - x0_at(x_next, s_next, g.times[i + 1])) / s_next
+            x_next = x_ve + (slope + slope_next) / 2 * (s_next - s)
+        x = step_done(callback, i, s_next, objective, x_next * signal(s_next))
     return x.to(dtype)
 
 
-def _dpmpp(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, prediction_type: str, spacing: str,
+def _dpmpp(denoise: Denoiser, x: Tensor, process: Process, steps: int, prediction_type: str | None, spacing: str,
            grid: str, strength: float, generator: torch.Generator | None, callback: Callback | None,
            progress: bool, eta: float) -> Tensor:
     """DPM-Solver++(2M) in log-SNR time on the data prediction; ``eta = 1`` is its SDE variant, 0 the ODE one."""
     dtype = x.dtype
-    sigmas, ts, x = _grid_start(x, schedule, steps, spacing, grid, strength, generator, round_t=True)
-    d_x0 = x0_denoiser(denoise, prediction_type)
+    g, den, x, objective = prepare(denoise, x, process, prediction_type=prediction_type, steps=steps, spacing=spacing,
+                                 grid=grid, strength=strength, generator=generator, round_times=True)
     x0_prev, h_prev = None, None
-    for i in progress_bar(range(len(ts)), progress, len(ts)):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = d_x0(x, s, ts[i])
+    for i in progress_bar(range(len(g)), progress, len(g)):
+        s, s_next = g.sigmas[i], g.sigmas[i + 1]
+        x0, _ = den(x, s, g.times[i])
         if s_next == 0:
             x = x0  # sigma_next = 0: every order of the update reduces to the data prediction
         else:
-            (a, sv), (a_next, sv_next) = _vp(s), _vp(s_next)
+            (a, sv), (a_next, sv_next) = g.path.scales(s), g.path.scales(s_next)
             h = math.log(s / s_next)  # lambda = log(alpha / sigma_vp) = -log sigma
             d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
             if eta == 0:
@@ -135,13 +112,13 @@ def _dpmpp(denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, steps: int, pr
                 x = ((sv_next / sv) * math.exp(-hh)) * x - a_next * math.expm1(-h - hh) * d
                 x = x + (sv_next * math.sqrt(-math.expm1(-2 * hh))) * randn_like(x, generator)
             x0_prev, h_prev = x0, h
-        x = _callback(callback, i, s_next, schedule, x)
+        x = step_done(callback, i, s_next, objective, x)
     return x.to(dtype)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
+    denoise: Denoiser, x: Tensor, process: Process, *, steps: int = 50, prediction_type: str | None = None,
     spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
     generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
 ) -> Tensor:
@@ -151,13 +128,13 @@ def sample_dpmpp_2m(
     lower_order_final=True)`` (``use_karras_sigmas=True`` with ``grid="karras"``): the first step is first order
     (DDIM) and the last one lands on x0_hat.
     """
-    return _dpmpp(denoise, x, schedule, steps, prediction_type, spacing, grid, strength, generator, callback,
+    return _dpmpp(denoise, x, process, steps, prediction_type, spacing, grid, strength, generator, callback,
                   progress, eta=0.0)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
+    denoise: Denoiser, x: Tensor, process: Process, *, steps: int = 50, prediction_type: str | None = None,
     spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
     generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
     eta: float = 1.0,
@@ -170,11 +147,11 @@ def sample_dpmpp_2m_sde(
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    return _dpmpp(denoise, x, schedule, steps, prediction_type, spacing, grid, strength, generator, callback,
+    return _dpmpp(denoise, x, process, steps, prediction_type, spacing, grid, strength, generator, callback,
                   progress, eta=eta)
 
 
-def _unipc_update(x: Tensor, s: float, s_next: float, x0: Tensor, older: tuple[Tensor, float] | None,
+def _unipc_update(path: Any, x: Tensor, s: float, s_next: float, x0: Tensor, older: tuple[Tensor, float] | None,
                   x0_next: Tensor | None = None) -> Tensor:
     """One UniPC update from grid sigma ``s`` (sample ``x``, data prediction ``x0``) to ``s_next``, B(h) = e^h - 1.
 
@@ -182,7 +159,7 @@ def _unipc_update(x: Tensor, s: float, s_next: float, x0: Tensor, older: tuple[T
     else first order (DDIM). Corrector (``x0_next`` the model's data prediction at ``s_next``): the same step
     again, with the new node's difference weighted by the solution of the order conditions (Zhao et al., 2023).
     """
-    (a_next, sv_next), (_, sv) = _vp(s_next), _vp(s)
+    (a_next, sv_next), (_, sv) = path.scales(s_next), path.scales(s)
     h = math.log(s / s_next)  # lambda = -log sigma
     h_phi_1 = math.expm1(-h)
     x_new = (sv_next / sv) * x - a_next * h_phi_1 * x0
@@ -207,7 +184,7 @@ def _unipc_update(x: Tensor, s: float, s_next: float, x0: Tensor, older: tuple[T
 
 @torch.no_grad()
 def sample_unipc(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 20, prediction_type: str = "eps",
+    denoise: Denoiser, x: Tensor, process: Process, *, steps: int = 20, prediction_type: str | None = None,
     spacing: str = "leading", grid: str = "timesteps", strength: float = 1.0,
     generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
 ) -> Tensor:
@@ -216,18 +193,18 @@ def sample_unipc(
     (``solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True``); good images in 10-20 steps.
     """
     dtype = x.dtype
-    sigmas, ts, x = _grid_start(x, schedule, steps, spacing, grid, strength, generator, round_t=True)
-    d_x0 = x0_denoiser(denoise, prediction_type)
-    n = len(ts)
+    g, den, x, objective = prepare(denoise, x, process, prediction_type=prediction_type, steps=steps, spacing=spacing,
+                                 grid=grid, strength=strength, generator=generator, round_times=True)
+    n = len(g)
     last = None  # (x before the previous predictor step, its sigma, its x0, the node before it or None)
     for i in progress_bar(range(n), progress, n):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x0 = d_x0(x, s, ts[i])
+        s, s_next = g.sigmas[i], g.sigmas[i + 1]
+        x0, _ = den(x, s, g.times[i])
         if last is not None:
-            x = _unipc_update(last[0], last[1], s, last[2], last[3], x0_next=x0)
+            x = _unipc_update(g.path, last[0], last[1], s, last[2], last[3], x0_next=x0)
         order = min(2, n - i, i + 1)  # first order to start (one node) and to end (onto sigma = 0)
         older = (last[2], last[1]) if order == 2 and last is not None else None
         last = (x, s, x0, older)  # the corrector of this step, at the next call, has the predictor's order
-        x = x0 if s_next == 0 else _unipc_update(x, s, s_next, x0, older)
-        x = _callback(callback, i, s_next, schedule, x)
+        x = x0 if s_next == 0 else _unipc_update(g.path, x, s, s_next, x0, older)
+        x = step_done(callback, i, s_next, objective, x)
     return x.to(dtype)

@@ -12,6 +12,9 @@ A grid is a descending float64 tensor of ``steps + 1`` noise levels ``sigma = sq
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,14 +86,19 @@ def finite_terminal(schedule: NoiseSchedule) -> NoiseSchedule:
 
 
 def make_sigmas(
-    schedule: NoiseSchedule, steps: int, spacing: str = "leading", grid: str = "timesteps", round_t: bool = False
+    schedule: NoiseSchedule, steps: int, spacing: str = "leading", grid: str = "timesteps", round_t: bool = False,
+    finite: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(sigmas (steps + 1,) ending in 0, timesteps (steps,)), both float64 on the CPU.
 
     ``round_t`` rounds the timesteps of a sigma grid to whole training timesteps, as diffusers' DPM-Solver and
     UniPC schedulers do (Heun and Euler call the model at the fractional ones); the sigmas stay as the grid made them.
+    ``finite`` reads a zero-terminal-SNR schedule through `finite_terminal` (sigma-space steps need a finite top
+    sigma; DDPM's and DDIM's posteriors take alpha_bar = 0 as it is).
     """
-    schedule = finite_terminal(schedule)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+    schedule = finite_terminal(schedule) if finite else schedule
     sigmas_all = schedule.sigmas.double().cpu()
     T = schedule.num_timesteps
     if grid == "timesteps":
@@ -117,3 +125,38 @@ def nearest_timestep(sigma: float, schedule: NoiseSchedule) -> int:
     if sigma <= 0:
         return -1
     return int(sigma_to_t(torch.tensor([sigma], dtype=torch.float64), schedule).round().item())
+
+
+class VPPath:
+    """The variance-preserving path: ``x = (x0 + sigma eps) / sqrt(1 + sigma^2)``."""
+
+    @staticmethod
+    def inv_signal(sigma: float) -> float:
+        return math.sqrt(1.0 + sigma**2)
+
+    @staticmethod
+    def scales(sigma: float) -> tuple[float, float]:
+        """(signal, noise): x = signal · x0 + noise · eps; (0, 1) at sigma = inf (zero terminal SNR)."""
+        if math.isinf(sigma):
+            return 0.0, 1.0
+        signal = 1.0 / math.sqrt(1.0 + sigma**2)
+        return signal, sigma * signal
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The noise levels a sampler visits: ``sigmas`` (steps + 1, descending, ending in 0), the network's time input
+    at each of the first ``steps`` (``times``), the path's scales, and the time of an in-between sigma."""
+
+    sigmas: list[float]
+    times: list[float]
+    path: Any
+    time_of: Callable[[float], float]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def tail(self, keep: int) -> "Grid":
+        """The last ``keep`` steps (img2img keeps the low-noise end of the grid)."""
+        start = len(self.times) - keep
+        return Grid(self.sigmas[start:], self.times[start:], self.path, self.time_of)

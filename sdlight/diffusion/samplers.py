@@ -2,17 +2,24 @@
 
 Every sampler has the same signature, so one Hydra node (``_partial_: true``) fits them all::
 
-    sample_X(denoise, x, schedule, *, steps, prediction_type, spacing, strength, generator, callback, progress, ...)
+    sample_X(denoise, x, process, *, steps, prediction_type, spacing, [grid,] strength, generator, callback,
+             progress, ...)
 
-- ``denoise(x_t, t)`` returns the model output (of ``prediction_type``) for a (B,) long tensor ``t`` of training
-  timesteps. Conditioning and guidance are closed over by the caller (see `guidance.cfg_denoiser`).
+and the same start (`sampling_utils.prepare`): ``process`` is the model's objective (`objectives`; a bare
+``NoiseSchedule`` is read as DDPM with ``prediction_type``), which gives the grid of noise levels and turns
+``denoise`` into ``(x0, eps)`` at a grid point. DDPM and DDIM run on the objective's timestep grid; the others
+(`grid_samplers`) on any of its grids.
+
+- ``denoise(x_t, t)`` returns the network's output for a (B,) tensor ``t`` of its time input. Conditioning and
+  guidance are closed over by the caller (see `guidance.cfg_denoiser`).
 - ``x`` is x_T noise when ``strength == 1``. With ``strength < 1`` (img2img / SDEdit) ``x`` is the clean x0: the
-  last ``int(steps * strength)`` timesteps are kept and x0 is noised to the first of them, as diffusers does.
-- ``callback(i, t, x)`` runs after step ``i`` with the new x, which lives at timestep ``t`` ((B,) long; -1 once
-  x is the final sample); a returned tensor replaces x. `inpaint_callback` blends a known region this way.
+  last ``int(steps * strength)`` grid points are kept and x0 is noised to the first of them, as diffusers does.
+- ``callback(i, level, x)`` runs after step ``i`` with the new x, which lives at noise level ``level`` (as the
+  objective's ``noised`` takes it; DDPM: a (B,) long timestep, -1 once x is the final sample); a returned tensor
+  replaces x. `inpaint_callback` blends a known region this way.
 
 The state is kept in float32 (or float64 when given) whatever the model's dtype; the result has x's dtype.
-All samplers step to alpha_bar = 1 (no noise) at the end.
+All samplers step to the clean end (sigma = 0) at the end.
 """
 
 import inspect
@@ -25,38 +32,13 @@ from torch import Tensor
 
 from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_heun, sample_unipc
 from .grids import SPACINGS, make_timesteps
-from .process import q_sample, to_x0_eps
-from .sampling_utils import Callback, Denoiser, after_step, progress_bar, randn_like
+from .objectives import Objective
+from .sampling_utils import Callback, Denoiser, prepare, progress_bar, randn_like, step_done
 from .schedules import NoiseSchedule
 
 __all__ = ["SPACINGS", "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler",
            "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc", "inpaint_callback", "SAMPLERS", "sampler_name", "sampler_options",
            "Callback", "Denoiser"]
-
-
-def _start(x: Tensor, schedule: NoiseSchedule, steps: int, spacing: str, strength: float, generator):
-    """Timesteps to run (python ints, descending) and the starting x_t in the working dtype."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    ts = make_timesteps(steps, schedule.num_timesteps, spacing).tolist()
-    if strength < 1.0:
-        keep = min(int(steps * strength), steps)  # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps
-        ts = ts[steps - keep :]
-        if ts:
-            noise = randn_like(x, generator)
-            x = q_sample(x, ts[0], noise, schedule)
-    return ts, x
-
-
-def _call(denoise: Denoiser, x: Tensor, t: int, schedule: NoiseSchedule, prediction_type: str):
-    """(x0, eps) from the model at integer timestep t."""
-    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    return to_x0_eps(denoise(x, tt).to(x.dtype), x, tt, schedule, prediction_type)
-
-
-def _alpha_bar(schedule: NoiseSchedule, t: int) -> float:
-    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
 
 
 def _check_clip_x0(clip_x0: float | None) -> None:
@@ -66,11 +48,38 @@ def _check_clip_x0(clip_x0: float | None) -> None:
                          f"got {clip_x0!r}")
 
 
+def _alpha_bar(sigma: float) -> float:
+    """alpha_bar = 1 / (1 + sigma^2) of a variance-preserving grid sigma (0 at sigma = inf: zero terminal SNR)."""
+    return 0.0 if math.isinf(sigma) else 1.0 / (1.0 + sigma**2)
+
+
+@torch.no_grad()
+def _alpha_bar_steps(update: Callable[..., Tensor], denoise: Denoiser, x: Tensor, process: Objective | NoiseSchedule,
+                     prediction_type: str | None, steps: int, spacing: str, strength: float,
+                     generator: torch.Generator | None, callback: Callback | None, progress: bool,
+                     clip_x0: float | None) -> Tensor:
+    """DDPM's and DDIM's loop: the objective's timestep grid (a zero terminal SNR taken as it is), x0 clamped to
+    ±``clip_x0`` when asked, and ``update(x, x0, eps, alpha_bar, alpha_bar_next)`` from one grid point to the next."""
+    _check_clip_x0(clip_x0)
+    dtype = x.dtype
+    grid, den, x, objective = prepare(denoise, x, process, prediction_type=prediction_type, steps=steps,
+                                      spacing=spacing, grid="timesteps", strength=strength, generator=generator,
+                                      finite=False)
+    for i in progress_bar(range(len(grid)), progress, len(grid)):
+        s, s_next = grid.sigmas[i], grid.sigmas[i + 1]
+        x0, eps = den(x, s, grid.times[i])
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        x = step_done(callback, i, s_next, objective, update(x, x0, eps, _alpha_bar(s), _alpha_bar(s_next)))
+    return x.to(dtype)
+
+
 @torch.no_grad()
 def sample_ddpm(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
-    spacing: str = "leading", strength: float = 1.0, generator: torch.Generator | None = None,
-    callback: Callback | None = None, progress: bool = False, clip_x0: float | None = None,
+    denoise: Denoiser, x: Tensor, process: Objective | NoiseSchedule, *, steps: int = 50,
+    prediction_type: str | None = None, spacing: str = "leading", strength: float = 1.0,
+    generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
+    clip_x0: float | None = None,
 ) -> Tensor:
     """Ancestral sampling from the DDPM posterior q(x_s | x_t, x0_hat), variance "fixed_small" (Ho et al., 2020).
 
@@ -78,64 +87,53 @@ def sample_ddpm(
     ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0]: for pixel-space models only, since latents are not
     bounded by ±1.
     """
-    _check_clip_x0(clip_x0)
-    dtype = x.dtype
-    ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    for i in progress_bar(range(len(ts)), progress, len(ts)):
-        t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-        x0, _ = _call(denoise, x, t, schedule, prediction_type)
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-        a, a_next = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
+    def update(x: Tensor, x0: Tensor, eps: Tensor, a: float, a_next: float) -> Tensor:
         beta = 1 - a / a_next
         x = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(a / a_next) * (1 - a_next) / (1 - a)) * x
-        if t_next >= 0:
-            var = (1 - a_next) / (1 - a) * beta
-            x = x + math.sqrt(var) * randn_like(x, generator)
-        x = after_step(callback, i, t_next, x)
-    return x.to(dtype)
+        if a_next < 1:  # noise on every step but the last
+            x = x + math.sqrt((1 - a_next) / (1 - a) * beta) * randn_like(x, generator)
+        return x
+
+    return _alpha_bar_steps(update, denoise, x, process, prediction_type, steps, spacing, strength, generator,
+                            callback, progress, clip_x0)
 
 
 @torch.no_grad()
 def sample_ddim(
-    denoise: Denoiser, x: Tensor, schedule: NoiseSchedule, *, steps: int = 50, prediction_type: str = "eps",
-    spacing: str = "leading", strength: float = 1.0, generator: torch.Generator | None = None,
-    callback: Callback | None = None, progress: bool = False, eta: float = 0.0, clip_x0: float | None = None,
+    denoise: Denoiser, x: Tensor, process: Objective | NoiseSchedule, *, steps: int = 50,
+    prediction_type: str | None = None, spacing: str = "leading", strength: float = 1.0,
+    generator: torch.Generator | None = None, callback: Callback | None = None, progress: bool = False,
+    eta: float = 0.0, clip_x0: float | None = None,
 ) -> Tensor:
     """DDIM (Song et al., 2021): eta = 0 is the deterministic ODE sampler, eta = 1 matches DDPM's variance.
     ``clip_x0`` as in `sample_ddpm`."""
-    _check_clip_x0(clip_x0)
-    dtype = x.dtype
-    ts, x = _start(x, schedule, steps, spacing, strength, generator)
-    for i in progress_bar(range(len(ts)), progress, len(ts)):
-        t, t_next = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
-        x0, eps = _call(denoise, x, t, schedule, prediction_type)
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-        a, a_next = _alpha_bar(schedule, t), _alpha_bar(schedule, t_next)
+    def update(x: Tensor, x0: Tensor, eps: Tensor, a: float, a_next: float) -> Tensor:
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * randn_like(x, generator)
-        x = after_step(callback, i, t_next, x)
-    return x.to(dtype)
+        return x + sigma * randn_like(x, generator) if sigma > 0 else x
+
+    return _alpha_bar_steps(update, denoise, x, process, prediction_type, steps, spacing, strength, generator,
+                            callback, progress, clip_x0)
 
 
 def inpaint_callback(
-    known: Tensor, mask: Tensor, schedule: NoiseSchedule, noise: Tensor | None = None,
+    known: Tensor, mask: Tensor, process: Objective | NoiseSchedule, noise: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Callback:
     """Callback that keeps the known region of ``known`` (clean x0) where ``mask == 0``.
 
     ``mask`` is 1 where new content is generated (diffusers' convention) and broadcasts against x. After each
-    step the known region is replaced by ``known`` noised to the new x's timestep with one fixed ``noise``, and by
+    step the known region is replaced by ``known`` noised to the new x's level with one fixed ``noise``, and by
     ``known`` itself after the last step, as diffusers' inpainting pipelines do for non-inpainting UNets.
     """
+    from .objectives import DDPM
+
+    objective = process if isinstance(process, Objective) else DDPM(process)
     if noise is None:
         noise = randn_like(known, generator)
 
-    def blend(i: int, t: Tensor, x: Tensor) -> Tensor:
-        k = known.to(x) if int(t[0]) < 0 else q_sample(known.to(x), t, noise.to(x), schedule)
+    def blend(i: int, level: Tensor, x: Tensor) -> Tensor:
+        k = known.to(x) if int(level[0]) < 0 else objective.noised(known.to(x), noise.to(x), level)
         m = mask.to(x)
         return (1 - m) * k + m * x
 

@@ -33,11 +33,13 @@ class DiagonalGaussianDistribution:
     def _reduce_dims(self) -> list[int]:
         return list(range(1, self.mean.ndim))
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised sample ``mean + std * eps`` (differentiable w.r.t. the parameters)."""
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised sample ``mean + std * eps`` (differentiable w.r.t. the parameters), with ``noise`` as
+        eps when given."""
         mean = self.mean
         # a CPU generator gives the same latents on every device, the way diffusers' randn_tensor does
-        eps = draw(torch.randn, mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = draw(torch.randn, mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) \
+            if noise is None else noise
         return mean + self.std * eps
 
     def mode(self) -> torch.Tensor:

@@ -1,23 +1,28 @@
-"""``nn.Linear`` that runs on oneDNN's matmul on the CPU.
+"""``nn.Linear`` that runs on oneDNN's matmul on the CPU, where that is the faster kernel.
 
-A float32 ``F.linear`` on the CPU goes to MKL's sgemm. MKL picks its code path by the processor's vendor: on AMD
-processors it takes its AVX2 path and reaches about half of what the cores can do, while oneDNN (the library that
-already runs PyTorch's CPU convolutions) uses AVX-512 there: forward + backward of the UNet's linear layers in
-0.5-0.8x the time (BENCHMARKS.md, "Linear layers: MKL against oneDNN"). On Intel processors MKL has AVX-512 and
-AMX paths of its own and the gain is gone (BENCHMARKS.md, per processor family).
-The math is the same float32 matmul in another summation order (~1e-7 relative).
+A float32 ``F.linear`` on the CPU goes to MKL's sgemm. On some processors MKL leaves speed on the table (it picks
+its code path by vendor: on the AMD EPYC of BENCHMARKS.md its AVX2 path ran at half the speed of oneDNN's AVX-512
+matmul, forward + backward of the UNet's linear layers in 0.5-0.8x the time); on others the two are even (another
+AMD EPYC, Intel Xeons with MKL's own AVX-512 / AMX paths). The processor's name does not tell which, so the
+default is measured once per machine: the first float32 CPU forward times both kernels at the UNets' layer shapes
+(~0.2 s) and takes oneDNN only when it is clearly faster (by 15 %); the choice is kept in
+``~/.cache/sdlight/linear_kernel.json`` (``$SDLIGHT_CACHE``), per processor, torch version and thread count, so a
+machine always computes with the same kernel (a resumed run gives the same numbers).
+``SDLIGHT_ONEDNN_LINEAR=1`` / ``=0`` or :func:`set_onednn_linear` override it.
 
-So the oneDNN path is on by default where MKL would leave AVX-512 unused: x86 processors with AVX-512 that are not
-Intel's (read from /proc/cpuinfo once, at import: the same choice for the whole run, hence the same numbers on
-resume). ``SDLIGHT_ONEDNN_LINEAR=1`` / ``=0`` or :func:`set_onednn_linear` override it. It is taken only where it
-is the same computation: float32 CPU tensors, outside CPU autocast and ``torch.compile`` (inductor picks its own
-kernels). Everywhere else — CUDA, half precision, tensor subclasses — it is plain ``F.linear``.
+The math is the same float32 matmul in another summation order (~1e-7 relative). The oneDNN path is taken only
+where it is the same computation: float32 CPU tensors, outside CPU autocast and ``torch.compile`` (inductor picks
+its own kernels). Everywhere else — CUDA, half precision, tensor subclasses — it is plain ``F.linear``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -25,40 +30,94 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+log = logging.getLogger("sdlight")
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_PLAIN = (Tensor, nn.Parameter)
+# (tokens, in, out) of transformer layers of the quickstart and mid-size UNets (BENCHMARKS.md)
+PROBE_SHAPES = ((4096, 64, 512), (1024, 128, 1024), (512, 1024, 256))
+MIN_GAIN = 0.85  # oneDNN's time over MKL's at which it becomes the default
 
 
-def cpu_vendor_and_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
-    """The first processor's ``vendor_id`` and instruction-set ``flags`` from ``cpuinfo`` (empty where unreadable)."""
+def cpu_description(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The first processor's vendor, model name and instruction-set flags (empty where unreadable)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return "", frozenset()
-    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
-    flags = re.search(r"^flags\s*:(.*)$", text, re.M)
-    return (vendor.group(1) if vendor else ""), frozenset(flags.group(1).split() if flags else ())
+        return ""
+    fields = [re.search(rf"^{key}\s*:(.*)$", text, re.M) for key in ("vendor_id", "model name", "flags")]
+    return " | ".join(f.group(1).strip() for f in fields if f)
 
 
-def onednn_linear_default(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether MKL would leave this CPU's AVX-512 unused: an x86 processor with AVX-512 not made by Intel."""
-    vendor, flags = cpu_vendor_and_flags(cpuinfo)
-    return bool(vendor) and vendor != "GenuineIntel" and "avx512f" in flags
+def time_kernels(shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES, reps: int = 3) -> tuple[float, float]:
+    """Seconds of forward + backward at ``shapes`` with MKL (``F.linear``) and with oneDNN, each the best of
+    ``reps`` alternated rounds."""
+    with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller is in
+        return _time_kernels(shapes, reps)
+
+
+def _time_kernels(shapes: tuple[tuple[int, int, int], ...], reps: int) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(0)
+    best = {F.linear: float("inf"), _OneDNNLinear.apply: float("inf")}
+    cases = [(torch.randn(m, k, generator=g, requires_grad=True), torch.randn(n, k, generator=g, requires_grad=True),
+              torch.randn(m, n, generator=g)) for m, k, n in shapes]
+    for _ in range(reps + 1):  # the first round warms both up
+        for fn in best:
+            start = time.perf_counter()
+            for x, w, grad in cases:
+                torch.autograd.grad(fn(x, w, None), (x, w), grad)
+            best[fn] = min(best[fn], time.perf_counter() - start) if _ else best[fn]
+    return best[F.linear], best[_OneDNNLinear.apply]
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("SDLIGHT_CACHE") or Path.home() / ".cache" / "sdlight") / "linear_kernel.json"
+
+
+def onednn_linear_default() -> bool:
+    """Whether oneDNN is this machine's faster float32 CPU linear kernel: the cached verdict for this processor,
+    torch version and thread count, else measured now (`time_kernels`) and cached."""
+    if not _ONEDNN:
+        return False
+    key = hashlib.sha256(f"{cpu_description()}|{torch.__version__}|{torch.get_num_threads()}".encode()).hexdigest()
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return bool(cached[key]["onednn"])
+    mkl, onednn = time_kernels()
+    choice = onednn < MIN_GAIN * mkl
+    log.info(f"linear layers: oneDNN {1e3 * onednn:.1f} ms against MKL {1e3 * mkl:.1f} ms on this CPU: "
+             f"{'oneDNN' if choice else 'MKL'} from now on (kept in {path}; SDLIGHT_ONEDNN_LINEAR=0/1 overrides)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**cached, key: {"onednn": choice, "mkl_s": mkl, "onednn_s": onednn,
+                                                   "cpu": cpu_description()}}, indent=1))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: measured again next time
+        pass
+    return choice
 
 
 _setting = os.environ.get("SDLIGHT_ONEDNN_LINEAR", "").strip()
-_enabled = _setting != "0" if _setting else onednn_linear_default()
-_PLAIN = (Tensor, nn.Parameter)
+_enabled: bool | None = (_setting != "0") if _setting else None  # None: decided at the first use
 
 
-def set_onednn_linear(enabled: bool) -> bool:
-    """Turn the oneDNN CPU path on or off for every :class:`Linear`; returns the previous setting."""
+def set_onednn_linear(enabled: bool | None) -> bool | None:
+    """Turn the oneDNN CPU path on or off for every :class:`Linear` (None: this machine's default); returns the
+    previous setting."""
     global _enabled
-    previous, _enabled = _enabled, bool(enabled)
+    previous, _enabled = _enabled, None if enabled is None else bool(enabled)
     return previous
 
 
 def onednn_linear_active() -> bool:
     """Whether :class:`Linear` layers take oneDNN's matmul for float32 CPU inputs (enabled and available)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = onednn_linear_default()
     return _enabled and _ONEDNN
 
 
@@ -99,11 +158,11 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def _takes_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return (
-        _enabled and _ONEDNN
-        and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+        _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
         and type(x) in _PLAIN and type(weight) in _PLAIN and x.layout == torch.strided and x.numel() > 0
         and (bias is None or (bias.dtype == torch.float32 and type(bias) in _PLAIN))
         and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+        and onednn_linear_active()
     )
 
 
@@ -115,7 +174,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) whose float32 CPU forward runs on oneDNN."""
+    """``nn.Linear`` (same parameters and state-dict keys) whose float32 CPU forward runs on oneDNN where that is
+    the faster kernel (decided when the first one is built, not inside a forward pass)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        onednn_linear_active()
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

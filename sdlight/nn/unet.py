@@ -181,12 +181,9 @@ class AttentionBlock(nn.Module):
         use_new_attention_order: bool = False,
     ):
         super().__init__()
-        if num_head_channels == -1:
-            self.num_heads = num_heads
-        else:
-            if channels % num_head_channels:
-                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
-            self.num_heads = channels // num_head_channels
+        if num_head_channels != -1 and channels % num_head_channels:
+            raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.use_new_attention_order = use_new_attention_order
         self.norm = normalization(channels)

@@ -14,8 +14,10 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sdlight.checkpoints import load_autoencoder_weights
 from sdlight.nn.autoencoder import AutoencoderKL
-from sdlight.stages.common import (OptimizerFactory, SchedulerFactory, TrainingFlops, all_finite, allow_retained_graphs,
-                                   build_optimizer, build_scheduler, speed_up, stepping_batches)
+from sdlight.nn.speed import allow_retained_graphs, speed_up
+from sdlight.optim import OptimizerFactory, SchedulerFactory, build_optimizer, build_scheduler, stepping_batches
+from sdlight.stages.flops import TrainingFlops
+from sdlight.stages.guard import NonFiniteGuard
 from sdlight.stages.images import log_grid, to_grid
 
 log = logging.getLogger("sdlight")
@@ -103,10 +105,8 @@ class AutoencoderModule(L.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.image_log_every_n_steps = image_log_every_n_steps
         self.num_log_images = num_log_images
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.guard = NonFiniteGuard(max_nonfinite_steps)  # its skips are restored on resume
         self.batches = 0  # training batches seen (not optimizer steps); restored on resume
-        self.nonfinite_skips = 0  # batches skipped for non-finite losses, in all; restored on resume
-        self._nonfinite_in_a_row = 0
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
         # primitive hyperparameters only: checkpoints must load with weights_only=True
@@ -118,6 +118,7 @@ class AutoencoderModule(L.LightningModule):
             load_autoencoder_weights(autoencoder, init_from)
             log.info(f"Initialised the autoencoder from {init_from}")
         self._flops = TrainingFlops()
+        self._flops.watch(autoencoder, self)
 
     @property
     def flops_per_batch(self) -> int | None:
@@ -168,7 +169,7 @@ class AutoencoderModule(L.LightningModule):
         # Only the generator's parameters enter its graph: otherwise -D(rec) leaves gradients on D that its own
         # step would then follow, against its objective.
         with self.toggled_optimizer(opt_g):
-            rec, posterior = self._flops(self.training, self.autoencoder, x)
+            rec, posterior = self.autoencoder(x)
             loss_g, log_g = self.loss(x, rec, posterior, part="generator", global_step=self.batches,
                                       last_layer=self.autoencoder.get_last_layer(), split="train")
         train_disc = self.batches >= self.loss.disc_start  # before that, D's step would change nothing
@@ -177,10 +178,11 @@ class AutoencoderModule(L.LightningModule):
             loss_d, log_d = self.loss(x, rec.detach(), posterior, part="discriminator", global_step=self.batches,
                                       split="train")
             losses.append(loss_d)
-        if not all_finite(self, *losses):
-            self._skip_nonfinite(opt_g, opt_d, buffers, {**log_g, **log_d})
+        logs = {**log_g, **log_d}
+        if not self.guard.check(self, *losses, where=f"batch {self.batches}",
+                                details=lambda: str({k: float(v) for k, v in logs.items()})):
+            self._undo(opt_g, opt_d, buffers)
         else:
-            self._nonfinite_in_a_row = 0
             self._step(opt_g, loss_g, boundary)
             if train_disc:
                 self._step(opt_d, loss_d, boundary)
@@ -193,25 +195,18 @@ class AutoencoderModule(L.LightningModule):
         n = x.shape[0]
         self.log_dict({**log_g, **log_d}, prog_bar=False, sync_dist=False, batch_size=n)
         self.log("train/rec_loss", log_g.get("train/rec", loss_g), prog_bar=True, batch_size=n)
-        self.log("train/nonfinite_skips", float(self.nonfinite_skips), batch_size=n)
+        self.log("train/nonfinite_skips", float(self.guard.skips), batch_size=n)
 
         if self.image_log_every_n_steps and (self.batches - 1) % self.image_log_every_n_steps == 0:
             self._log_images(x, rec, "train")
 
-    def _skip_nonfinite(self, opt_g, opt_d, buffers: dict[str, torch.Tensor], logs: dict) -> None:
-        self.nonfinite_skips += 1
-        self._nonfinite_in_a_row += 1
+    def _undo(self, opt_g, opt_d, buffers: dict[str, torch.Tensor]) -> None:
+        """A skipped batch: no gradients kept, and the buffers it touched as they were."""
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
         with torch.no_grad():  # the forward passes already updated BatchNorm statistics with the bad batch
             for name, b in self.named_buffers():
                 b.copy_(buffers[name])
-        log.warning(f"Non-finite loss at batch {self.batches} ({self._nonfinite_in_a_row} in a row): step skipped")
-        if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{self._nonfinite_in_a_row} non-finite losses in a row (max_nonfinite_steps="
-                f"{self.max_nonfinite_steps}) at batch {self.batches}: "
-                f"{ {k: float(v) for k, v in logs.items()} }. Lower the learning rate or check the data.")
 
     # ------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -244,8 +239,8 @@ class AutoencoderModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["batches"] = self.batches
-        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+        checkpoint["nonfinite_skips"] = self.guard.skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batches = int(checkpoint.get("batches", 0))
-        self.nonfinite_skips = int(checkpoint.get("nonfinite_skips", 0))
+        self.guard.skips = int(checkpoint.get("nonfinite_skips", 0))

@@ -46,29 +46,31 @@ def log_grid(module: L.LightningModule, key: str, grid: torch.Tensor, caption: s
 
 
 def log_sample_grid(module: L.LightningModule, batch: dict[str, Any] | None = None) -> None:
-    """A latent diffusion module's grid of samples for fixed conditions (its ``log_conditions``, else the
-    batch's first ones), logged by rank 0; inpainting / super-resolution models show their input row too."""
-    if module._trainer is None or not module.trainer.is_global_zero or module.sampler is None:
+    """A latent diffusion stage's grid of samples for fixed conditions (its ``log_conditions``, else the batch's
+    first ones), with its EMA weights, logged by rank 0; inpainting / super-resolution models show their input
+    row too."""
+    net = module.net
+    if module._trainer is None or not module.trainer.is_global_zero or net.sampler is None:
         return
     n = module.num_log_samples
     conditions = None
-    if module.condition_keys:
+    if net.condition_keys:
         try:
-            conditions = module.condition_values(module.log_conditions or batch or {})
+            conditions = net.condition_values(module.log_conditions or batch or {})
         except KeyError:
             return  # no fixed conditions and no batch to take them from
         n = min(n, *(len(v) for v in conditions.values()))
     gen = torch.Generator(device="cpu").manual_seed(0)
     concat, rows = None, []
-    if module.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
+    if net.concat_stage is not None:  # inpainting / super-resolution: the batch's images are the inputs
         if batch is None:
             return
         n = min(n, batch["image"].shape[0])
         part = {k: v[:n] for k, v in batch.items()}
-        concat = module.make_concat(module.concat_stage.training_inputs(part, gen), gen)
+        concat = net.make_concat(net.concat_stage.training_inputs(part, gen), gen)
         rows = [part["image"]]
     conditions = {k: v[:n] for k, v in conditions.items()} if conditions is not None else None
-    x_T = torch.randn((n, *module.latent_shape), generator=gen)
+    x_T = torch.randn((n, *net.latent_shape), generator=gen)
     images = module.generate(conditions, n if conditions is None else None, x_T=x_T, generator=gen, concat=concat)
     captions = [v for v in (conditions or {}).values() if isinstance(v, list)]  # prompts; ids are not captions
     caption = " | ".join(map(str, captions[0])) if captions else None

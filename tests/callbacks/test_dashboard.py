@@ -147,7 +147,7 @@ def test_parameter_counts_in_config_and_summary_match_hand_counts(wandb_run):
     def count(module, trainable=None):
         return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
-    unet, vae, text = model.model.diffusion_model, model.first_stage_model, model.cond_stage_model
+    unet, vae, text = model.net.model.diffusion_model, model.net.first_stage_model, model.net.cond_stage_model
     params = config_values(records)["params"]
     assert params["parts"]["model.diffusion_model"] == {"total": count(unet), "trainable": count(unet)}
     assert params["parts"]["first_stage_model"] == {"total": count(vae), "trainable": 0}

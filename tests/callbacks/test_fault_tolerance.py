@@ -15,6 +15,7 @@ from sdlight.callbacks.preemption import PreemptionCheckpoint, slurm_job_id
 from sdlight.callbacks.rollback import NonFiniteRollback
 from sdlight.checkpoints import save_atomic
 from sdlight.errors import UsageError
+from sdlight.stages.guard import NonFiniteGuard
 from sdlight.train import resume_path, wandb_id_from_slurm
 
 
@@ -74,19 +75,15 @@ def test_requeue_calls_scontrol_with_the_array_task(monkeypatch):
 class Spiky(L.LightningModule):
     """Linear regression whose loss is NaN on batches 5, 6 and 7 (skipped as the stages skip them)."""
 
-    max_nonfinite_steps = 10
-
     def __init__(self):
         super().__init__()
         self.layer = torch.nn.Linear(2, 1)
-        self._nonfinite_in_a_row = 0
+        self.guard = NonFiniteGuard(max_in_a_row=10)
 
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch[0]).pow(2).mean()
-        if batch_idx in (5, 6, 7):
-            self._nonfinite_in_a_row += 1
+        if not self.guard.check(self, loss * float("nan") if batch_idx in (5, 6, 7) else loss, where="test"):
             return None
-        self._nonfinite_in_a_row = 0
         return loss
 
     def configure_optimizers(self):

@@ -65,5 +65,5 @@ def test_lowres_concat_is_lossless_pixel_unshuffle():
 def test_lowres_noise_augmentation_has_the_set_strength():
     concat = LowResConcat(image_size=64, lowres_size=16, downsample_factor=4, noise_level=0.2)
     low = torch.zeros(64, 3, 16, 16)
-    out = concat(low, generator=torch.Generator().manual_seed(0))
+    out = concat(low, draws=torch.Generator().manual_seed(0))
     assert abs(out.std().item() - 0.2) < 0.01

@@ -10,7 +10,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 
 from sdlight.conditioning import OpenCLIPTextEncoder
-from sdlight.conditioning.text import load_open_clip_text_model, text_state_dict
+from sdlight.conditioning.open_clip_weights import load_open_clip_text_model, text_state_dict
 from sdlight.weights import WeightsNotFoundError
 
 TINY_CFG = {

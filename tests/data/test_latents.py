@@ -17,7 +17,7 @@ from sdlight.data.latents import LatentsDataModule, from_bytes, read_manifest
 from sdlight.data.shapes import ShapesDataset
 from sdlight.encode import encode_dataset
 from sdlight.errors import UsageError
-from sdlight.stages.latents import check_cache
+from sdlight.models.latents import CachedContexts, check_cache
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "data")]
@@ -88,7 +88,7 @@ def one_step(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The loss of one training step (posterior sample, dropout, t and noise from seed 0) and the weights after
     its optimizer step."""
     optimizer = model.configure_optimizers()
-    loss = model.losses(batch, generator=torch.Generator().manual_seed(0), p_uncond=0.5)[0].mean()
+    loss = model.net.losses(batch, torch.Generator().manual_seed(0), p_uncond=0.5)[0].mean()
     loss.backward()
     optimizer.step()
     return loss.detach(), [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -102,12 +102,13 @@ def test_one_training_step_from_the_cache_equals_one_from_images(tmp_path, dtype
     conditioning = frozen_text_encoder() if text == "frozen" else "text"
     from_images = stages.tiny_ldm(conditioning, first_stage=stages.tiny_vae(0))
     from_cache = copy.deepcopy(from_images)
-    uses_contexts = check_cache(manifest, from_cache.first_stage_model, from_cache.cond_stage_model, False)
+    net = from_cache.net
+    uses_contexts = check_cache(manifest, net.first_stage_model, net.cond_stage_model, False)
     assert uses_contexts == (text == "frozen") and ("context" in cached) == (text == "frozen")
-    from_cache._use_cached_contexts = uses_contexts
+    net.cached_contexts = CachedContexts() if uses_contexts else None
     if uses_contexts:  # the text tower is not run for cached contexts (only once, for the null context)
         calls = []
-        from_cache.cond_stage_model.single.register_forward_hook(lambda *a: calls.append(1))
+        net.cond_stage_model.single.register_forward_hook(lambda *a: calls.append(1))
     loss_i, weights_i = one_step(from_images, images)
     loss_c, weights_c = one_step(from_cache, cached)
     torch.testing.assert_close(loss_c, loss_i, rtol=tol, atol=tol)
@@ -122,12 +123,12 @@ def test_a_cache_of_another_autoencoder_or_text_encoder_is_refused(tmp_path):
                               progress=False)
     model = stages.tiny_ldm(frozen_text_encoder(0), first_stage=stages.tiny_vae(1))
     with pytest.raises(UsageError, match=rf"another autoencoder.*sha256 {manifest['first_stage']['sha256'][:16]}"):
-        check_cache(manifest, model.first_stage_model, model.cond_stage_model, False, "other.ckpt")
+        check_cache(manifest, model.net.first_stage_model, model.net.cond_stage_model, False, "other.ckpt")
     model = stages.tiny_ldm(frozen_text_encoder(1), first_stage=stages.tiny_vae(0))
     with pytest.raises(UsageError, match="text contexts of another text encoder"):
-        check_cache(manifest, model.first_stage_model, model.cond_stage_model, False)
+        check_cache(manifest, model.net.first_stage_model, model.net.cond_stage_model, False)
     with pytest.raises(UsageError, match="model.concat"):
-        check_cache(manifest, model.first_stage_model, model.cond_stage_model, True)
+        check_cache(manifest, model.net.first_stage_model, model.net.cond_stage_model, True)
 
 
 def test_options_that_cannot_be_cached_are_refused(tmp_path):
@@ -244,7 +245,7 @@ def test_stage_two_trains_from_the_cache_without_the_vae_encoder(tmp_path, cache
     trainer = objects["trainer"]
     assert trainer.state.finished and trainer.num_training_batches == 2  # train_size 16, batch 8
     assert not calls  # neither the scale-factor estimate nor the steps ran the encoder
-    assert 0 < float(objects["model"].scale_factor) < 100 and "val/loss" in trainer.callback_metrics
+    assert 0 < float(objects["model"].net.scale_factor) < 100 and "val/loss" in trainer.callback_metrics
 
 
 def test_a_run_with_another_first_stage_stops_at_once(tmp_path, cache):
@@ -277,12 +278,12 @@ def test_ddp_ranks_read_different_cached_samples_and_a_run_resumes(tmp_path, cac
     cfg = compose_train([*base, "callbacks=default", "~callbacks.rich_progress_bar", "~callbacks.model_summary"],
                         tmp_path / "run")
     _, first = train(cfg)
-    scale = float(first["model"].scale_factor)
+    scale = float(first["model"].net.scale_factor)
     resumed = compose_train([*base, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'run/checkpoints/last.ckpt'}"],
                             tmp_path / "resumed")
     _, objects = train(resumed)
     assert objects["trainer"].current_epoch == 2 and objects["trainer"].global_step == 8
-    assert float(objects["model"].scale_factor) == scale  # kept from the checkpoint, not estimated again
+    assert float(objects["model"].net.scale_factor) == scale  # kept from the checkpoint, not estimated again
 
 
 def test_fid_skips_latent_data_saying_why(cache):

@@ -21,8 +21,8 @@ from torchvision.transforms import InterpolationMode
 from sdlight.callbacks.adherence import scene_from_attributes, score_scene
 from sdlight.checkpoints import CheckpointError, load_autoencoder
 from sdlight.data.shapes import ShapesDataset, describe
-from sdlight.evaluate import METRICS, SharedSamples, data_config, evaluate
-from sdlight.stages.diffusion import LatentDiffusion
+from sdlight.evaluate import METRICS, SampleSet, data_config, evaluate
+from sdlight.models import LatentDiffusionModel
 from sdlight.weights import WeightsNotFoundError
 
 VAL_SIZE = 8
@@ -70,16 +70,16 @@ def random_init_tiny_clip():
 
 @pytest.fixture
 def recorded_samples(monkeypatch):
-    """Every image LatentDiffusion.generate really samples (the shared-samples cache sits in front of it)."""
+    """Every image the model really samples (the shared sample set sits in front of it)."""
     calls = []
-    original = LatentDiffusion.generate
+    original = LatentDiffusionModel.generate
 
     def recording(self, *args, **kwargs):
         images = original(self, *args, **kwargs)
         calls.append(images.cpu())
         return images
 
-    monkeypatch.setattr(LatentDiffusion, "generate", recording)
+    monkeypatch.setattr(LatentDiffusionModel, "generate", recording)
     return calls
 
 
@@ -233,21 +233,19 @@ def test_shared_samples_equal_fresh_sampling_and_advance_the_generator_alike():
     fresh = torch.Generator().manual_seed(0)
     first = [module.generate(["a", "b"], generator=fresh, steps=2) for _ in range(2)]
     state_after = fresh.get_state()
-    with SharedSamples(module, uses=2) as shared:
-        for _ in range(2):  # two metrics, each sampling two batches from a freshly seeded generator
-            g = torch.Generator().manual_seed(0)
-            got = [module.generate(["a", "b"], generator=g, steps=2) for _ in range(2)]
-            assert all(torch.equal(a, b) for a, b in zip(got, first))
-            assert torch.equal(g.get_state(), state_after)
-        assert module.calls == 4 and shared.hits == 2 and not shared.entries  # freed after their last use
+    shared = SampleSet(module, steps=2, guidance=None, sampler=None, uses=2)
+    for _ in range(2):  # two metrics, each sampling two batches from a freshly seeded generator
         g = torch.Generator().manual_seed(0)
-        module.generate(["a", "c"], generator=g, steps=2)  # other conditions: sampled
-        module.generate(["a", "b"], generator=torch.Generator().manual_seed(0), steps=3)  # other arguments
-        assert module.calls == 6
-    assert "generate" not in vars(module)  # the method is back
-    with SharedSamples(module, uses=2, max_bytes=0):  # over budget: nothing kept
-        for _ in range(2):
-            module.generate(["a"], generator=torch.Generator().manual_seed(0))
+        got = [shared(module, ["a", "b"], 2, g) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(got, first))
+        assert torch.equal(g.get_state(), state_after)
+    assert module.calls == 4 and shared.hits == 2 and not shared.entries  # freed after their last use
+    shared(module, ["a", "c"], 2, torch.Generator().manual_seed(0))  # other conditions: sampled
+    shared(module, ["a", "b"], 1, torch.Generator().manual_seed(0))  # another count
+    assert module.calls == 6
+    shared = SampleSet(module, steps=2, guidance=None, sampler=None, uses=2, max_bytes=0)  # over budget: not kept
+    for _ in range(2):
+        shared(module, ["a"], 1, torch.Generator().manual_seed(0))
     assert module.calls == 8
 
 

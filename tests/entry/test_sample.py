@@ -64,7 +64,7 @@ def test_inpainting_keeps_the_known_region(pipe):
     mask[..., :, : z0.shape[3] // 2] = 1  # regenerate the left half
     gen = torch.Generator().manual_seed(0)
     z = m.generate([PROMPT], steps=4, generator=gen, return_latents=True,
-                   callback=inpaint_callback(z0, mask, m.schedule, generator=gen))
+                   callback=inpaint_callback(z0, mask, m.objective, generator=gen))
     keep = mask == 0
     assert torch.equal(z[keep.expand_as(z)], z0[keep.expand_as(z0)])  # exactly the known latents
     assert not torch.allclose(z[(~keep).expand_as(z)], z0[(~keep).expand_as(z0)])

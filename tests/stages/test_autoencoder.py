@@ -257,7 +257,7 @@ def test_nonfinite_batch_is_skipped_and_logged(tmp_path):
     assert all(torch.isfinite(b).all() for b in rec.buffers_after[1].values())
     assert changed(rec.before[0], rec.after[0]) and changed(rec.before[2], rec.after[2])
     assert rec.steps == [(1, 2), (2, 2), (3, 4)]  # the skipped batch made no optimizer step
-    assert module.nonfinite_skips == 1 and module._nonfinite_in_a_row == 0
+    assert module.guard.skips == 1 and module.guard.in_a_row == 0
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     skips = [float(r["train/nonfinite_skips"]) for r in rows if r.get("train/nonfinite_skips")]
     assert skips == [0.0, 1.0, 1.0]

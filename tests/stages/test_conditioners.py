@@ -57,8 +57,8 @@ def sizes() -> list[SizeEmbedder]:
 def test_text_plus_another_encoder_trains_and_samples(tmp_path, extra):
     conditioners = [class_vector()] if extra == "class" else sizes()
     module = model(*conditioners)
-    trained = [*module.model.diffusion_model.label_emb.parameters(),
-               *module.cond_stage_model.embedders[1:].parameters()]
+    trained = [*module.net.model.diffusion_model.label_emb.parameters(),
+               *module.net.cond_stage_model.embedders[1:].parameters()]
     before = [p.detach().clone() for p in trained]
     tiny_trainer(tmp_path, max_steps=3).fit(module, DataLoader(SizedShapes(8), batch_size=4))
     assert all(not torch.equal(b, a) for b, a in zip(before, trained))  # y reached the UNet and trained it
@@ -81,16 +81,16 @@ def test_the_class_vector_changes_the_unet_output():
 def test_each_encoder_drops_at_its_own_rate(tmp_path):
     # the caption is never dropped, the class always: the UNet sees real contexts and the null class's vector
     module = model(class_vector(drop_rate=1.0), p_uncond=0.5)
-    module.cond_stage_model.embedders[0].drop_rate = 0.0
+    module.net.cond_stage_model.embedders[0].drop_rate = 0.0
     seen = []
-    module.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs), with_kwargs=True)
+    module.net.model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs), with_kwargs=True)
     batch = next(iter(DataLoader(SizedShapes(4), batch_size=4)))
     with torch.no_grad():
-        module.losses(batch, p_uncond=module.p_uncond)
-        text, label = module.cond_stage_model.embedders
+        module.net.losses(batch, p_uncond=module.p_uncond)
+        text, label = module.net.cond_stage_model.embedders
         torch.testing.assert_close(seen[0]["context"], text(batch["text"]))
         torch.testing.assert_close(seen[0]["y"], label(label.null_like(batch["label"]))[:, 0])
-        module.losses(batch)  # validation: nothing dropped
+        module.net.losses(batch)  # validation: nothing dropped
         torch.testing.assert_close(seen[1]["y"], label(batch["label"])[:, 0])
 
 
@@ -98,7 +98,7 @@ def test_a_checkpoint_of_the_single_encoder_layout_loads():
     """Before the conditioner, ``cond_stage_model`` was the encoder itself: its keys, in the model and its EMA."""
     old = model(seed=1, ema_decay=0.9)
     old.model_ema.update_parameters(old._ema_parts)
-    encoder = old.cond_stage_model.embedders[0]
+    encoder = old.net.cond_stage_model.embedders[0]
     state = {k: v for k, v in old.state_dict().items()
              if not k.startswith(("cond_stage_model.", "model_ema.module.1."))}
     for k, v in encoder.state_dict().items():
@@ -107,7 +107,7 @@ def test_a_checkpoint_of_the_single_encoder_layout_loads():
     assert any(k.startswith("cond_stage_model.token_embedding") for k in state)
     new = model(seed=2, ema_decay=0.9)
     new.load_state_dict(state, strict=True)
-    torch.testing.assert_close(new.cond_stage_model.embedders[0].token_embedding.weight, encoder.token_embedding.weight)
+    torch.testing.assert_close(new.net.cond_stage_model.embedders[0].token_embedding.weight, encoder.token_embedding.weight)
     ema_text = new.model_ema.module[1].embedders[0]
     torch.testing.assert_close(ema_text.token_embedding.weight, encoder.token_embedding.weight + 1.0)
     assert set(new.state_dict()) == set(state)  # and it saves them under the same names
@@ -128,8 +128,8 @@ def test_the_config_adds_a_class_through_y_to_the_text_model(train_cfg, vae_ckpt
     metrics, objects = train(train_cfg(overrides))
     module = objects["model"]
     assert module.condition_keys == ["text", "label"]
-    assert module.cond_stage_model.embedders[1].route == "vector"
-    assert module.model.diffusion_model.label_emb[0][0].in_features == 16
+    assert module.net.cond_stage_model.embedders[1].route == "vector"
+    assert module.net.model.diffusion_model.label_emb[0][0].in_features == 16
     assert torch.isfinite(torch.tensor(float(metrics["train/loss"])))
     assert len(list((tmp_path / "images").glob("samples_*.png"))) == 1  # a grid from the batch's text and labels
 
@@ -138,7 +138,7 @@ def test_the_pipeline_takes_one_entry_per_encoder():
     from sdlight.errors import UsageError
     from sdlight.pipeline import Pipeline
 
-    pipe = Pipeline(model(class_vector(), ema_decay=None), device="cpu")
+    pipe = Pipeline(model(class_vector(), ema_decay=None).net, device="cpu")
     result = pipe({"text": ["a red circle"], "label": [1, 5]}, num_samples=2, steps=2)  # one caption, shared
     assert len(result.images) == 4
     assert result.conditions == [{"text": "a red circle", "label": label} for label in (1, 1, 5, 5)]
@@ -158,7 +158,7 @@ def test_the_pipeline_takes_one_entry_per_encoder():
 def test_negative_prompts_pair_with_their_conditions(monkeypatch):
     from sdlight.pipeline import Pipeline
 
-    pipe = Pipeline(model(class_vector(), ema_decay=None), device="cpu")
+    pipe = Pipeline(model(class_vector(), ema_decay=None).net, device="cpu")
     seen = {}
     monkeypatch.setattr(pipe.model, "generate", lambda conditions, n, negative=None, **kw: (
         seen.update(conditions=conditions, negative=negative), torch.zeros(n, 3, SIZE, SIZE))[1])
@@ -191,16 +191,16 @@ def test_a_text_and_class_checkpoint_samples_through_the_pipeline_and_the_cli(tm
 
 def test_the_ema_leaves_a_frozen_encoder_out_and_keeps_the_checkpoint_names():
     module = model(class_vector())
-    text, label = module.cond_stage_model.embedders
+    text, label = module.net.cond_stage_model.embedders
     text.requires_grad_(False)  # as a pretrained tower
-    module = LatentDiffusion(unet=module.model.diffusion_model, conditioning=text, conditioners=[label],
-                             first_stage=module.first_stage_model, schedule=module.schedule,
+    module = LatentDiffusion(unet=module.net.model.diffusion_model, conditioning=text, conditioners=[label],
+                             first_stage=module.net.first_stage_model, schedule=module.net.objective.schedule,
                              optimizer=partial(torch.optim.AdamW, lr=1e-3), image_size=SIZE, scale_factor=0.5,
                              ema_decay=0.9)
     ema_keys = [k for k in module.state_dict() if k.startswith("model_ema.module.1.")]
     assert ema_keys == ["model_ema.module.1.embedders.1.embedding.weight"]  # as cond_stage_model.embedders.1.*
     averaged = sum(p.numel() for p in module.model_ema.module.parameters())
-    assert averaged == sum(p.numel() for p in [*module.model.parameters(), *label.parameters()])
+    assert averaged == sum(p.numel() for p in [*module.net.model.parameters(), *label.parameters()])
     with torch.no_grad():
         module.model_ema.module[1].embedders["1"].embedding.weight.add_(1.0)
         module.model_ema.n_averaged.fill_(1)

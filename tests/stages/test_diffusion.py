@@ -22,7 +22,8 @@ from sdlight.checkpoints import CheckpointError, load_autoencoder, load_first_st
 from sdlight.data.shapes import ShapesDataset
 from sdlight.diffusion.samplers import sample_ddim
 from sdlight.optim import warmup_cosine
-from sdlight.stages.diffusion import SCALE_FACTOR_SEED, LatentDiffusion, timestep_bucket_names
+from sdlight.diffusion import DDPM, Draws, NoiseSchedule
+from sdlight.stages.diffusion import SCALE_FACTOR_SEED, LatentDiffusion
 from sdlight.train import train
 
 from .conftest import CONTEXT_DIM, SIZE, shapes_batch, shapes_loader, tiny_ldm, tiny_trainer, tiny_vae
@@ -54,12 +55,27 @@ def live_tensors(module: LatentDiffusion) -> list[torch.Tensor]:
     return [p.detach().clone() for m in module._ema_parts for p in (*m.parameters(), *m.buffers())]
 
 
+class FixedDraws(Draws):
+    """The given noise levels and noise; the posterior sample from ``generator``."""
+
+    def __init__(self, generator: torch.Generator, levels: torch.Tensor, noise: torch.Tensor):
+        super().__init__(generator)
+        self.levels, self.noise, self.normals = levels, noise, 0
+
+    def integers(self, high, shape, device=None):
+        return self.levels.to(device)
+
+    def normal(self, shape, device=None, dtype=None):
+        self.normals += 1  # the posterior sample first, then the noise
+        return super().normal(shape, device, dtype) if self.normals == 1 else self.noise.to(device)
+
+
 class UNetSpy:
     """Records the inputs and output of every forward of the UNet (inside the wrapper)."""
 
     def __init__(self, module: LatentDiffusion):
         self.calls: list[dict] = []
-        unet = module.model.diffusion_model
+        unet = module.net.model.diffusion_model
         self.handle = unet.register_forward_hook(self.hook, with_kwargs=True)
 
     def hook(self, unet, args, kwargs, out):
@@ -89,20 +105,20 @@ def test_scale_factor_estimate_matches_float64_posterior_samples(tmp_path):
     loader = shapes_loader(20, 4, shuffle=False)
     module = tiny_ldm(scale_factor=None, scale_factor_batches=3)
     seen = []
-    hook = module.model.diffusion_model.register_forward_pre_hook(
-        lambda m, args: seen.append((float(module.scale_factor), args[1].clone())))
+    hook = module.net.model.diffusion_model.register_forward_pre_hook(
+        lambda m, args: seen.append((float(module.net.scale_factor), args[1].clone())))
     L.seed_everything(3)
     tiny_trainer(tmp_path, max_steps=1).fit(module, loader)
     hook.remove()
     batches = [b["image"] for b, _ in zip(loader, range(3))]
-    expected = independent_scale_factor(module.first_stage_model, batches, SCALE_FACTOR_SEED)
-    assert float(module.scale_factor) == pytest.approx(expected, rel=1e-5)
+    expected = independent_scale_factor(module.net.first_stage_model, batches, SCALE_FACTOR_SEED)
+    assert float(module.net.scale_factor) == pytest.approx(expected, rel=1e-5)
     assert seen[0][0] == pytest.approx(expected, rel=1e-6)  # estimated before the first training step
     assert not 0.9 < expected < 1.1  # a random VAE's latents are not unit-variance: the estimate did something
 
     fixed = tiny_ldm(scale_factor=0.3)
     fixed_seen = []
-    fixed.model.diffusion_model.register_forward_pre_hook(lambda m, args: fixed_seen.append(args[1].clone()))
+    fixed.net.model.diffusion_model.register_forward_pre_hook(lambda m, args: fixed_seen.append(args[1].clone()))
     L.seed_everything(3)
     tiny_trainer(tmp_path, max_steps=1).fit(fixed, loader)
     torch.testing.assert_close(seen[0][1], fixed_seen[0])  # the estimate drew nothing from the global RNG
@@ -113,18 +129,18 @@ def test_fixed_scale_factor_is_used_as_is(tmp_path, monkeypatch):
                         lambda self: pytest.fail("a fixed scale_factor must not be estimated"))
     module = tiny_ldm(scale_factor=0.18215)
     x = shapes_batch()["image"]
-    expected = 0.18215 * module.first_stage_model.encode(x).mode()
-    torch.testing.assert_close(module.encode_images(x, sample=False), expected)
+    expected = 0.18215 * module.net.first_stage_model.encode(x).mode()
+    torch.testing.assert_close(module.net.encode_images(x, sample=False), expected)
     z = torch.randn(2, 4, 4, 4)
-    torch.testing.assert_close(module.decode_latents(z), module.first_stage_model.decode(z / 0.18215).clamp(-1, 1))
+    torch.testing.assert_close(module.net.decode_latents(z), module.net.first_stage_model.decode(z / 0.18215).clamp(-1, 1))
     tiny_trainer(tmp_path, max_steps=2).fit(module, shapes_loader(8, 4))
-    assert module.scale_factor == torch.tensor(0.18215)  # float32, bit for bit
+    assert module.net.scale_factor == torch.tensor(0.18215)  # float32, bit for bit
 
 
 def test_scale_factor_is_stored_and_kept_on_resume(train_cfg, vae_ckpt, tmp_path, monkeypatch):
     cfg = train_cfg(quickstart(vae_ckpt) + ["trainer.max_epochs=1"])
     _, objects = train(cfg)
-    estimated = float(objects["model"].scale_factor)
+    estimated = float(objects["model"].net.scale_factor)
     last = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)  # loads: hyperparameters are primitive
     assert float(ckpt["state_dict"]["scale_factor"]) == estimated and estimated != 1.0
@@ -134,7 +150,7 @@ def test_scale_factor_is_stored_and_kept_on_resume(train_cfg, vae_ckpt, tmp_path
     cfg2 = train_cfg(quickstart(vae_ckpt, callbacks=False) + ["trainer.max_epochs=2", f"ckpt_path={last}"])
     _, objects2 = train(cfg2)
     assert calls == []
-    assert float(objects2["model"].scale_factor) == estimated
+    assert float(objects2["model"].net.scale_factor) == estimated
     assert objects2["trainer"].global_step == 2 * objects["trainer"].global_step  # resumed, not restarted
 
 
@@ -201,18 +217,18 @@ def test_first_stage_is_frozen_in_eval_mode_and_not_optimized(tmp_path, vae_ckpt
     vae = load_first_stage(vae_ckpt)
     vae.train()  # whatever mode it comes in, the module puts it in eval
     module = tiny_ldm(first_stage=vae)
-    before = state(module.first_stage_model)
-    assert not any(p.requires_grad for p in module.first_stage_model.parameters())
+    before = state(module.net.first_stage_model)
+    assert not any(p.requires_grad for p in module.net.first_stage_model.parameters())
 
     class Check(L.Callback):
         def __init__(self):
             self.modes, self.grads = [], []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.modes.append([m.training for m in pl_module.first_stage_model.modules()])
+            self.modes.append([m.training for m in pl_module.net.first_stage_model.modules()])
 
         def on_after_backward(self, trainer, pl_module):
-            self.grads.append([p.grad for p in pl_module.first_stage_model.parameters()])
+            self.grads.append([p.grad for p in pl_module.net.first_stage_model.parameters()])
 
     check = Check()
     trainer = tiny_trainer(tmp_path, max_steps=3, callbacks=[check], limit_val_batches=1)
@@ -220,13 +236,13 @@ def test_first_stage_is_frozen_in_eval_mode_and_not_optimized(tmp_path, vae_ckpt
     assert len(check.modes) == 3 and not any(any(m) for m in check.modes)  # eval even after validation
     assert all(g is None for gs in check.grads for g in gs)
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
-    assert not optimized & {id(p) for p in module.first_stage_model.parameters()}
+    assert not optimized & {id(p) for p in module.net.first_stage_model.parameters()}
     assert not optimized & {id(p) for p in module.model_ema.parameters()}
-    assert optimized == {id(p) for p in [*module.model.parameters(), *module.cond_stage_model.parameters()]}
-    after = state(module.first_stage_model)
+    assert optimized == {id(p) for p in [*module.net.model.parameters(), *module.net.cond_stage_model.parameters()]}
+    after = state(module.net.first_stage_model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     module.train()
-    assert module.model.training and not any(m.training for m in module.first_stage_model.modules())
+    assert module.net.model.training and not any(m.training for m in module.net.first_stage_model.modules())
 
 
 def eval_mode_warnings(tmp_path, module) -> list[str]:
@@ -239,9 +255,9 @@ def eval_mode_warnings(tmp_path, module) -> list[str]:
 def test_eval_mode_warning_is_silenced_only_for_the_frozen_parts(tmp_path):
     assert eval_mode_warnings(tmp_path, tiny_ldm()) == []  # the frozen VAE is in eval mode on purpose
     module = tiny_ldm()
-    module.cond_stage_model.eval()  # a trainable part left in eval mode: Lightning must still say so
+    module.net.cond_stage_model.eval()  # a trainable part left in eval mode: Lightning must still say so
     n = sum(1 for m in module.modules() if not m.training)
-    assert n > sum(1 for _ in module.first_stage_model.modules())
+    assert n > sum(1 for _ in module.net.first_stage_model.modules())
     found = eval_mode_warnings(tmp_path, module)
     assert len(found) == 1 and found[0].startswith(f"Found {n} module(s)"), found
 
@@ -266,15 +282,15 @@ def test_loss_matches_closed_form(prediction_type, weighting):
     batch = shapes_batch(4)
     t = torch.tensor([0, 40, 500, 999])  # snr from ~1e4 (capped by min_snr) to ~4e-5
     noise = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    got, got_t = module.losses(batch, t=t, noise=noise, generator=torch.Generator().manual_seed(2))
+    got, got_t = module.net.losses(batch, FixedDraws(torch.Generator().manual_seed(2), t, noise))
     assert torch.equal(got_t, t)
     with torch.no_grad():
-        vae, unet = module.first_stage_model, module.model.diffusion_model
+        vae, unet = module.net.first_stage_model, module.net.model.diffusion_model
         posterior = vae.encode(batch["image"])
         eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(2))
         z = 0.7 * (posterior.mean + posterior.std * eps)
         a = ALPHA_BAR[t].view(-1, 1, 1, 1).float()
-        out = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context=module.cond_stage_model.single(batch["text"]))
+        out = unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context=module.net.cond_stage_model.single(batch["text"]))
     torch.testing.assert_close(got.double(), expected_loss(out, z, noise, t, prediction_type, weighting),
                                rtol=1e-5, atol=1e-7)
     if weighting == "min_snr" and prediction_type == "eps":
@@ -286,8 +302,8 @@ def test_training_step_loss_and_noise_are_consistent(tmp_path):
     x_t implies is standard normal."""
     module = tiny_ldm(prediction_type="v", loss_weighting="min_snr")
     spy, latents, losses = UNetSpy(module), [], []
-    encode = module.encode_images
-    module.encode_images = lambda *a, **k: latents.append(encode(*a, **k)) or latents[-1]
+    encode = module.net.encode_images
+    module.net.encode_images = lambda *a, **k: latents.append(encode(*a, **k)) or latents[-1]
 
     class Losses(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -311,24 +327,24 @@ def test_bf16_mixed_precision_trains_with_float32_weights_and_latents(tmp_path):
     module = tiny_ldm(prediction_type="v")
     batch = shapes_batch(4)
     with torch.no_grad():
-        want = module.losses(batch, generator=torch.Generator().manual_seed(0))[0]
+        want = module.net.losses(batch, torch.Generator().manual_seed(0))[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = module.losses(batch, generator=torch.Generator().manual_seed(0))[0]
-            assert module.encode_images(batch["image"]).dtype == torch.float32
+            got = module.net.losses(batch, torch.Generator().manual_seed(0))[0]
+            assert module.net.encode_images(batch["image"]).dtype == torch.float32
     assert got.dtype == torch.float32
     assert not torch.equal(got, want)  # autocast did change the arithmetic ...
     torch.testing.assert_close(got, want, rtol=0.05, atol=1e-3)  # ... only by bf16 rounding
 
-    unet, dtypes = module.model.diffusion_model, []
+    unet, dtypes = module.net.model.diffusion_model, []
     unet.input_blocks[0].register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
-    before = copy.deepcopy(module.model.state_dict())
+    before = copy.deepcopy(module.net.model.state_dict())
     tiny_trainer(tmp_path, max_steps=3, precision="bf16-mixed").fit(module, shapes_loader(12, 4))
     assert dtypes == [torch.bfloat16] * 3  # inside the UNet (its output is cast back to the input's float32)
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert all(p.dtype == torch.float32 for p in module.model_ema.parameters())
-    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())
-    assert all(torch.isfinite(p).all() for p in module.model.parameters())
-    assert module.nonfinite_skips == 0
+    assert any(not torch.equal(before[k], v) for k, v in module.net.model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in module.net.model.parameters())
+    assert module.guard.skips == 0
 
 
 @pytest.mark.parametrize("kind", ["text", "class", "attributes"])
@@ -336,7 +352,7 @@ def test_condition_dropout_reaches_the_unet(tmp_path, kind):
     contexts = {}
     for p in (0.0, 1.0):
         module = tiny_ldm(kind, p_uncond=p)
-        enc = copy.deepcopy(module.cond_stage_model.single)  # as it was before the optimizer step
+        enc = copy.deepcopy(module.net.cond_stage_model.single)  # as it was before the optimizer step
         spy = UNetSpy(module)
         tiny_trainer(tmp_path, max_steps=1).fit(module, shapes_loader(4, 4))
         values = shapes_batch(4)[module.condition_keys[0]]
@@ -356,7 +372,7 @@ def test_ema_holds_only_the_trainable_parts():
     module = tiny_ldm("text")
     keys = module.model_ema.module.state_dict().keys()
     assert {k.split(".")[0] for k in keys} == {"0", "1"}  # the UNet wrapper and the learned text encoder
-    n_trainable = sum(p.numel() for p in [*module.model.parameters(), *module.cond_stage_model.parameters()])
+    n_trainable = sum(p.numel() for p in [*module.net.model.parameters(), *module.net.cond_stage_model.parameters()])
     assert sum(p.numel() for p in module.model_ema.module.parameters()) == n_trainable
     assert not any("encoder.down" in k or "decoder." in k for k in keys)
 
@@ -367,7 +383,7 @@ def test_ema_holds_only_the_trainable_parts():
     keys = frozen.model_ema.module.state_dict().keys()
     assert {k.split(".")[0] for k in keys} == {"0"} and all(k.startswith("0.diffusion_model.") for k in keys)
     assert sum(p.numel() for p in frozen.model_ema.module.parameters()) == \
-        sum(p.numel() for p in frozen.model.parameters())
+        sum(p.numel() for p in frozen.net.model.parameters())
     assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in frozen.state_dict()
 
 
@@ -422,7 +438,7 @@ def test_validation_and_generate_use_ema_and_restore_live_weights(tmp_path):
     trainer.fit(module, shapes_loader(12, 4), shapes_loader(4, 4, split="val"))
     ema_w = module.model_ema.module[0].diffusion_model.out[-1].weight.detach().clone()
     live = live_tensors(module)
-    assert not torch.allclose(ema_w, live[[n for n, _ in module.model.named_parameters()].index(
+    assert not torch.allclose(ema_w, live[[n for n, _ in module.net.model.named_parameters()].index(
         "diffusion_model.out.2.weight")])
 
     spy = UNetSpy(module)
@@ -441,7 +457,7 @@ def test_validation_and_generate_use_ema_and_restore_live_weights(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- 5. generate
 def run_sampler(module, denoise, x_T, steps=3):
-    return sample_ddim(denoise, x_T, module.schedule, steps=steps, prediction_type=module.prediction_type)
+    return sample_ddim(denoise, x_T, module.net.objective.schedule, steps=steps, prediction_type=module.net.objective.prediction_type)
 
 
 def test_generate_is_deterministic_for_a_fixed_generator():
@@ -462,7 +478,7 @@ def test_guidance_matches_two_separate_denoiser_calls(scale):
     prompts = ["a red circle", "a green triangle at the top"]
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = module.generate(prompts, guidance_scale=scale, x_T=x_T, return_latents=True, use_ema=False)
-    unet, enc = module.model.diffusion_model, module.cond_stage_model.single
+    unet, enc = module.net.model.diffusion_model, module.net.cond_stage_model.single
     with torch.no_grad():
         cond, null = enc(prompts), enc(["", ""])
 
@@ -485,7 +501,7 @@ def test_negative_prompts_replace_the_null_condition():
     prompts, negative = ["a red circle", "a blue square"], ["a green circle", "a yellow square"]
     x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = module.generate(prompts, guidance_scale=3.0, negative=negative, x_T=x_T, return_latents=True)
-    unet, enc = module.model.diffusion_model, module.cond_stage_model.single
+    unet, enc = module.net.model.diffusion_model, module.net.cond_stage_model.single
     with torch.no_grad():
         cond, neg = enc(prompts), enc(negative)
 
@@ -523,13 +539,13 @@ def test_generate_with_labels_and_attributes(kind):
     from_list = module.generate(values, x_T=x_T, return_latents=True)
     from_tensor = module.generate(torch.tensor(values), x_T=x_T, return_latents=True)
     torch.testing.assert_close(from_list, from_tensor)
-    enc, unet = module.cond_stage_model.single, module.model.diffusion_model
+    enc, unet = module.net.cond_stage_model.single, module.net.model.diffusion_model
     with torch.no_grad():
         cond, null = enc(torch.tensor(values)), enc(enc.null_like(torch.tensor(values)))
 
         def denoise(x, t):
             u = unet(x, t, context=null)
-            return u + module.guidance_scale * (unet(x, t, context=cond) - u)
+            return u + module.net.guidance_scale * (unet(x, t, context=cond) - u)
 
         want = run_sampler(module, denoise, x_T)
     torch.testing.assert_close(from_list, want, rtol=1e-10, atol=1e-10)
@@ -581,7 +597,7 @@ def test_checkpoint_keys_are_compvis_and_load_weights_only(tmp_path):
                 "first_stage_model.post_quant_conv.weight", "first_stage_model.decoder.conv_out.weight"]:
         assert key in sd, key
     assert all(not k.startswith("model.") or k.startswith("model.diffusion_model.") for k in sd)
-    assert sd["scale_factor"].shape == () and float(sd["scale_factor"]) == float(module.scale_factor)
+    assert sd["scale_factor"].shape == () and float(sd["scale_factor"]) == float(module.net.scale_factor)
     assert primitive(ckpt["hyper_parameters"])
     hp = ckpt["hyper_parameters"]
     assert hp["unet_config"]["context_dim"] == CONTEXT_DIM and hp["first_stage_config"]["ch_mult"] == [1, 2, 2]
@@ -589,7 +605,7 @@ def test_checkpoint_keys_are_compvis_and_load_weights_only(tmp_path):
     # the weights load into a fresh module with every key accounted for
     fresh = tiny_ldm(seed=1)
     fresh.load_state_dict(sd, strict=True)
-    assert float(fresh.scale_factor) == float(module.scale_factor)
+    assert float(fresh.net.scale_factor) == float(module.net.scale_factor)
 
 
 # ------------------------------------------------------------------------------------------ 7. val and NaNs
@@ -598,13 +614,13 @@ def test_validation_logs_loss_and_timestep_buckets(tmp_path):
     val = shapes_loader(16, 8, split="val")
     trainer = tiny_trainer(tmp_path, limit_val_batches=None)
     metrics = trainer.validate(module, val, verbose=False)[0]
-    names = timestep_bucket_names(T, 4)
+    names = module.net.objective.bucket_names(4)
     assert names == ["val/loss_t0000-0249", "val/loss_t0250-0499", "val/loss_t0500-0749", "val/loss_t0750-0999"]
     # recomputed: the same seeded generators per batch, grouped by the closed-form bucket of each t
     sums, counts, all_losses = torch.zeros(4, dtype=torch.float64), torch.zeros(4), []
     with torch.no_grad():
         for i, batch in enumerate(val):
-            losses, t = module.losses(batch, generator=torch.Generator().manual_seed(1000 + i))
+            losses, t = module.net.losses(batch, torch.Generator().manual_seed(1000 + i))
             all_losses.append(losses)
             for loss, step in zip(losses.tolist(), t.tolist()):
                 sums[step // 250] += loss
@@ -618,7 +634,8 @@ def test_validation_logs_loss_and_timestep_buckets(tmp_path):
     assert sum(name in metrics for name in names) >= 2
     again = trainer.validate(module, val, verbose=False)[0]
     assert again == metrics  # fixed noise and timesteps: the same numbers on every evaluation
-    assert timestep_bucket_names(10, 3) == ["val/loss_t0000-0003", "val/loss_t0004-0006", "val/loss_t0007-0009"]
+    assert DDPM(NoiseSchedule.make("linear", 10)).bucket_names(3) == [
+        "val/loss_t0000-0003", "val/loss_t0004-0006", "val/loss_t0007-0009"]
 
 
 class NaNImages(torch.utils.data.Dataset):
@@ -642,7 +659,7 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     rec = StepRecorder()
     trainer = tiny_trainer(tmp_path, callbacks=[rec], logger=CSVLogger(tmp_path, name="csv"), log_every_n_steps=1)
     trainer.fit(module, torch.utils.data.DataLoader(NaNImages(12, nan_at=(5,)), batch_size=4))
-    assert module.nonfinite_skips == 1 and module._nonfinite_in_a_row == 0
+    assert module.guard.skips == 1 and module.guard.in_a_row == 0
     # Lightning still counts the step of the skipped batch, but nothing moved and the EMA was not updated
     assert len(rec.after_step) == 3 and int(module.model_ema.n_averaged) == 2
     assert all(torch.equal(a, b) for a, b in zip(rec.after_step[0], rec.after_step[1]))
@@ -656,7 +673,7 @@ def test_consecutive_nonfinite_losses_raise(tmp_path):
     loader = torch.utils.data.DataLoader(NaNImages(20, nan_at=(1, 4, 8, 12)), batch_size=4)
     with pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row \(max_nonfinite_steps=3\)"):
         tiny_trainer(tmp_path).fit(module, loader)
-    assert module.nonfinite_skips == 3
+    assert module.guard.skips == 3
 
 
 # ------------------------------------------------------------------------------------------------ 8. configs
@@ -692,11 +709,11 @@ def test_cpu_experiments_instantiate(train_cfg, vae_ckpt, experiment):
     data = hydra.utils.instantiate(cfg.data)
     data.setup()
     batch = next(iter(data.train_dataloader()))
-    assert isinstance(model, LatentDiffusion) and model.latent_shape == (4, 8, 8)
+    assert isinstance(model, LatentDiffusion) and model.net.latent_shape == (4, 8, 8)
     assert model.condition_keys == (["text"] if experiment == "quickstart_ldm" else ["label"])
     assert model.condition_keys[0] in batch
     with torch.no_grad():
-        losses, _ = model.losses({k: v[:2] for k, v in batch.items()})
+        losses, _ = model.net.losses({k: v[:2] for k, v in batch.items()})
     assert losses.shape == (2,) and torch.isfinite(losses).all()
     images = model.generate(model.log_conditions[:2], steps=2)
     assert images.shape == (2, 3, 32, 32)

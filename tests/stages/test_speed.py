@@ -20,7 +20,7 @@ def trained_ldm(tmp_path, **switches) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
     module = tiny_ldm(optimizer=partial(torch.optim.SGD, lr=0.5), **switches)
     tiny_trainer(tmp_path, max_steps=2).fit(module, shapes_loader(8, 4))
-    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.net.model.state_dict().items()}
 
 
 def vae_gradients(**switches) -> dict[str, torch.Tensor]:
@@ -52,14 +52,14 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 def test_switches_change_the_training_at_all(tmp_path):
     # the comparisons below could not fail if training left the weights alone
     module = tiny_ldm()
-    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    before = {k: v.clone() for k, v in module.net.model.state_dict().items()}
     after = trained_ldm(tmp_path)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_ldm_channels_last_trains_to_the_same_weights(tmp_path):
     module = tiny_ldm(channels_last=True)
-    conv = module.model.diffusion_model.input_blocks[0][0].weight
+    conv = module.net.model.diffusion_model.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert_close(trained_ldm(tmp_path), trained_ldm(tmp_path, channels_last=True))
 
@@ -84,12 +84,12 @@ def test_vae_channels_last_by_default_when_training_on_a_cpu(tmp_path, setting, 
 def test_compile_is_applied_at_setup_and_keeps_the_checkpoint_keys(tmp_path):
     module = tiny_ldm(compile=True)
     keys = set(module.state_dict())
-    unet = module.model.diffusion_model
+    unet = module.net.model.diffusion_model
     assert getattr(unet, "_compiled_call_impl", None) is None  # not before setup: ddp_spawn pickles the module
     module.setup("fit")
     assert unet._compiled_call_impl is not None
-    assert module.first_stage_model.encoder._compiled_call_impl is not None
-    assert module.first_stage_model.decoder._compiled_call_impl is not None
+    assert module.net.first_stage_model.encoder._compiled_call_impl is not None
+    assert module.net.first_stage_model.decoder._compiled_call_impl is not None
     assert set(module.state_dict()) == keys
     vae = make_module(compile=True)
     vae.setup("fit")

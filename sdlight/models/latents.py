@@ -1,4 +1,4 @@
-"""Stage 2 from cached latents: the batch entries of a latent cache (``sdlight.encode``), the posterior they
+"""Latent diffusion from cached latents: the batch entries of a latent cache (``sdlight.encode``), the posterior they
 describe, and the check that a cache was made by the very autoencoder (and text encoder) of the model.
 
 A batch carries either ``image`` or the posterior's ``latent_mean`` / ``latent_std`` (and optionally a cached
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sdlight.conditioning import Conditioner, drop_mask
+from sdlight.diffusion.draw import Draws
 from sdlight.errors import UsageError
 from sdlight.nn.distributions import DiagonalGaussianDistribution
 
@@ -104,8 +105,8 @@ class CachedContexts:
         self.null: Tensor | None = None
 
     def __call__(self, encoder: nn.Module, batch: Mapping[str, Any], p_uncond: float | None,
-                 generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """``p_uncond``: as in ``LatentDiffusion.losses`` (None drops nothing; the encoder's own rate first)."""
+                 draws: Draws | torch.Generator | None, device: torch.device) -> Tensor:
+        """``p_uncond``: as in ``LatentDiffusionModel.losses`` (None drops nothing; the encoder's own rate first)."""
         context = batch[CONTEXT].to(device=device, dtype=torch.float32)
         rate = 0.0 if p_uncond is None else p_uncond if encoder.drop_rate is None else encoder.drop_rate
         if rate <= 0:
@@ -114,5 +115,5 @@ class CachedContexts:
             with torch.no_grad():
                 self.null = encoder([""]).to(device=device, dtype=torch.float32)
         # the same draw as the encoder's drop() on captions: cached and encoded runs drop the same samples
-        mask = drop_mask(len(context), rate, generator).to(device).view(-1, 1, 1)
+        mask = drop_mask(len(context), rate, draws).to(device).view(-1, 1, 1)
         return torch.where(mask, self.null, context)

@@ -1,0 +1,121 @@
+"""Starting from released weights: a full Stable Diffusion checkpoint (CompVis layout, ``.ckpt`` or
+``.safetensors``; one of ours too) or a diffusers folder as a latent diffusion model's initialisation
+(``model.init_from``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdlight.checkpoints import CheckpointError, ema_swapped, load_exact, read_checkpoint, state_dict_of, under_prefix
+
+DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                   "text_encoder": ("model", "pytorch_model")}
+CONDITIONING_FILE = "sdlight_conditioning.safetensors"  # our own condition encoder next to a diffusers export
+
+
+def component_file(folder: Path, component: str) -> Path | None:
+    """The weights file of a diffusers component folder (full precision preferred over an fp16 variant)."""
+    for stem in DIFFUSERS_STEMS[component]:
+        for suffix in (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin"):
+            if (folder / component / (stem + suffix)).is_file():
+                return folder / component / (stem + suffix)
+    return None
+
+
+def _text_weights(conditioning: nn.Module, sd: dict[str, torch.Tensor], hf_prefix: str | None, where: str
+                  ) -> list[str]:
+    """Loads a text encoder's weights (ours, open_clip's, or Hugging Face CLIP's layout) into ``conditioning``
+    (a conditioner's only encoder when it has one: released checkpoints hold one text encoder)."""
+    from sdlight.convert import hf_to_open_clip
+
+    conditioning = getattr(conditioning, "single", None) or conditioning
+
+    own = conditioning.state_dict()
+    if not sd:
+        if own and all(not p.requires_grad for p in conditioning.parameters()):
+            return ["text encoder: none in the file; model.conditioning keeps its own pretrained weights"]
+        if own:
+            raise CheckpointError(f"{where} holds no weights for model.conditioning ({type(conditioning).__name__})")
+        return []
+    if not own:
+        raise CheckpointError(f"{where} has a condition encoder ({len(sd)} tensors) but model.conditioning "
+                              f"({type(conditioning).__name__}) has no weights: choose the matching conditioning")
+    if hf_prefix is not None:  # Hugging Face CLIPTextModel → the open_clip tower our encoder holds as .model
+        sd = {"model." + k: v for k, v in hf_to_open_clip(sd, hf_prefix).items()}
+    unused = {"model.text_projection", "model.logit_scale"}  # the contrastive head: never run for contexts
+    if getattr(conditioning, "layer", None) == "penultimate":
+        last = len(conditioning.tower.transformer.resblocks) - 1
+        unused |= {k for k in own if k.startswith(f"model.transformer.resblocks.{last}.")}
+    skipped = load_exact(conditioning, sd, f"{where}: the text encoder does not fit model.conditioning",
+                         "Check arch / layer of model/conditioning (SD 1.x: ViT-L-14-quickgelu, last; "
+                         "SD 2.x: ViT-H-14, penultimate).", unused)
+    note = f" ({len(skipped)} unused tensors not in the file, e.g. {skipped[0]})" if skipped else ""
+    return [f"text encoder: {len(sd)} tensors{note}"]
+
+
+@dataclass
+class Pretrained:
+    """What ``load_pretrained`` loaded: lines describing it, and the file's latent scale factor (None when the file
+    has none: released CompVis files do not store it)."""
+
+    lines: list[str]
+    scale_factor: float | None
+
+
+def _diffusers_scale_factor(folder: Path, where: str) -> float | None:
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("shift_factor"):  # SD3 / Flux VAEs: latents are (z - shift) * scale
+        raise CheckpointError(f"{where}: its VAE's latents have a shift_factor ({config['shift_factor']}), which "
+                              "these latent diffusion models do not apply; use a VAE without one (SD 1.x / 2.x / XL)")
+    scale = config.get("scaling_factor")
+    return None if scale is None else float(scale)
+
+
+def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, conditioning: nn.Module,
+                    use_ema: bool = True) -> Pretrained:
+    """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x checkpoint (CompVis
+    layout, ``.ckpt`` or ``.safetensors``; one of ours too) or a diffusers folder. Every key must fit (missing,
+    unexpected and mismatched ones are listed in the error); returns lines describing what was loaded and the
+    file's scale factor (a diffusers VAE config's ``scaling_factor``, our files' ``scale_factor``)."""
+    from sdlight.convert import invert_map, unet_key_map, vae_key_map
+
+    path, where = Path(path), f"model.init_from={path}"
+    if path.is_dir():
+        files = {c: component_file(path, c) for c in DIFFUSERS_STEMS}
+        if files["unet"] is None or files["vae"] is None:
+            raise CheckpointError(f"{where}: not a diffusers folder (no unet/ and vae/ weights) nor a checkpoint file")
+        own_unet, own_vae = unet.state_dict(), first_stage.state_dict()
+        parts = {"unet": invert_map(state_dict_of(read_checkpoint(files["unet"])),
+                                    unet_key_map(own_unet, unet.config), own_unet),
+                 "vae": invert_map(state_dict_of(read_checkpoint(files["vae"])),
+                                   vae_key_map(own_vae, len(first_stage.config["ch_mult"])), own_vae)}
+        text, hf_prefix = {}, None
+        if files["text_encoder"] is not None:
+            text = state_dict_of(read_checkpoint(files["text_encoder"]))
+            hf_prefix = "text_model." if any(k.startswith("text_model.") for k in text) else ""
+        elif (path / CONDITIONING_FILE).is_file():
+            text = state_dict_of(read_checkpoint(path / CONDITIONING_FILE))
+        which, scale = "diffusers folder", _diffusers_scale_factor(path, where)
+    elif path.is_file():
+        sd, which = ema_swapped(state_dict_of(read_checkpoint(path, mmap=True)), use_ema)
+        scale = float(sd["scale_factor"]) if "scale_factor" in sd else None
+        parts = {"unet": under_prefix(sd, "model.diffusion_model."), "vae": under_prefix(sd, "first_stage_model.")}
+        text, hf_prefix = under_prefix(sd, "cond_stage_model."), None
+        if any(k.startswith("transformer.text_model.") for k in text):  # SD 1.x: Hugging Face CLIP layout
+            hf_prefix = "transformer.text_model."
+    else:
+        raise CheckpointError(f"{where}: no such file or directory (give an SD .ckpt/.safetensors or a diffusers "
+                              "folder)")
+    load_exact(unet, parts["unet"], f"{where}: the UNet does not fit model.unet",
+               "Check that model/unet matches the file (sd15 for SD 1.x, sd21 for SD 2.x).")
+    load_exact(first_stage, parts["vae"], f"{where}: the VAE does not fit model.first_stage.autoencoder",
+               "Check that the autoencoder config matches the file (kl_f8 for SD).")
+    lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
+             *_text_weights(conditioning, text, hf_prefix, where)]
+    return Pretrained(lines, scale)
