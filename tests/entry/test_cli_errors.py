@@ -89,6 +89,19 @@ def test_stage_two_without_a_stage_one_checkpoint(tmp_path):
     assert_one_line(out, "model.first_stage.ckpt is required")
 
 
+@pytest.mark.parametrize("override, needles", [
+    ("model.prediction_type=noise", ["unknown prediction_type 'noise'", "'eps', 'v', 'x0'"]),
+    ("model.loss_weighting=min-snr", ["unknown loss weighting 'min-snr'", "'min_snr'"]),
+    ("model.unet.in_channels=4", ["model.unet.in_channels=4", "+ 5 of model.concat: 9"]),
+])
+def test_objective_and_backbone_mistakes_are_named_when_the_model_is_built(tmp_path, override, needles):
+    vae = random_stage1_checkpoint(tmp_path / "vae.ckpt")
+    experiment = "quickstart_inpaint" if "in_channels" in override else "quickstart_ldm"
+    out = run_cli("train", [f"+experiment={experiment}", "logger=none", f"model.first_stage.ckpt={vae}", override],
+                  tmp_path)
+    assert_one_line(out, *needles)
+
+
 def test_missing_open_clip_weights_are_reported_once_in_one_line(tmp_path):
     vae = random_stage1_checkpoint(tmp_path / "vae.ckpt")
     out = run_cli("train", ["+experiment=quickstart_ldm", "logger=none", f"model.first_stage.ckpt={vae}",
