@@ -8,6 +8,7 @@ the scale-factor estimate, validation losses by noise level, sample grids and lo
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -234,6 +235,11 @@ class LatentDiffusion(L.LightningModule):
                 yield
         else:
             yield
+
+    def model_with_ema(self) -> LatentDiffusionModel:
+        """A copy of the model holding the EMA weights, as a checkpoint samples with them (e.g. for a Pipeline)."""
+        with self.ema_weights():
+            return copy.deepcopy(self.net)
 
     @torch.no_grad()
     def generate(self, conditions: Any = None, num_samples: int | None = None, *, use_ema: bool = True,
