@@ -175,7 +175,7 @@ def diffusers_side(module, params: dict, vae_params: dict, device: torch.device)
 
     theirs_unet = diffusers_unet(module.net.model.diffusion_model, params).to(device)
     theirs_vae = diffusers_vae(module.net.first_stage_model, vae_params).to(device).requires_grad_(False)
-    text = copy.deepcopy(module.cond_stage_model.single)  # the text encoder itself: captions → context
+    text = copy.deepcopy(module.net.cond_stage_model.single)  # the text encoder itself: captions → context
     sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, steps_offset=1, timestep_spacing="leading")
     # sdlight's DDIM ends at alpha_bar = 1 (x0 itself)

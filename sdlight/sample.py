@@ -15,6 +15,7 @@ from PIL import PngImagePlugin
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 from sdlight.pipeline import Pipeline, SampleResult, heatmap_overlay
+from sdlight.pixels import to_pil
 from sdlight.sampling_checks import SampleRequest, resolve_device
 
 log = logging.getLogger("sdlight")
@@ -64,19 +65,24 @@ def grid_scale(size: int, scale: int | None = None, min_side: int = 128) -> int:
     return max(1, -(-min_side // size))
 
 
+def png_text(settings: dict[str, Any], prompt: str | None = None) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: the settings as JSON under ``sdlight`` (and the prompt under ``prompt``)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sdlight", json.dumps(settings, default=str))
+    if prompt is not None:
+        info.add_text("prompt", prompt)
+    return info
+
+
 def save(result: SampleResult, out: Path, ckpt: str, scale: int | None = None) -> list[Path]:
     """Writes each sample as a PNG with its settings in the PNG text chunks, a grid (upscaled with nearest
     neighbours so that small images can be seen; the single PNGs keep their size), and attention maps."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, cond) in enumerate(zip(result.images, result.conditions)):
-        meta = {**result.settings, "condition": cond, "index": i, "checkpoint": str(ckpt)}
-        info = PngImagePlugin.PngInfo()
-        info.add_text("sdlight", json.dumps(meta))
-        if isinstance(cond, str):
-            info.add_text("prompt", cond)
         path = out / f"{i:05d}.png"
-        image.save(path, pnginfo=info)
+        image.save(path, pnginfo=png_text({**result.settings, "condition": cond, "index": i, "checkpoint": str(ckpt)},
+                                          cond if isinstance(cond, str) else None))
         paths.append(path)
     grid = torchvision.utils.make_grid(
         [torchvision.transforms.functional.to_tensor(im) for im in result.images],
@@ -84,7 +90,9 @@ def save(result: SampleResult, out: Path, ckpt: str, scale: int | None = None) -
     factor = grid_scale(result.images[0].size[0], scale)
     if factor > 1:
         grid = grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # nearest: pixels stay sharp
-    torchvision.utils.save_image(grid, out / "grid.png")
+    # the grid's settings too, with every sample's condition in order (row by row)
+    meta = {**result.settings, "conditions": result.conditions, "checkpoint": str(ckpt), "scale": factor}
+    to_pil(grid[None] * 2 - 1)[0].save(out / "grid.png", pnginfo=png_text(meta))
     if result.attention:
         for i, (tokens, maps) in enumerate(result.attention):
             folder = out / "attention" / f"{i:05d}"

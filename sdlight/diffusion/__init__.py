@@ -12,7 +12,6 @@ from .process import (
     predict_x0_from_eps,
     predict_x0_from_v,
     q_sample,
-    sample_timesteps,
     score_from_eps,
     to_x0_eps,
     training_target,
@@ -40,7 +39,7 @@ from .weighting import WEIGHTINGS, diffusion_loss, loss_weight
 __all__ = [
     "NoiseSchedule", "make_betas", "rescale_zero_terminal_snr", "at", "SCHEDULES",
     "q_sample", "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "predict_eps_from_v", "get_v",
-    "score_from_eps", "to_x0_eps", "training_target", "sample_timesteps", "canonical_prediction_type",
+    "score_from_eps", "to_x0_eps", "training_target", "canonical_prediction_type",
     "diffusers_prediction_type", "PREDICTION_TYPES",
     "loss_weight", "diffusion_loss", "WEIGHTINGS",
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from abc import ABC, abstractmethod
 from functools import partial
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from sdlight.errors import UsageError
 
-from .grids import Grid, VPPath, finite_terminal, make_sigmas, sigma_to_t
+from .grids import Grid, VPPath, finite_terminal, make_sigmas, nearest_timestep, sigma_to_t
 from .process import DIFFUSERS_PREDICTION_TYPES, canonical_prediction_type, q_sample, training_target
 from .schedules import NoiseSchedule
 from .weighting import WEIGHTINGS, diffusion_loss, loss_weight
@@ -37,47 +38,47 @@ Denoise = Callable[[Tensor, float, float], tuple[Tensor, Tensor]]
 LOSS_TYPES = ("l2", "l1")
 
 
-class Objective:
+class Objective(ABC):
     """The interface every objective implements (see the module docstring)."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def draw_levels(self, n: int, draws: Any, device: torch.device | str | None = None) -> Tensor:
         """One training noise level per sample, drawn through ``draws`` (:class:`~sdlight.diffusion.Draws`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def noised(self, x0: Tensor, noise: Tensor, levels: Tensor) -> Tensor:
         """x at ``levels`` (the forward process)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor) -> Tensor:
         """(B,) weighted per-sample losses of ``network`` on ``x0`` noised to ``levels`` with ``noise``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grid(self, steps: int, *, spacing: str = "leading", kind: str = "timesteps", round_times: bool = False,
              finite: bool = True) -> Grid:
         """The ``steps``-step grid of a sampler (``kind`` and ``spacing`` its options)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def denoiser(self, network: Network) -> Denoise:
         """``d(x, sigma, t) -> (x0, eps)``: the network read at a grid point."""
-        raise NotImplementedError
 
+    @abstractmethod
     def level_at(self, sigma: float, batch: int, device: torch.device) -> Tensor:
         """The noise level of x at grid ``sigma``, as ``noised`` takes it (what sampler callbacks receive)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def bucket(self, levels: Tensor, buckets: int) -> Tensor:
         """Validation-loss bucket (0 .. buckets - 1) of each level, from clean to pure noise."""
-        raise NotImplementedError
 
+    @abstractmethod
     def bucket_names(self, buckets: int) -> list[str]:
         """The logged names of those buckets."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:
         """The diffusers scheduler config of this process (without the sampler's own keys)."""
-        raise NotImplementedError
 
 
 class DDPM(Objective):
@@ -167,8 +168,7 @@ class DDPM(Objective):
 
     def level_at(self, sigma: float, batch: int, device: torch.device) -> Tensor:
         """The training timestep whose sigma is nearest to ``sigma`` in log space; -1 for sigma = 0 (clean)."""
-        t = -1 if sigma <= 0 else int(round(_time_of(self.schedule, sigma)))
-        return torch.full((batch,), t, dtype=torch.long, device=device)
+        return torch.full((batch,), nearest_timestep(sigma, self.schedule), dtype=torch.long, device=device)
 
     # --------------------------------------------------------------------------------------------- export
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:

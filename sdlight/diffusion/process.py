@@ -8,7 +8,6 @@ given x_t. ``t`` is always a (B,) tensor of integer training timesteps (an int i
 import torch
 from torch import Tensor
 
-from .draw import draw
 from .schedules import NoiseSchedule, at
 
 PREDICTION_TYPES = ("eps", "v", "x0")
@@ -85,12 +84,3 @@ def training_target(
         return get_v(x0, noise, t, schedule)
     return x0
 
-
-def sample_timesteps(
-    batch: int,
-    num_timesteps: int,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """(batch,) training timesteps drawn uniformly from [0, num_timesteps)."""
-    return draw(torch.randint, 0, num_timesteps, (batch,), generator=generator, device=device)

@@ -233,13 +233,16 @@ def build_latent_diffusion(
         objective = DDPM(schedule, prediction_type, loss_type, loss_weighting, snr_gamma)
     else:
         _check_loose_settings(objective, schedule, prediction_type, loss_type, loss_weighting, snr_gamma)
+    if getattr(sampler, "keywords", {}).get("clip_x0") is not None:  # a pixel-space bound: latents are not in ±1
+        raise UsageError(f"model.sampler.clip_x0={sampler.keywords['clip_x0']}: clip_x0 bounds x0 for pixel-space "
+                         "models; this model samples latents, where it turns every sample into noise: leave it unset")
     latent = first_stage.latent_channels + getattr(concat, "channels", 0)
     backbone = build_backbone(unet, latent)
     if backbone_in_channels(backbone) not in (None, latent):
         concat_part = f" + {latent - first_stage.latent_channels} of model.concat" if concat is not None else ""
         raise UsageError(f"model.unet.in_channels={backbone_in_channels(backbone)}, but the backbone takes the "
-                         f"{first_stage.latent_channels} latent channels{concat_part}: {latent} (leave it unset and "
-                         "it is derived)")
+                         f"{first_stage.latent_channels} latent channels{concat_part}: {latent} (give that, or "
+                         "model.unet.in_channels=null model.unet._partial_=true to have it derived)")
     return LatentDiffusionModel(backbone, first_stage, Conditioner.join(conditioning, conditioners), objective,
                                 concat=concat, scale_factor=1.0 if scale_factor is None else scale_factor,
                                 image_size=image_size, sampler=sampler, guidance_scale=guidance_scale)

@@ -5,6 +5,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdlight.diffusion import (
+    DDPM,
+    Draws,
     NoiseSchedule,
     canonical_prediction_type,
     get_v,
@@ -13,7 +15,6 @@ from sdlight.diffusion import (
     predict_x0_from_eps,
     predict_x0_from_v,
     q_sample,
-    sample_timesteps,
     score_from_eps,
     to_x0_eps,
     training_target,
@@ -95,9 +96,9 @@ def test_score_from_eps_is_the_gaussian_score():
     torch.testing.assert_close(score_from_eps(eps_opt, t, SCHED), -xt / var, rtol=1e-12, atol=1e-12)
 
 
-def test_sample_timesteps():
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a, b = sample_timesteps(4096, 1000, g1), sample_timesteps(4096, 1000, g2)
+def test_ddpm_training_timesteps_are_uniform_and_seeded():
+    draws = lambda: Draws(torch.Generator().manual_seed(3))  # noqa: E731
+    a, b = DDPM(SCHED).draw_levels(4096, draws()), DDPM(SCHED).draw_levels(4096, draws())
     assert torch.equal(a, b) and a.dtype == torch.long and a.shape == (4096,)
-    assert a.min() >= 0 and a.max() <= 999 and len(a.unique()) > 900
-    assert sample_timesteps(3, 10, device="cpu").device.type == "cpu"
+    assert a.min() >= 0 and a.max() <= SCHED.num_timesteps - 1 and len(a.unique()) > 0.9 * SCHED.num_timesteps
+    assert DDPM(SCHED).draw_levels(3, Draws(), device="cpu").device.type == "cpu"

@@ -169,6 +169,9 @@ def test_sample_cli_writes_pngs_grid_and_metadata(tiny_text_ldm, tmp_path):
     meta = json.loads(Image.open(pngs[0]).text["sdlight"])
     assert meta["seed"] == 3 and meta["sampler"] == "dpmpp_2m" and meta["condition"] == PROMPT
     assert Image.open(pngs[0]).text["prompt"] == PROMPT
+    grid_meta = json.loads(Image.open(out / "grid.png").text["sdlight"])  # the grid says what it shows, too
+    assert grid_meta["seed"] == 3 and grid_meta["scale"] == 4 and grid_meta["conditions"] == [PROMPT] * 2 + [
+        "a blue square at the top left on a black background"] * 2
     assert any((out / "attention" / "00000").glob("*red.png"))
     # same seed, same pixels
     run2 = subprocess.run(args[:-3] + [f"out={tmp_path / 'out2'}", "device=cpu"], cwd=tmp_path, env=env,

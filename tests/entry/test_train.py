@@ -131,11 +131,13 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
                    check=True, timeout=300, capture_output=True)
     assert (site / "sdlight" / "conf" / "train.yaml").is_file()
     assert (site / "sdlight" / "conf" / "experiment" / "quickstart_vae.yaml").is_file()
+    packages = {p.parent.relative_to(root) for p in (root / "sdlight").rglob("__init__.py")}
+    assert packages and all((site / p / "__init__.py").is_file() for p in packages), "a package left out of the wheel"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = _env(elsewhere)
     env["PYTHONPATH"] = str(site)
-    code = "import sdlight, sys; print(sdlight.__file__)"
+    code = "import sdlight, sdlight.pipeline, sdlight.stages.diffusion; print(sdlight.__file__)"
     where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr
     out = subprocess.run([sys.executable, "-m", "sdlight.train", *TINY, "+debug=fdr"], cwd=elsewhere, env=env,

@@ -56,6 +56,15 @@ def test_the_objective_is_checked_once_when_the_model_is_built():
     assert model.objective.prediction_type == "v"
 
 
+def test_a_pixel_space_clamp_in_the_sampler_config_is_refused():
+    from functools import partial
+
+    from sdlight.diffusion.samplers import sample_ddim
+
+    with pytest.raises(UsageError, match="model.sampler.clip_x0=1.0: clip_x0 bounds x0 for pixel-space models"):
+        build_latent_diffusion(**parts(sampler=partial(sample_ddim, clip_x0=1.0)))
+
+
 def test_the_backbone_takes_the_latent_and_concat_channels():
     from functools import partial
 
