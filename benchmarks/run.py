@@ -4,6 +4,7 @@ same architecture and weights (below 1: sdlight is faster), A/B alternated, and 
     OMP_NUM_THREADS=1 python -m benchmarks.run                        # quickstart and mid size, CPU
     OMP_NUM_THREADS=1 python -m benchmarks.run --sizes quickstart --rounds 3
     python -m benchmarks.run --device cuda --dtype bf16
+    python -m benchmarks.run --sizes quickstart --benches unet --profile 12   # where each side's step goes, by op
 
 Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers' converters for SD files):
 - ``unet``: UNet forward + backward + AdamW step on random latents and contexts.
@@ -263,6 +264,26 @@ def under_bf16(step, device: torch.device):
     return run
 
 
+def op_table(steps: dict, top: int) -> str:
+    """Where one step of each side spends its time: self time per op (ms), the ``top`` ops of either side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    for side, fn in steps.items():
+        fn()  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                per_op.setdefault(e.key, {})[side] = e.self_cpu_time_total / 1e3
+    order = sorted(per_op, key=lambda k: -max(per_op[k].values()))[:top]
+    lines = ["| op | " + " | ".join(f"{side} ms" for side in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    lines += [f"| `{k}` | " + " | ".join(f"{per_op[k].get(side, 0):.1f}" for side in steps) + " |" for k in order]
+    totals = {side: sum(v.get(side, 0) for v in per_op.values()) for side in steps}
+    lines.append("| all ops | " + " | ".join(f"{totals[side]:.1f}" for side in steps) + " |")
+    return "\n".join(lines)
+
+
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name()
@@ -291,6 +312,8 @@ def main() -> None:
     ap.add_argument("--two-pass-loss", action="store_true",
                     help="sdlight's stage-1 loss in CompVis' order (single_backward=False)")
     ap.add_argument("--vae-nchw", action="store_true", help="sdlight's VAE step without channels_last on a CPU")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, each side's N most expensive ops in one profiled step (torch.profiler)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.no_onednn_linear:  # else this CPU's default (sdlight.nn.linear); diffusers' layers never take it
@@ -315,6 +338,8 @@ def main() -> None:
                          statistics.median(ratios), ratios[0], ratios[-1], ours.peak_bytes / batch / 2**20,
                          theirs.peak_bytes / batch / 2**20, err))
             print(f"{size_name} {bench}: {rows[-1][5]:.2f}x", flush=True)
+            if args.profile:
+                print(op_table(steps, args.profile), flush=True)
     print(f"\n{datetime.date.today()}, {machine(device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), {args.dtype}, sdlight switches: {'+'.join(switches)}, "
           f"{args.rounds} rounds x {args.iters} alternated\n")

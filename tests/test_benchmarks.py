@@ -49,3 +49,20 @@ def test_quickstart_tradeoff_plots_the_committed_points(tmp_path, monkeypatch):
     empty.write_text("label,minutes,shape,all\n")
     with pytest.raises(ValueError, match="no points"):
         tradeoff.read_points(empty)
+
+
+def test_the_op_profile_puts_each_sides_ops_in_its_column(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import torch
+
+    from benchmarks.run import op_table
+
+    a, w = torch.randn(768, 768), torch.randn(32, 16, 3, 3)  # a few ms each, so that 0.1 ms rounding shows them
+    img = torch.randn(2, 16, 128, 128)
+    table = op_table({"sdlight": lambda: a @ a, "diffusers": lambda: torch.nn.functional.conv2d(img, w)}, top=20)
+    cells = [line.strip("| ").split(" | ") for line in table.splitlines()[2:]]
+    rows = {c[0].strip("`"): (float(c[1]), float(c[2])) for c in cells}
+    assert rows["aten::mm"][0] > 0 and rows["aten::mm"][1] == 0
+    conv = [k for k in rows if "conv" in k and rows[k][1] > 0]
+    assert conv and all(rows[k][0] == 0 for k in conv)
+    assert "all ops" in rows
