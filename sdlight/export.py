@@ -84,12 +84,12 @@ def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32)
         sd.update({"cond_stage_model.transformer." + k: v
                    for k, v in convert.open_clip_to_hf(tower, layers, "text_model.").items()})
     out = _cast(sd, dtype)
-    # kept in float32: tools read the noise schedule from these (CompVis register_schedule names)
-    schedule = model.objective.schedule
-    ab = schedule.alphas_cumprod
-    out.update({"betas": schedule.betas.float(), "alphas_cumprod": ab.float(),
-                "alphas_cumprod_prev": torch.cat([ab.new_ones(1), ab[:-1]]).float(),
-                "scale_factor": model.scale_factor.detach().float().clone()})
+    out["scale_factor"] = model.scale_factor.detach().float().clone()
+    schedule = getattr(model.objective, "schedule", None)
+    if schedule is not None:  # kept in float32: tools read the noise schedule from these (CompVis' names)
+        ab = schedule.alphas_cumprod
+        out.update({"betas": schedule.betas.float(), "alphas_cumprod": ab.float(),
+                    "alphas_cumprod_prev": torch.cat([ab.new_ones(1), ab[:-1]]).float()})
     return out
 
 
@@ -97,6 +97,9 @@ def scheduler_config(model: LatentDiffusionModel) -> dict[str, Any]:
     """The diffusers scheduler of the model's objective and sampler (DDIM if the sampler has no counterpart),
     with its timestep spacing."""
     name = sampler_name(model.sampler) or "ddim"
+    if hasattr(model.objective, "diffusers_scheduler"):  # another process than DDPM's: its own scheduler classes
+        return {"_class_name": model.objective.diffusers_scheduler(name), "_diffusers_version": DIFFUSERS_VERSION,
+                **model.objective.scheduler_config()}
     cls, extra = SCHEDULERS.get(name, SCHEDULERS["ddim"])
     spacing = getattr(model.sampler, "keywords", {}).get("spacing", "leading")
     return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,

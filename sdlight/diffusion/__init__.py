@@ -17,8 +17,21 @@ from .process import (
     training_target,
 )
 from .draw import Draws
-from .grids import GRIDS, Grid, VPPath, exponential_sigmas, karras_sigmas, make_sigmas, nearest_timestep, sigma_to_t
-from .objectives import DDPM, OBJECTIVES, Objective
+from .grids import (
+    GRIDS,
+    FlowPath,
+    Grid,
+    VEPath,
+    VPPath,
+    exponential_sigmas,
+    karras_sigmas,
+    make_sigmas,
+    nearest_timestep,
+    sigma_to_t,
+)
+from .objectives import DDPM, Objective
+from .edm import EDM
+from .rectified_flow import RectifiedFlow
 from .samplers import (
     SAMPLERS,
     inpaint_callback,
@@ -36,6 +49,9 @@ from .samplers import (
 from .schedules import SCHEDULES, NoiseSchedule, at, make_betas, rescale_zero_terminal_snr
 from .weighting import WEIGHTINGS, diffusion_loss, loss_weight
 
+# the objectives by config name (model/objective=NAME)
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (DDPM, RectifiedFlow, EDM)}
+
 __all__ = [
     "NoiseSchedule", "make_betas", "rescale_zero_terminal_snr", "at", "SCHEDULES",
     "q_sample", "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "predict_eps_from_v", "get_v",
@@ -45,6 +61,6 @@ __all__ = [
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
     "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc",
     "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "Grid", "VPPath",
-    "Objective", "DDPM", "OBJECTIVES", "Draws",
+    "FlowPath", "VEPath", "Objective", "DDPM", "RectifiedFlow", "EDM", "OBJECTIVES", "Draws",
     "cfg_denoiser", "rescale_guidance",
 ]

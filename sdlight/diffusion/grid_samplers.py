@@ -43,7 +43,8 @@ def sample_euler(
     for i in progress_bar(range(len(g)), progress, len(g)):
         s, s_next = g.sigmas[i], g.sigmas[i + 1]
         x0, _ = den(x, s, g.times[i])
-        r, c, c_next = s_next / s, g.path.inv_signal(s), g.path.inv_signal(s_next)
+        (c, u, _), (c_next, u_next, _) = g.path.ode(s), g.path.ode(s_next)
+        r = u_next / u
         x = (r * c / c_next) * x + ((1 - r) / c_next) * x0
         x = step_done(callback, i, s_next, objective, x)
     return x.to(dtype)
@@ -66,25 +67,27 @@ def sample_heun(
     dtype = x.dtype
     g, den, x, objective = prepare(denoise, x, process, prediction_type=prediction_type, steps=steps, spacing=spacing,
                                  grid=grid, strength=strength, generator=generator)
-    n, signal = len(g), (lambda sigma: g.path.scales(sigma)[0])
+    n, ode = len(g), g.path.ode
 
-    def x0_at(x_ve: Tensor, sigma: float, t: float) -> Tensor:
-        return den(x_ve * signal(sigma), sigma, t)[0]
+    def x0_at(y: Tensor, sigma: float, t: float) -> Tensor:
+        return den(y * ode(sigma)[2], sigma, t)[0]
 
     for i in progress_bar(range(n), progress, n):
         s, s_next, t = g.sigmas[i], g.sigmas[i + 1], g.times[i]
-        x_ve = x * g.path.inv_signal(s)  # the ODE is written on x / signal = x0 + sigma eps
+        (scale, u, _), u_next = ode(s), ode(s_next)[1]
+        y = x * scale  # the path's ODE state: y = x0 + u * slope (k-diffusion's x / signal for DDPM)
         gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
         if gamma > 0:
-            s_hat = s * (1 + gamma)
-            x_ve = x_ve + randn_like(x, generator) * (s_noise * math.sqrt(s_hat**2 - s**2))
-            s, t = s_hat, g.time_of(s_hat)
-        slope = (x_ve - x0_at(x_ve, s, t)) / s
-        x_next = x_ve + slope * (s_next - s)
+            u_hat = u * (1 + gamma)
+            y = y + randn_like(x, generator) * (s_noise * math.sqrt(u_hat**2 - u**2))
+            u, s = u_hat, g.path.sigma_at(u_hat)
+            t = g.time_of(s)
+        slope = (y - x0_at(y, s, t)) / u
+        y_next = y + slope * (u_next - u)
         if s_next > 0:  # the trapezoid: average the slopes at both ends
-            slope_next = (x_next - x0_at(x_next, s_next, g.times[i + 1])) / s_next
-            x_next = x_ve + (slope + slope_next) / 2 * (s_next - s)
-        x = step_done(callback, i, s_next, objective, x_next * signal(s_next))
+            slope_next = (y_next - x0_at(y_next, s_next, g.times[i + 1])) / u_next
+            y_next = y + (slope + slope_next) / 2 * (u_next - u)
+        x = step_done(callback, i, s_next, objective, y_next * ode(s_next)[2])
     return x.to(dtype)
 
 

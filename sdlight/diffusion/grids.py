@@ -128,11 +128,12 @@ def nearest_timestep(sigma: float, schedule: NoiseSchedule) -> int:
 
 
 class VPPath:
-    """The variance-preserving path: ``x = (x0 + sigma eps) / sqrt(1 + sigma^2)``."""
+    """The variance-preserving path: ``x = (x0 + sigma eps) / sqrt(1 + sigma^2)``.
 
-    @staticmethod
-    def inv_signal(sigma: float) -> float:
-        return math.sqrt(1.0 + sigma**2)
+    Every path also names the variables its probability-flow ODE is written in for Euler and Heun (`ode`): a
+    state ``y = x · scale`` and a time ``u`` in which ``y = x0 + u · dy/du`` along a straight line; here k-diffusion's
+    ``y = x / signal = x0 + sigma eps``, ``u = sigma``.
+    """
 
     @staticmethod
     def scales(sigma: float) -> tuple[float, float]:
@@ -141,6 +142,70 @@ class VPPath:
             return 0.0, 1.0
         signal = 1.0 / math.sqrt(1.0 + sigma**2)
         return signal, sigma * signal
+
+    @staticmethod
+    def ode(sigma: float) -> tuple[float, float, float]:
+        """(scale, u, 1 / scale): the ODE state is ``y = x · scale`` at time ``u``; ``x = y · (1 / scale)``."""
+        return math.sqrt(1.0 + sigma**2), sigma, VPPath.scales(sigma)[0]
+
+    @staticmethod
+    def sigma_at(u: float) -> float:
+        return u
+
+    @staticmethod
+    def start_noise(sigma: float) -> float:
+        """The scale of the standard normal a sampler starts from at ``sigma`` (diffusers' ``init_noise_sigma``
+        in this path's units): 1, pure noise being x at the top of the schedule."""
+        return 1.0
+
+
+class FlowPath:
+    """The rectified-flow path (Liu et al., 2022; SD3): ``x = (1 - t) x0 + t eps``, ``t = sigma / (1 + sigma)``.
+
+    Its ODE is written on ``x`` itself at time ``t`` (``x = x0 + t (eps - x0)``), as diffusers' flow-matching
+    schedulers step it."""
+
+    @staticmethod
+    def t_of(sigma: float) -> float:
+        return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
+
+    @staticmethod
+    def scales(sigma: float) -> tuple[float, float]:
+        t = FlowPath.t_of(sigma)
+        return 1.0 - t, t
+
+    @staticmethod
+    def ode(sigma: float) -> tuple[float, float, float]:
+        return 1.0, FlowPath.t_of(sigma), 1.0
+
+    @staticmethod
+    def sigma_at(u: float) -> float:
+        return math.inf if u >= 1 else u / (1.0 - u)
+
+    @staticmethod
+    def start_noise(sigma: float) -> float:
+        return 1.0
+
+
+class VEPath:
+    """The variance-exploding path of EDM (Karras et al., 2022): ``x = x0 + sigma eps``; its ODE on x at time
+    sigma."""
+
+    @staticmethod
+    def scales(sigma: float) -> tuple[float, float]:
+        return 1.0, sigma
+
+    @staticmethod
+    def ode(sigma: float) -> tuple[float, float, float]:
+        return 1.0, sigma, 1.0
+
+    @staticmethod
+    def sigma_at(u: float) -> float:
+        return u
+
+    @staticmethod
+    def start_noise(sigma: float) -> float:
+        return sigma
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,3 @@ class DDPM(Objective):
 def _time_of(schedule: NoiseSchedule, sigma: float) -> float:
     """The fractional training timestep of ``sigma`` (`sigma_to_t`)."""
     return float(sigma_to_t(torch.tensor([sigma], dtype=torch.float64), schedule)[0])
-
-
-OBJECTIVES: dict[str, type[Objective]] = {"ddpm": DDPM}

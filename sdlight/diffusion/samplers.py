@@ -30,6 +30,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from sdlight.errors import UsageError
+
 from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_heun, sample_unipc
 from .grids import SPACINGS, make_timesteps
 from .objectives import Objective
@@ -74,6 +76,15 @@ def _alpha_bar_steps(update: Callable[..., Tensor], denoise: Denoiser, x: Tensor
     return x.to(dtype)
 
 
+def _check_ddpm_objective(process: Objective | NoiseSchedule, name: str) -> None:
+    """DDPM's and DDIM's updates are written on a discrete alpha-bar schedule: other objectives are refused."""
+    from .objectives import DDPM
+
+    if isinstance(process, Objective) and not isinstance(process, DDPM):
+        raise UsageError(f"sampler={name} needs the DDPM objective; this model's objective is {process.name}: "
+                         "use sampler=euler, heun, dpmpp_2m or unipc")
+
+
 @torch.no_grad()
 def sample_ddpm(
     denoise: Denoiser, x: Tensor, process: Objective | NoiseSchedule, *, steps: int = 50,
@@ -87,6 +98,8 @@ def sample_ddpm(
     ``clip_x0`` clamps the predicted x0 to [-clip_x0, clip_x0]: for pixel-space models only, since latents are not
     bounded by ±1.
     """
+    _check_ddpm_objective(process, "ddpm")
+
     def update(x: Tensor, x0: Tensor, eps: Tensor, a: float, a_next: float) -> Tensor:
         beta = 1 - a / a_next
         x = (math.sqrt(a_next) * beta / (1 - a)) * x0 + (math.sqrt(a / a_next) * (1 - a_next) / (1 - a)) * x
@@ -107,6 +120,8 @@ def sample_ddim(
 ) -> Tensor:
     """DDIM (Song et al., 2021): eta = 0 is the deterministic ODE sampler, eta = 1 matches DDPM's variance.
     ``clip_x0`` as in `sample_ddpm`."""
+    _check_ddpm_objective(process, "ddim")
+
     def update(x: Tensor, x0: Tensor, eps: Tensor, a: float, a_next: float) -> Tensor:
         sigma = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
         x = math.sqrt(a_next) * x0 + math.sqrt(max(1 - a_next - sigma**2, 0.0)) * eps

@@ -49,8 +49,9 @@ def prepare(denoise: Denoiser, x: Tensor, process: "Objective | NoiseSchedule", 
     """What every sampler does first: the objective (a bare ``NoiseSchedule`` is read as DDPM with
     ``prediction_type``), its grid, its denoiser over ``denoise``, and x in the working dtype (float32 at least).
 
-    With ``strength < 1`` (img2img / SDEdit) ``x`` is the clean x0: the last ``int(steps * strength)`` grid points
-    are kept and x0 is noised to the first of them, as diffusers' img2img pipelines do.
+    ``x`` is a standard normal draw, scaled to the grid's first noise level where the path needs it (EDM's
+    sigma_max). With ``strength < 1`` (img2img / SDEdit) ``x`` is the clean x0: the last ``int(steps * strength)``
+    grid points are kept and x0 is noised to the first of them, as diffusers' img2img pipelines do.
     """
     from .objectives import DDPM, Objective
 
@@ -66,6 +67,9 @@ def prepare(denoise: Denoiser, x: Tensor, process: "Objective | NoiseSchedule", 
         objective = DDPM(process, prediction_type or "eps")
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     points = objective.grid(steps, spacing=spacing, kind=grid, round_times=round_times, finite=finite)
+    start = points.path.start_noise(points.sigmas[0])
+    if strength == 1.0 and start != 1.0:  # a variance-exploding start: sigma_max times the standard normal
+        x = x * start
     if strength < 1.0:
         keep = min(int(steps * strength), steps)  # diffusers' StableDiffusionImg2ImgPipeline.get_timesteps
         points = points.tail(keep)

@@ -13,18 +13,30 @@ State-dict keys are CompVis': ``model.diffusion_model.*`` (the backbone), ``firs
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sdlight.conditioning import ConditionEncoder, Conditioner
-from sdlight.diffusion import DDPM, NoiseSchedule, Objective, canonical_prediction_type, cfg_denoiser
+from sdlight.diffusion import (
+    DDPM,
+    NoiseSchedule,
+    Objective,
+    canonical_prediction_type,
+    cfg_denoiser,
+    sample_euler,
+    sampler_name,
+)
 from sdlight.diffusion.draw import Draws, as_draws, draw
 from sdlight.errors import UsageError
 from sdlight.models.latents import CONTEXT, CachedContexts, posterior_of
 from sdlight.nn.attention import cached_context_projections
+
+log = logging.getLogger("sdlight")
 
 
 class DiffusionWrapper(nn.Module):
@@ -236,6 +248,10 @@ def build_latent_diffusion(
     if getattr(sampler, "keywords", {}).get("clip_x0") is not None:  # a pixel-space bound: latents are not in ±1
         raise UsageError(f"model.sampler.clip_x0={sampler.keywords['clip_x0']}: clip_x0 bounds x0 for pixel-space "
                          "models; this model samples latents, where it turns every sample into noise: leave it unset")
+    sampler = _sampler_for(objective, sampler)
+    if hasattr(objective, "fit_latent_size"):  # a resolution-dependent setting (rectified flow's shift="auto")
+        side = image_size // first_stage.downsample_factor
+        objective.fit_latent_size(side, side)
     latent = first_stage.latent_channels + getattr(concat, "channels", 0)
     backbone = build_backbone(unet, latent)
     if backbone_in_channels(backbone) not in (None, latent):
@@ -248,17 +264,36 @@ def build_latent_diffusion(
                                 image_size=image_size, sampler=sampler, guidance_scale=guidance_scale)
 
 
+def _sampler_for(objective: Objective, sampler: Callable[..., Tensor] | None) -> Callable[..., Tensor] | None:
+    """The configured sampler, or for an objective other than DDPM whose config still names DDIM (the stock
+    default, and the CPU experiments'), Euler with the same steps: DDIM with eta 0 is the Euler step of any
+    objective's ODE, and the DDPM-only samplers refuse other objectives. Ancestral DDPM or eta > 0 stay an error."""
+    name = sampler_name(sampler)
+    if isinstance(objective, DDPM) or name not in ("ddim", "ddpm"):
+        return sampler
+    keywords = dict(getattr(sampler, "keywords", {}))
+    if name == "ddpm" or keywords.pop("eta", 0.0):
+        raise UsageError(f"model.sampler={name} needs the DDPM objective; this model's objective is "
+                         f"{objective.name}: use model/sampler=euler (or heun, dpmpp_2m, unipc)")
+    keywords.pop("clip_x0", None)
+    log.info(f"model.sampler=ddim with objective {objective.name}: sampling with euler, the same ODE step")
+    return partial(sample_euler, **keywords)
+
+
 def _check_loose_settings(objective: Objective, schedule: NoiseSchedule | None, prediction_type: str | None,
                           loss_type: str | None, loss_weighting: str | None, snr_gamma: float | None) -> None:
     """The DDPM settings kept at the model's top level (``model.prediction_type`` ...) must be those of a DDPM
-    objective (its config reads them), and unset for any other objective: never silently ignored."""
+    objective (its config reads them). Another objective's config sets them to null; an experiment tuned for DDPM
+    may still set some (``loss_weighting: min_snr``), which a sweep over objectives must survive: they are named
+    in one warning, never silently dropped."""
     loose = {"prediction_type": prediction_type, "loss_type": loss_type, "loss_weighting": loss_weighting,
              "snr_gamma": snr_gamma}
     if not isinstance(objective, DDPM):
-        given = [k for k, v in {**loose, "schedule": schedule}.items() if v is not None]
+        given = [f"model.{k}={v}" for k, v in loose.items() if v is not None]
+        given += ["model.schedule"] if schedule is not None else []
         if given:
-            raise UsageError(f"model.{given[0]} is a setting of the DDPM objective; this model's objective is "
-                             f"{objective.name}: leave it unset (null)")
+            log.warning(f"{', '.join(given)}: setting(s) of the DDPM objective, not used by the {objective.name} "
+                        "objective (model.objective.* holds its settings)")
         return
     own = {"prediction_type": objective.prediction_type, "loss_type": objective.loss_type,
            "loss_weighting": objective.weighting, "snr_gamma": objective.snr_gamma}

@@ -93,3 +93,19 @@ def test_the_pipeline_switches_between_ema_and_raw_weights_of_its_checkpoint():
     assert same(raw, ema)  # the raw weights, read again from the file
     ema([3], steps=2, seed=0)
     assert same(ema, Pipeline.from_checkpoint(FIXTURE, "cpu"))
+
+
+def test_ddpm_settings_beside_another_objective_are_named_in_a_warning(caplog):
+    from sdlight.diffusion import RectifiedFlow
+
+    quiet = parts(schedule=None, objective=RectifiedFlow(), prediction_type=None, loss_type=None,
+                  loss_weighting=None, snr_gamma=None)
+    with caplog.at_level("WARNING", logger="sdlight"):
+        build_latent_diffusion(**quiet)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="sdlight"):
+        model = build_latent_diffusion(**(quiet | {"loss_weighting": "min_snr"}))
+    assert isinstance(model.objective, RectifiedFlow)
+    assert [r.getMessage() for r in caplog.records] == [
+        "model.loss_weighting=min_snr: setting(s) of the DDPM objective, not used by the rectified_flow objective "
+        "(model.objective.* holds its settings)"]
