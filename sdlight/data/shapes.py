@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +215,55 @@ def _to_uint8(image) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def _regions(image, min_pixels: int) -> tuple[str, list[tuple[str, np.ndarray]], tuple[int, int]]:
+    """(background name, [(colour name, pixel mask)] of each palette colour covering ``min_pixels`` or more,
+    (H, W)): saturated pixels by nearest palette hue, the background by the level of the unsaturated ones."""
+    rgb = _to_uint8(image).astype(np.float32) / 255.0
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = (mx - mn) / np.maximum(mx, 1e-6)
+    coloured = (sat > 0.5) & (mx > 0.35)
+    grey = ~coloured
+    bg_level = float(np.median(mx[grey])) if grey.any() else 0.5
+    background = min(BACKGROUNDS, key=lambda n: abs(BACKGROUNDS[n][0] / 255 - bg_level))
+    names, hue = list(_PALETTE_HUES), _hue(rgb, mx, mn)
+    nearest = np.stack([_hue_distance(hue, _PALETTE_HUES[n]) for n in names]).argmin(0)
+    masks = [(name, coloured & (nearest == k)) for k, name in enumerate(names)]
+    return background, [(n, m) for n, m in masks if int(m.sum()) >= min_pixels], rgb.shape[:2]
+
+
+def geometry(image, min_pixels: int = 4) -> tuple[float, float, float] | None:
+    """(linear size, centroid x, centroid y) of the largest coloured shape in pixels (size: the square root of its
+    area), or None when there is none: what the data's jitter varies within a grid cell."""
+    _, regions, _ = _regions(image, min_pixels)
+    if not regions:
+        return None
+    mask = max((m for _, m in regions), key=lambda m: int(m.sum()))
+    ys, xs = np.nonzero(mask)
+    return float(np.sqrt(len(xs))), float(xs.mean()), float(ys.mean())
+
+
+def spread(groups: Sequence[Sequence[tuple[float, float, float] | None]]) -> dict[str, float]:
+    """The mean within-group standard deviation of size and of the centroid offset (x and y pooled), over groups of
+    the geometries of images sharing one scene; None entries (no shape found) are left out, and groups with fewer
+    than two shapes."""
+    sizes, offsets = [], []
+    for group in groups:
+        found = np.array([g for g in group if g is not None], dtype=np.float64)
+        if len(found) < 2:
+            continue
+        sizes.append(found[:, 0].std(ddof=1))
+        offsets.append(np.sqrt((found[:, 1].var(ddof=1) + found[:, 2].var(ddof=1)) / 2))
+    if not sizes:
+        raise ValueError("no group has two images with a shape in them")
+    return {"size": float(np.mean(sizes)), "offset": float(np.mean(offsets)), "groups": len(sizes)}
+
+
+def data_geometries(scene: Scene, n: int, image_size: int = 32, seed: int = 0) -> list:
+    """The geometries of ``n`` renderings of ``scene`` with the data's jitter (other draws of its sizes and
+    offsets): the spread a model's samples of this scene's caption would have if as diverse as the data."""
+    return [geometry(render(scene, image_size, random.Random(f"diversity/{seed}/{k}"))) for k in range(n)]
+
+
 def describe(image, max_shapes: int = 1, min_pixels: int = 4) -> Scene:
     """Recovers a scene from pixels: background by the unsaturated pixels, colour by dominant hue, shape by the
     fill ratio of its bounding box, position by its centroid's grid cell.
@@ -221,25 +271,10 @@ def describe(image, max_shapes: int = 1, min_pixels: int = 4) -> Scene:
     ``image`` is a (3, H, W) tensor in [-1, 1], a PIL image, or an (H, W, 3) uint8 array. At most ``max_shapes``
     shapes are reported, the largest first; colours covering fewer than ``min_pixels`` pixels are ignored.
     """
-    rgb = _to_uint8(image).astype(np.float32) / 255.0
-    h, w, _ = rgb.shape
-    mx, mn = rgb.max(-1), rgb.min(-1)
-    sat = (mx - mn) / np.maximum(mx, 1e-6)
-    coloured = (sat > 0.5) & (mx > 0.35)
-    grey = ~coloured
-    bg_level = float(np.median(mx[grey])) if grey.any() else 0.5
-    background = min(BACKGROUNDS, key=lambda n: abs(BACKGROUNDS[n][0] / 255 - bg_level))
-
-    hue = _hue(rgb, mx, mn)
-    names = list(_PALETTE_HUES)
-    dist = np.stack([_hue_distance(hue, _PALETTE_HUES[n]) for n in names])
-    nearest = dist.argmin(0)
+    background, regions, (h, w) = _regions(image, min_pixels)
     found = []
-    for k, name in enumerate(names):
-        mask = coloured & (nearest == k)
+    for name, mask in regions:
         count = int(mask.sum())
-        if count < min_pixels:
-            continue
         ys, xs = np.nonzero(mask)
         height = ys.max() - ys.min() + 1
         fill = count / (height * (xs.max() - xs.min() + 1))

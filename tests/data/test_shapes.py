@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdlight.data.datamodules import ShapesDataModule
 from sdlight.errors import UsageError
@@ -115,3 +116,27 @@ def test_default_workers_are_no_more_than_the_cpus_granted(monkeypatch):
     conf = Path(__file__).resolve().parents[2] / "conf" / "data"
     for name in ("folder", "webdataset", "latents"):
         assert "\nnum_workers: null " in (conf / f"{name}.yaml").read_text()
+
+
+def test_geometry_reads_the_size_and_centre_a_scene_was_drawn_with():
+    from sdlight.data.shapes import Scene, ShapeSpec, geometry, render
+
+    scene = Scene((ShapeSpec("square", "red", "middle center"),), "white")
+    size, cx, cy = geometry(render(scene, 96))  # no jitter: the centre cell, 0.7-0.9 of it
+    assert 0.7 * 32 - 1 <= size <= 0.9 * 32 + 1 and abs(cx - 47.5) < 2 and abs(cy - 47.5) < 2
+    assert geometry(Image.new("RGB", (32, 32), (255, 255, 255))) is None
+
+
+def test_spread_of_copies_is_zero_and_of_the_data_its_jitter():
+    from sdlight.data.shapes import Scene, ShapeSpec, data_geometries, geometry, render, spread
+
+    scenes = [Scene((ShapeSpec(s, c, p),), "black") for s, c, p in
+              (("circle", "red", "top left"), ("square", "blue", "bottom right"), ("diamond", "green", "middle center"))]
+    data = spread([data_geometries(scene, 16, 64) for scene in scenes])
+    # render jitters the size uniformly in 0.7-0.9 of a 21.3 px cell: a side's std 1.23 px (area's root: a bit less
+    # for the round shapes) and the centre within +-0.8 of the slack, std ~1.0 px
+    assert 0.6 < data["size"] < 1.6 and 0.5 < data["offset"] < 1.6 and data["groups"] == 3
+    copies = spread([[geometry(render(scene, 64))] * 8 for scene in scenes])
+    assert copies["size"] == 0 and copies["offset"] == 0
+    with pytest.raises(ValueError, match="no group has two images"):
+        spread([[None, None], [geometry(render(scenes[0], 64))]])
