@@ -20,7 +20,7 @@ from torch import Tensor
 from sdlight.errors import UsageError
 
 from .grids import GRIDS, Grid, VEPath, exponential_sigmas, karras_sigmas
-from .objectives import LOSS_TYPES, Denoise, Network, Objective
+from .objectives import Denoise, Network, Objective, setting_loss_type, setting_number
 from .weighting import diffusion_loss
 
 
@@ -32,17 +32,11 @@ class EDM(Objective):
 
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, rho: float = 7.0, loss_type: str = "l2"):
-        for key, value in (("sigma_data", sigma_data), ("p_std", p_std), ("sigma_min", sigma_min),
-                           ("sigma_max", sigma_max), ("rho", rho)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise UsageError(f"model.objective.{key} must be a number > 0, got {value!r}")
+        self.sigma_data, self.p_std = setting_number("sigma_data", sigma_data), setting_number("p_std", p_std)
+        self.sigma_min, self.sigma_max = setting_number("sigma_min", sigma_min), setting_number("sigma_max", sigma_max)
+        self.rho, self.p_mean, self.loss_type = setting_number("rho", rho), float(p_mean), setting_loss_type(loss_type)
         if not sigma_min < sigma_max:
             raise UsageError(f"model.objective.sigma_min={sigma_min} must be below sigma_max={sigma_max}")
-        if loss_type not in LOSS_TYPES:
-            raise UsageError(f"model.objective.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
-        self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
-        self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
-        self.loss_type = loss_type
 
     def preconditioning(self, sigma: Tensor | float) -> tuple[Any, Any, Any, Any]:
         """(c_skip, c_out, c_in, c_noise) at ``sigma``."""

@@ -74,7 +74,7 @@ def sample_heun(
 
     for i in progress_bar(range(n), progress, n):
         s, s_next, t = g.sigmas[i], g.sigmas[i + 1], g.times[i]
-        (scale, u, _), u_next = ode(s), ode(s_next)[1]
+        (scale, u, _), (_, u_next, back_next) = ode(s), ode(s_next)
         y = x * scale  # the path's ODE state: y = x0 + u * slope (k-diffusion's x / signal for DDPM)
         gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
         if gamma > 0:
@@ -87,7 +87,7 @@ def sample_heun(
         if s_next > 0:  # the trapezoid: average the slopes at both ends
             slope_next = (y_next - x0_at(y_next, s_next, g.times[i + 1])) / u_next
             y_next = y + (slope + slope_next) / 2 * (u_next - u)
-        x = step_done(callback, i, s_next, objective, y_next * ode(s_next)[2])
+        x = step_done(callback, i, s_next, objective, y_next * back_next)
     return x.to(dtype)
 
 

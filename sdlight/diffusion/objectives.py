@@ -38,6 +38,20 @@ Denoise = Callable[[Tensor, float, float], tuple[Tensor, Tensor]]
 LOSS_TYPES = ("l2", "l1")
 
 
+def setting_number(name: str, value: Any, low: float = 0.0, strict: bool = True, extra: str = "") -> float:
+    """``model.objective.<name>`` as a float, or one line saying it must be a number above (or from) ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > low if strict else value >= low):
+        raise UsageError(f"model.objective.{name} must be a number {'>' if strict else '>='} {low:g}{extra}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def setting_loss_type(loss_type: str) -> str:
+    if loss_type not in LOSS_TYPES:
+        raise UsageError(f"model.objective.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+    return loss_type
+
+
 class Objective(ABC):
     """The interface every objective implements (see the module docstring)."""
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from sdlight.errors import UsageError
 
 from .grids import GRIDS, FlowPath, Grid, exponential_sigmas, karras_sigmas
-from .objectives import LOSS_TYPES, Denoise, Network, Objective
+from .objectives import Denoise, Network, Objective, setting_loss_type, setting_number
 from .weighting import diffusion_loss
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "cosmap")
@@ -45,13 +45,6 @@ def shift_for_tokens(tokens: int, base_shift: float = 0.5, max_shift: float = 1.
     return math.exp(base_shift + slope * (tokens - base_seq_len))
 
 
-def _number(name: str, value: Any, low: float = 0.0, strict: bool = True, extra: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > low if strict else value >= low):
-        raise UsageError(f"model.objective.{name} must be a number {'>' if strict else '>='} {low:g}{extra}, "
-                         f"got {value!r}")
-    return float(value)
-
-
 class RectifiedFlow(Objective):
     """Rectified flow with SD3's timestep densities and shift (see the module docstring)."""
 
@@ -65,18 +58,16 @@ class RectifiedFlow(Objective):
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise UsageError(f"model.objective.timestep_sampling={timestep_sampling!r}; expected one of "
                              f"{TIMESTEP_SAMPLING}")
-        if loss_type not in LOSS_TYPES:
-            raise UsageError(f"model.objective.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
         if shift != "auto":
-            _number("shift", shift, extra=" (or auto)")
-        self.timestep_sampling, self.loss_type = timestep_sampling, loss_type
-        self.loc, self.scale = float(loc), _number("scale", scale)
-        self.mode_scale = _number("mode_scale", mode_scale, strict=False)
-        self.num_train_timesteps = int(_number("num_train_timesteps", num_train_timesteps))
+            setting_number("shift", shift, extra=" (or auto)")
+        self.timestep_sampling, self.loss_type = timestep_sampling, setting_loss_type(loss_type)
+        self.loc, self.scale = float(loc), setting_number("scale", scale)
+        self.mode_scale = setting_number("mode_scale", mode_scale, strict=False)
+        self.num_train_timesteps = int(setting_number("num_train_timesteps", num_train_timesteps))
         self.shift_setting = shift
         self.auto = dict(base_shift=float(base_shift), max_shift=float(max_shift), base_seq_len=int(base_seq_len),
                          max_seq_len=int(max_seq_len))
-        self.patch_size = int(_number("patch_size", patch_size))
+        self.patch_size = int(setting_number("patch_size", patch_size))
         self.shift = 1.0 if shift == "auto" else float(shift)  # "auto": set by `fit_latent_size`
 
     def fit_latent_size(self, height: int, width: int) -> None:

@@ -34,7 +34,7 @@ from sdlight.errors import UsageError
 
 from .grid_samplers import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_euler, sample_heun, sample_unipc
 from .grids import SPACINGS, make_timesteps
-from .objectives import Objective
+from .objectives import DDPM, Objective
 from .sampling_utils import Callback, Denoiser, prepare, progress_bar, randn_like, step_done
 from .schedules import NoiseSchedule
 
@@ -78,8 +78,6 @@ def _alpha_bar_steps(update: Callable[..., Tensor], denoise: Denoiser, x: Tensor
 
 def _check_ddpm_objective(process: Objective | NoiseSchedule, name: str) -> None:
     """DDPM's and DDIM's updates are written on a discrete alpha-bar schedule: other objectives are refused."""
-    from .objectives import DDPM
-
     if isinstance(process, Objective) and not isinstance(process, DDPM):
         raise UsageError(f"sampler={name} needs the DDPM objective; this model's objective is {process.name}: "
                          "use sampler=euler, heun, dpmpp_2m or unipc")
@@ -141,8 +139,6 @@ def inpaint_callback(
     step the known region is replaced by ``known`` noised to the new x's level with one fixed ``noise``, and by
     ``known`` itself after the last step, as diffusers' inpainting pipelines do for non-inpainting UNets.
     """
-    from .objectives import DDPM
-
     objective = process if isinstance(process, Objective) else DDPM(process)
     if noise is None:
         noise = randn_like(known, generator)
