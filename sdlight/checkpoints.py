@@ -199,6 +199,18 @@ def load_first_stage(ckpt: str | Path | None, autoencoder: nn.Module | None = No
 
 # ------------------------------------------------------------------------------------------------ EMA weights
 LITEMA_BUFFERS = ("model_ema.decay", "model_ema.num_updates")
+# what the EMA of a latent diffusion stage averages: [UNet wrapper, training encoders] (model_ema.module.<i>.*),
+# each under its CompVis prefix
+EMA_PARTS = ("model.", "cond_stage_model.")
+
+
+def ema_part_names(names: Sequence[str]) -> dict[str, str]:
+    """The EMA module's keys (``<i>.rest``, i an index of EMA_PARTS) to their CompVis names."""
+    out = {}
+    for name in names:
+        index, rest = name.split(".", 1)
+        out[name] = EMA_PARTS[int(index)] + rest
+    return out
 
 
 def under_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -214,8 +226,8 @@ def ema_swapped(sd: dict[str, torch.Tensor], use_ema: bool = True) -> tuple[dict
     if any(k.startswith("model_ema.module.") for k in sd):  # ours: an AveragedModel of [UNet wrapper, encoder]
         if int(sd.get("model_ema.n_averaged", torch.tensor(1))) == 0:
             return raw, "raw weights (the EMA was never updated)"
-        for part, prefix in (("model_ema.module.0.", "model."), ("model_ema.module.1.", "cond_stage_model.")):
-            raw.update({prefix + k: v for k, v in under_prefix(sd, part).items()})
+        for i, prefix in enumerate(EMA_PARTS):
+            raw.update({prefix + k: v for k, v in under_prefix(sd, f"model_ema.module.{i}.").items()})
         return raw, "EMA weights"
     if any(k.startswith("model_ema.") and k not in LITEMA_BUFFERS for k in sd):
         # CompVis LitEma: "model_ema." + the wrapper-relative parameter name with its dots removed
@@ -251,15 +263,16 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         pass
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and a rename, readable as the user's umask says
-    (safetensors creates its files 0600, which hides an export from the other users of a shared machine)."""
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                     ) -> None:
+    """``safetensors.torch.save_file`` (with ``metadata``) through a temporary file and a rename, readable as the
+    user's umask says (safetensors creates its files 0600, which hides an export from the other users)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
@@ -341,7 +354,7 @@ def load_latent_diffusion(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
     """The :class:`~sdlight.models.LatentDiffusionModel` of one of our latent diffusion checkpoints, rebuilt from its
     stored config and weights without Hydra or Lightning, with its EMA weights when ``use_ema`` and it has them;
     and which weights those are, in words. Every checkpoint written since the config was first stored loads."""
-    from sdlight.models.latent_diffusion import build_latent_diffusion
+    from sdlight.models.latent_diffusion import build_latent_diffusion, with_objective
     from sdlight.nn.autoencoder import AutoencoderKL
 
     ckpt = read_checkpoint(path)
@@ -353,8 +366,14 @@ def load_latent_diffusion(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
         if node and "pretrained" in node:  # a pretrained tower: its weights are in this checkpoint too
             node.update(pretrained=None, checkpoint_path=None)
     # the weights of every part are in this checkpoint: the first stage's architecture only
-    model = build_latent_diffusion(first_stage=AutoencoderKL(**hparams["first_stage_config"]),
-                                   **build_from_config(parts))
+    built = build_from_config(parts)
+    settings = hparams.get("objective_settings")  # the model's own: init_from may have replaced the config's
+    if settings and (built.get("objective") is None or built["objective"].settings() != settings):
+        built = with_objective(built, settings)
+    model = build_latent_diffusion(first_stage=AutoencoderKL(**hparams["first_stage_config"]), **built)
     sd, which = ema_swapped(state_dict_of(ckpt), use_ema)
     model.load_state_dict(sd, strict=True)
+    posthoc = ckpt.get("posthoc_ema")
+    if posthoc and use_ema:
+        which = f"post-hoc EMA weights (sigma_rel {posthoc['sigma_rel']} at step {posthoc['step']})"
     return model, which

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sdlight import convert
 from sdlight.checkpoints import save_safetensors
-from sdlight.pretrained import CONDITIONING_FILE
+from sdlight.pretrained import CONDITIONING_FILE, OBJECTIVE_METADATA
 from sdlight.checkpoints import load_latent_diffusion
 from sdlight.diffusion import sampler_name
 from sdlight.errors import UsageError
@@ -93,13 +93,19 @@ def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32)
     return out
 
 
+def objective_metadata(model: LatentDiffusionModel) -> dict[str, str]:
+    """The objective's settings in a weights file's metadata, which ``model.init_from`` restores (diffusers and
+    other tools ignore it)."""
+    return {OBJECTIVE_METADATA: json.dumps(model.objective.settings())}
+
+
 def scheduler_config(model: LatentDiffusionModel) -> dict[str, Any]:
     """The diffusers scheduler of the model's objective and sampler (DDIM if the sampler has no counterpart),
     with its timestep spacing."""
     name = sampler_name(model.sampler) or "ddim"
-    if hasattr(model.objective, "diffusers_scheduler"):  # another process than DDPM's: its own scheduler classes
-        return {"_class_name": model.objective.diffusers_scheduler(name), "_diffusers_version": DIFFUSERS_VERSION,
-                **model.objective.scheduler_config()}
+    own = model.objective.diffusers_scheduler(name)  # another process than DDPM's: its own scheduler classes
+    if own is not None:
+        return {"_class_name": own, "_diffusers_version": DIFFUSERS_VERSION, **model.objective.scheduler_config()}
     cls, extra = SCHEDULERS.get(name, SCHEDULERS["ddim"])
     spacing = getattr(model.sampler, "keywords", {}).get("spacing", "leading")
     return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
@@ -149,7 +155,8 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
                                                  ("vae", vae, tables[1], vae_json, True)):
         (out / name).mkdir(parents=True, exist_ok=True)
         save_safetensors(_cast(convert.apply_map(weights, table, squeeze), dtype),
-                         out / name / "diffusion_pytorch_model.safetensors")
+                         out / name / "diffusion_pytorch_model.safetensors",
+                         objective_metadata(model) if name == "unet" else None)
         _json(out / name / "config.json", config)
     scheduler = scheduler_config(model)
     _json(out / "scheduler" / "scheduler_config.json", scheduler)
@@ -204,7 +211,7 @@ def main(cfg: DictConfig) -> None:
         model, weights = load_latent_diffusion(cfg.ckpt, cfg.use_ema)
         dtype, out = DTYPES[cfg.dtype], Path(str(cfg.out))
         if cfg.format == "single_file":
-            save_safetensors(single_file(model, dtype), out)
+            save_safetensors(single_file(model, dtype), out, objective_metadata(model))
             log.info(f"Wrote {out} ({weights}, {cfg.dtype}, sampler: {sampler_name(model.sampler)})")
             return
         parts = write_diffusers(model, out, dtype)

@@ -16,6 +16,7 @@ from sdlight.checkpoints import CheckpointError, ema_swapped, load_exact, read_c
 DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
                    "text_encoder": ("model", "pytorch_model")}
 CONDITIONING_FILE = "sdlight_conditioning.safetensors"  # our own condition encoder next to a diffusers export
+OBJECTIVE_METADATA = "sdlight.objective"  # the training objective's settings, in an exported weights file's metadata
 
 
 def component_file(folder: Path, component: str) -> Path | None:
@@ -119,3 +120,25 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
              *_text_weights(conditioning, text, hf_prefix, where)]
     return Pretrained(lines, scale)
+
+
+def recorded_objective(path: str | Path) -> dict | None:
+    """The objective settings (`Objective.settings`) that ``path`` records: an export's metadata (the single
+    file's, a diffusers folder's UNet file's) or one of our checkpoints; None for files that record none (released
+    SD weights: DDPM, with the prediction type their config says)."""
+    path = Path(path)
+    if path.is_dir():
+        path = component_file(path, "unet") or path
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(OBJECTIVE_METADATA)
+        return json.loads(text) if text else None
+    if path.is_file():
+        try:
+            ckpt = read_checkpoint(path, mmap=True)
+        except CheckpointError:
+            return None  # load_pretrained says what is wrong with it
+        return (ckpt.get("hyper_parameters") or {}).get("objective_settings")
+    return None

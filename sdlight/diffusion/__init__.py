@@ -29,7 +29,7 @@ from .grids import (
     nearest_timestep,
     sigma_to_t,
 )
-from .objectives import DDPM, Objective
+from .objectives import DDPM, Objective, objective_from_settings
 from .edm import EDM
 from .rectified_flow import RectifiedFlow
 from .samplers import (
@@ -61,6 +61,6 @@ __all__ = [
     "make_timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "inpaint_callback", "SAMPLERS",
     "sampler_name", "sampler_options", "sample_heun", "sample_dpmpp_2m_sde", "sample_unipc",
     "make_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t", "nearest_timestep", "GRIDS", "Grid", "VPPath",
-    "FlowPath", "VEPath", "Objective", "DDPM", "RectifiedFlow", "EDM", "OBJECTIVES", "Draws",
+    "FlowPath", "VEPath", "Objective", "objective_from_settings", "DDPM", "RectifiedFlow", "EDM", "OBJECTIVES", "Draws",
     "cfg_denoiser", "rescale_guidance",
 ]

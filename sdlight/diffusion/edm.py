@@ -103,6 +103,11 @@ class EDM(Objective):
         return torch.full((batch,), float(sigma), dtype=torch.float32, device=device)
 
     # --------------------------------------------------------------------------------------------- export
+    def settings(self) -> dict[str, Any]:
+        return {"objective": self.name, "sigma_data": self.sigma_data, "p_mean": self.p_mean, "p_std": self.p_std,
+                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
+                "loss_type": self.loss_type}
+
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:
         """diffusers' ``EDMEulerScheduler`` config (its preconditioning is this one with ``prediction_type``
         epsilon)."""

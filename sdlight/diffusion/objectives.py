@@ -94,6 +94,17 @@ class Objective(ABC):
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:
         """The diffusers scheduler config of this process (without the sampler's own keys)."""
 
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """Plain values that rebuild this objective (`objective_from_settings`): what exported files record."""
+
+    def diffusers_scheduler(self, sampler: str | None) -> str | None:
+        """The diffusers scheduler class of ``sampler`` on this process; None: the DDPM family's table."""
+        return None
+
+    def fit_latent_size(self, height: int, width: int) -> None:
+        """Resolves resolution-dependent settings for latents of ``height`` x ``width`` (at build time)."""
+
 
 class DDPM(Objective):
     """The DDPM family (Ho et al., 2020): a discrete variance-preserving ``schedule`` of T timesteps; the network
@@ -185,6 +196,11 @@ class DDPM(Objective):
         return torch.full((batch,), nearest_timestep(sigma, self.schedule), dtype=torch.long, device=device)
 
     # --------------------------------------------------------------------------------------------- export
+    def settings(self) -> dict[str, Any]:
+        """The schedule is the model's own (its buffers, model/schedule): not recorded here."""
+        return {"objective": self.name, "prediction_type": self.prediction_type, "loss_type": self.loss_type,
+                "weighting": self.weighting, "snr_gamma": float(self.snr_gamma), "num_timesteps": self.num_timesteps}
+
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:
         """diffusers' names for the schedule (``beta_schedule`` when it is one of theirs, else the betas) and the
         prediction type."""
@@ -207,3 +223,20 @@ class DDPM(Objective):
 def _time_of(schedule: NoiseSchedule, sigma: float) -> float:
     """The fractional training timestep of ``sigma`` (`sigma_to_t`)."""
     return float(sigma_to_t(torch.tensor([sigma], dtype=torch.float64), schedule)[0])
+
+
+def objective_from_settings(settings: dict[str, Any], schedule: NoiseSchedule | None = None) -> Objective:
+    """The objective that ``settings`` (`Objective.settings`) describe; DDPM's on ``schedule``."""
+    from . import OBJECTIVES
+
+    values = dict(settings)
+    name = values.pop("objective", None)
+    if name not in OBJECTIVES:
+        raise UsageError(f"a recorded objective {name!r} is none of {', '.join(OBJECTIVES)}")
+    if name != DDPM.name:
+        return OBJECTIVES[name](**values)
+    steps = values.pop("num_timesteps", None)
+    if schedule is None or (steps is not None and schedule.num_timesteps != steps):
+        raise UsageError(f"the weights were trained with DDPM on {steps} timesteps: give model/objective=ddpm and a "
+                         "model/schedule of that length")
+    return DDPM(schedule, **values)

@@ -64,7 +64,7 @@ class RectifiedFlow(Objective):
         self.loc, self.scale = float(loc), setting_number("scale", scale)
         self.mode_scale = setting_number("mode_scale", mode_scale, strict=False)
         self.num_train_timesteps = int(setting_number("num_train_timesteps", num_train_timesteps))
-        self.shift_setting = shift
+        self.shift_setting = shift if shift == "auto" else float(shift)
         self.auto = dict(base_shift=float(base_shift), max_shift=float(max_shift), base_seq_len=int(base_seq_len),
                          max_seq_len=int(max_seq_len))
         self.patch_size = int(setting_number("patch_size", patch_size))
@@ -156,6 +156,12 @@ class RectifiedFlow(Objective):
         return torch.full((batch,), FlowPath.t_of(sigma), dtype=torch.float32, device=device)
 
     # --------------------------------------------------------------------------------------------- export
+    def settings(self) -> dict[str, Any]:
+        return {"objective": self.name, "timestep_sampling": self.timestep_sampling, "loc": self.loc,
+                "scale": self.scale, "mode_scale": self.mode_scale, "shift": self.shift_setting, **self.auto,
+                "patch_size": self.patch_size, "num_train_timesteps": self.num_train_timesteps,
+                "loss_type": self.loss_type}
+
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:
         """diffusers' flow-matching scheduler config: the same grid, step for step (``shift="auto"``: its dynamic
         shifting, which a pipeline resolves from the image size as Flux's does)."""

@@ -28,6 +28,7 @@ from sdlight.diffusion import (
     Objective,
     canonical_prediction_type,
     cfg_denoiser,
+    objective_from_settings,
     sample_euler,
     sampler_name,
 )
@@ -249,8 +250,8 @@ def build_latent_diffusion(
         raise UsageError(f"model.sampler.clip_x0={sampler.keywords['clip_x0']}: clip_x0 bounds x0 for pixel-space "
                          "models; this model samples latents, where it turns every sample into noise: leave it unset")
     sampler = _sampler_for(objective, sampler)
-    if hasattr(objective, "fit_latent_size"):  # a resolution-dependent setting (rectified flow's shift="auto")
-        side = image_size // first_stage.downsample_factor
+    if image_size is not None:  # resolution-dependent settings (rectified flow's shift=auto); a latent cache's
+        side = image_size // first_stage.downsample_factor  # size comes later (the stage's setup)
         objective.fit_latent_size(side, side)
     latent = first_stage.latent_channels + getattr(concat, "channels", 0)
     backbone = build_backbone(unet, latent)
@@ -262,6 +263,21 @@ def build_latent_diffusion(
     return LatentDiffusionModel(backbone, first_stage, Conditioner.join(conditioning, conditioners), objective,
                                 concat=concat, scale_factor=1.0 if scale_factor is None else scale_factor,
                                 image_size=image_size, sampler=sampler, guidance_scale=guidance_scale)
+
+
+def with_objective(parts: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """`build_latent_diffusion`'s keywords ``parts`` with the objective that ``settings`` (`Objective.settings`,
+    as files record it) describe in place of theirs: DDPM's on the parts' schedule, with the top-level DDPM keys
+    made to agree; another objective's with those keys cleared."""
+    parts = dict(parts)
+    objective = objective_from_settings(settings, parts.get("schedule"))
+    parts["objective"] = objective
+    if isinstance(objective, DDPM):
+        parts.update(prediction_type=objective.prediction_type, loss_type=objective.loss_type,
+                     loss_weighting=objective.weighting, snr_gamma=objective.snr_gamma)
+    else:
+        parts.update(dict.fromkeys(("schedule", "prediction_type", "loss_type", "loss_weighting", "snr_gamma")))
+    return parts
 
 
 def _sampler_for(objective: Objective, sampler: Callable[..., Tensor] | None) -> Callable[..., Tensor] | None:

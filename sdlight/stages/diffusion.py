@@ -19,9 +19,10 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from sdlight.checkpoints import to_plain
-from sdlight.pretrained import load_pretrained
+from sdlight.errors import UsageError
+from sdlight.pretrained import load_pretrained, recorded_objective
 from sdlight.diffusion.draw import Draws
-from sdlight.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion
+from sdlight.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion, with_objective
 from sdlight.models.latents import CachedContexts, batch_size_of, check_cache, is_frozen
 from sdlight.nn.speed import speed_up
 from sdlight.optim import (OptimizerFactory, SchedulerFactory, build_optimizer, build_scheduler, decay_groups,
@@ -47,6 +48,24 @@ def _with_net_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str,
         state_dict[prefix + NET + key[len(prefix):]] = state_dict.pop(key)
 
 
+def adopt_recorded_objective(path: str, parts: dict[str, Any]) -> dict[str, Any]:
+    """``parts`` with the objective that the file ``path`` records (an export of ours, one of our checkpoints) in
+    place of the config's, said in one line; unchanged when it records none or the same."""
+    recorded = recorded_objective(path)
+    current = parts.get("objective")
+    if recorded is None or (current is not None and current.settings() == recorded):
+        return parts
+    try:
+        adopted = with_objective(parts, recorded)
+    except UsageError as err:
+        raise UsageError(f"model.init_from={path}: {err} (or model.init_from_objective=false to train it with the "
+                         "config's objective)") from None
+    settings = ", ".join(f"{k} {v}" for k, v in recorded.items() if k != "objective")
+    log.info(f"model.init_from={path} was trained with the {recorded['objective']} objective ({settings}): this "
+             "model takes it (model.init_from_objective=false keeps the config's)")
+    return adopted
+
+
 class LatentDiffusion(L.LightningModule):
     """Trains ``net``, a :class:`LatentDiffusionModel` built from ``model_parts`` (`build_latent_diffusion`:
     ``unet``, ``first_stage``, ``schedule``, ``conditioning``, ``conditioners``, ``concat``, ``objective``,
@@ -66,12 +85,15 @@ class LatentDiffusion(L.LightningModule):
                  p_uncond: float = 0.1, scale_factor_batches: int = 8, ema_decay: float | None = 0.9999,
                  sample_every_n_steps: int = 500, num_log_samples: int = 8, log_conditions: Sequence[Any] | None = None,
                  timestep_buckets: int = 4, max_nonfinite_steps: int = 20, init_from: str | None = None,
-                 init_from_ema: bool = True, compile: bool = False, channels_last: bool = False, **model_parts: Any):
+                 init_from_ema: bool = True, init_from_objective: bool = True, compile: bool = False,
+                 channels_last: bool = False, **model_parts: Any):
         super().__init__()
         if not 0 <= p_uncond <= 1:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
         if scale_factor_batches < 1:
             raise ValueError(f"scale_factor_batches must be >= 1, got {scale_factor_batches}")
+        if init_from and init_from_objective:
+            model_parts = adopt_recorded_objective(init_from, model_parts)
         self.net: LatentDiffusionModel = build_latent_diffusion(**model_parts)
         net = self.net
         self._scale_factor_ready = model_parts.get("scale_factor") is not None
@@ -102,7 +124,7 @@ class LatentDiffusion(L.LightningModule):
         self.save_hyperparameters({
             "unet_config": to_plain(getattr(net.model.diffusion_model, "config", None)),
             "first_stage_config": to_plain(getattr(net.first_stage_model, "config", None)),
-            "objective": net.objective.name, **{k: getattr(net.objective, a, None) for k, a in (
+            "objective": net.objective.name, "objective_settings": net.objective.settings(), **{k: getattr(net.objective, a, None) for k, a in (
                 ("prediction_type", "prediction_type"), ("loss_type", "loss_type"), ("loss_weighting", "weighting"),
                 ("snr_gamma", "snr_gamma"), ("num_timesteps", "num_timesteps"))},
             "p_uncond": p_uncond, "ema_decay": ema_decay, "image_size": net.image_size,
@@ -113,6 +135,11 @@ class LatentDiffusion(L.LightningModule):
     @property
     def condition_keys(self) -> list[str]:
         return self.net.condition_keys
+
+    @property
+    def trainable_parts(self) -> nn.ModuleList:
+        """What trains and what the EMAs average: [UNet wrapper, training encoders] (`checkpoints.EMA_PARTS`)."""
+        return self._ema_parts
 
     @property
     def flops_per_batch(self) -> int | None:
@@ -128,6 +155,8 @@ class LatentDiffusion(L.LightningModule):
         if manifest is not None:
             if net.image_size is None:  # data=latents without an image size: the cache's
                 net.image_size = self.hparams["image_size"] = int(manifest["image_size"])
+                side = net.image_size // net.first_stage_model.downsample_factor
+                net.objective.fit_latent_size(side, side)
             if check_cache(manifest, net.first_stage_model, net.cond_stage_model, net.concat_stage is not None,
                            getattr(datamodule, "first_stage_ckpt", None)):
                 net.cached_contexts = CachedContexts()

@@ -109,6 +109,28 @@ def test_export_writes_the_objectives_diffusers_scheduler(flow_ckpt, tmp_path):
     assert scheduler.timesteps.tolist() == pytest.approx(objective.grid(5).times, abs=1e-3)
 
 
+@pytest.mark.parametrize("fmt", ["single_file", "diffusers"])
+def test_init_from_an_export_restores_its_objective(flow_ckpt, tmp_path, fmt, caplog):
+    """The export records the objective's settings (metadata of the weights file); a run of the stock (DDPM) config
+    initialised from it trains with that objective, says so, and its checkpoint rebuilds it; with
+    model.init_from_objective=false the config's objective stays."""
+    out = tmp_path / ("x.safetensors" if fmt == "single_file" else "x")
+    done = run_cli("export", [f"ckpt={flow_ckpt}", f"format={fmt}", f"out={out}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = Pipeline.from_checkpoint(flow_ckpt, device="cpu").model.objective
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with caplog.at_level("INFO", logger="sdlight"):
+        _, objects = train_tiny_text_ldm(tmp_path / "a", ["logger=none", f"model.init_from={out}", "trainer.max_steps=1"])
+    assert objects["model"].net.objective.settings() == source.settings()
+    assert f"was trained with the {source.name} objective" in caplog.text
+    rebuilt = Pipeline.from_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt", device="cpu").model.objective
+    assert rebuilt.settings() == source.settings()
+    _, objects = train_tiny_text_ldm(tmp_path / "b", ["logger=none", f"model.init_from={out}", "trainer.max_steps=1",
+                                                      "model.init_from_objective=false"])
+    assert objects["model"].net.objective.name == "ddpm"
+
+
 def test_a_sweep_over_the_objectives_from_the_command_line(tmp_path):
     vae = random_stage1_checkpoint(tmp_path / "vae.ckpt")
     out = run_cli("train", ["-m", "+experiment=quickstart_ldm", *TINY_TEXT_LDM, f"model.first_stage.ckpt={vae}",
