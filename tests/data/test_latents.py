@@ -248,6 +248,23 @@ def test_stage_two_trains_from_the_cache_without_the_vae_encoder(tmp_path, cache
     assert 0 < float(objects["model"].net.scale_factor) < 100 and "val/loss" in trainer.callback_metrics
 
 
+@pytest.mark.parametrize("objective", [["model/objective=rectified_flow", "model.objective.shift=auto"],
+                                       ["model/objective=edm"]], ids=["rectified_flow_auto_shift", "edm"])
+def test_other_objectives_train_from_the_cache_with_posthoc_ema(tmp_path, cache, objective):
+    """The cache's image size (data.image_size null) reaches the objective: rectified flow's shift=auto is Flux's
+    for the cache's 8x8 latents (16 tokens of 2x2); the post-hoc EMA keeps its snapshots."""
+    from sdlight.diffusion.rectified_flow import shift_for_tokens
+
+    _, objects = train_tiny_text_ldm(tmp_path, [*TRAIN, f"data.root={cache}", *objective,
+                                                "callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.every_n_steps=1"])
+    net = objects["model"].net
+    assert objects["trainer"].state.finished and net.image_size == 32
+    if net.objective.name == "rectified_flow":
+        assert net.objective.shift == pytest.approx(shift_for_tokens(16, 0.5, 1.15, 256, 4096))
+    snapshots = sorted(p.name for p in (tmp_path / "checkpoints" / "posthoc_ema").iterdir())
+    assert len(snapshots) == 4 and snapshots[-1] == "sigma_rel_0.1_step_0000002.safetensors"
+
+
 def test_a_run_with_another_first_stage_stops_at_once(tmp_path, cache):
     cfg = compose_train(["+experiment=quickstart_ldm", *TRAIN, f"data.root={cache}", "data.batch_size=4",
                          f"model.first_stage.ckpt={random_stage1_checkpoint(tmp_path / 'other.ckpt', seed=1)}"],

@@ -166,6 +166,39 @@ def test_diffusion_resumes_exactly_after_max_steps(tmp_path, stage1, stop):
     assert_same_end_state(full, resumed)
 
 
+@pytest.mark.parametrize("objective", ["rectified_flow", "edm"])
+def test_other_objectives_resume_exactly(tmp_path, stage1, objective):
+    """Their noise levels and noise come from the same keyed draws: a stop mid-epoch resumes bit for bit."""
+    ldm = LDM + [f"model.first_stage.ckpt={stage1}", f"model/objective={objective}"]
+    full = _train(tmp_path, "full", ldm + ["trainer.max_steps=12"])
+    _train(tmp_path, "part", ldm + ["trainer.max_steps=5"])
+    resumed = _train(tmp_path, "part", ldm + ["trainer.max_steps=12", "ckpt_path=last"])
+    assert_same_end_state(full, resumed)
+
+
+def test_posthoc_ema_resumes_exactly(tmp_path, stage1):
+    """The post-hoc EMA's running averages travel in the checkpoint: the resumed run's snapshots and EMAs are the
+    uninterrupted run's, bit for bit (the stopped run adds its own last step's snapshot)."""
+    ldm = LDM + [f"model.first_stage.ckpt={stage1}", "callbacks=[default,posthoc_ema]",
+                 "callbacks.posthoc_ema.every_n_steps=4"]
+    full = _train(tmp_path, "full", ldm + ["trainer.max_steps=12"])
+    _train(tmp_path, "part", ldm + ["trainer.max_steps=5"])
+    resumed = _train(tmp_path, "part", ldm + ["trainer.max_steps=12", "ckpt_path=last"])
+    assert_same_end_state(full, resumed)
+    a, b = (dict(_tensors(read_checkpoint(p)["callbacks"]["PostHocEMA"])) for p in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                                        for k in a)
+    from safetensors.torch import load_file
+
+    kept = {p.name: p for p in (full.parent / "posthoc_ema").iterdir()}
+    again = {p.name: p for p in (resumed.parent / "posthoc_ema").iterdir()}
+    assert len(kept) == 6 and set(again) == set(kept) | {"sigma_rel_0.05_step_0000005.safetensors",
+                                                          "sigma_rel_0.1_step_0000005.safetensors"}
+    for name, path in kept.items():
+        x, y = load_file(str(path)), load_file(str(again[name]))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
 # the schedule's length left to the run (trainer.max_steps): counting it must not cost the loader its position
 OTHER_STOPS = ["+experiment=quickstart_ldm", "data.train_size=64", "data.val_size=8", "data.batch_size=8",
                "model.lr_scheduler.warmup_steps=2", "+trainer.limit_val_batches=0", "model.sample_every_n_steps=0",
