@@ -66,3 +66,35 @@ def test_the_op_profile_puts_each_sides_ops_in_its_column(monkeypatch):
     conv = [k for k in rows if "conv" in k and rows[k][1] > 0]
     assert conv and all(rows[k][0] == 0 for k in conv)
     assert "all ops" in rows
+
+
+def test_objectives_table_collects_runs_and_says_which_met_every_goal(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import objectives
+
+    def run(name, **rates):
+        folder = tmp_path / "runs" / name / "eval"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"scores": {f"adherence/{k}": v for k, v in rates.items()}}))
+
+    good = dict(colour=1.0, shape=0.85, position=0.9, background=1.0, all=0.8)
+    run("flow_b900_s1", **good)
+    run("flow_b900_s2", **{**good, "shape": 0.79})  # one seed under the shape goal
+    run("edm_b900_s1", **good)
+    (tmp_path / "runs" / "not_a_run" / "eval").mkdir(parents=True)
+    out = tmp_path / "objectives.csv"
+    objectives.main(["--collect", str(tmp_path / "runs"), "--csv", str(out), "--out", str(tmp_path / "o.png")])
+    rows = objectives.read_rows(out)
+    assert [(r["objective"], r["batches"], r["seed"]) for r in rows] == [("edm", 900, 1), ("flow", 900, 1),
+                                                                         ("flow", 900, 2)]
+    entries = {e["objective"]: e for e in objectives.summary(rows)}
+    assert entries["edm"]["all_goals_every_seed"] and not entries["flow"]["all_goals_every_seed"]
+    assert entries["flow"]["shape"] == pytest.approx((82.0, 79.0, 85.0))
+    assert "| flow | 900 | 2 | 100.0 | 82.0 (79.0-85.0) |" in objectives.markdown(objectives.summary(rows))
+    image = objectives.plot(rows)
+    assert image.size == (800, 420) and len(image.getcolors(1 << 16)) > 3
+    assert (tmp_path / "o.png").is_file()
+    committed = objectives.read_rows(ROOT / "benchmarks/objectives.csv")  # the measured runs of BENCHMARKS.md
+    assert all(0 <= r["all"] <= min(r["colour"], r["shape"], r["position"], r["background"]) for r in committed)

@@ -11,8 +11,9 @@ range it sees under DDPM). Training draws t from a density (SD3, section 3.1):
 
 then shifts it towards noise, ``t' = s t / (1 + (s - 1) t)``: a fixed ``shift``, or ``shift="auto"`` from the
 number of latent tokens (2x2 patches) as Flux does, ``s = exp(mu)`` with mu linear in the token count between
-``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)``. The loss is the unweighted error of the velocity
-(the density is the weighting). Samplers see the noise-to-signal ratio ``sigma = t / (1 - t)`` on `FlowPath`; the
+``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)``. The loss is the error of the velocity, unweighted
+(the density is the weighting), or weighted per sample by SD3's ``weighting`` (``sigma_sqrt``: t^-2, ``cosmap``:
+2 / (pi (1 - 2t + 2t^2)); diffusers' ``compute_loss_weighting_for_sd3``). Samplers see the noise-to-signal ratio ``sigma = t / (1 - t)`` on `FlowPath`; the
 ``timesteps`` grid is diffusers' ``FlowMatchEulerDiscreteScheduler``'s.
 """
 
@@ -31,6 +32,16 @@ from .objectives import Denoise, Network, Objective, setting_loss_type, setting_
 from .weighting import diffusion_loss
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "cosmap")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+def flow_loss_weight(t: Tensor, weighting: str) -> Tensor | None:
+    """SD3's per-sample loss weights of the velocity error at times ``t`` (None: unweighted)."""
+    if weighting == "sigma_sqrt":
+        return t.float() ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * t.float() + 2 * t.float() ** 2))
+    return None
 
 
 def shift_times(t: Tensor | float, shift: float) -> Tensor | float:
@@ -54,10 +65,13 @@ class RectifiedFlow(Objective):
     def __init__(self, timestep_sampling: str = "logit_normal", loc: float = 0.0, scale: float = 1.0,
                  mode_scale: float = 1.29, shift: float | str = 1.0, base_shift: float = 0.5, max_shift: float = 1.15,
                  base_seq_len: int = 256, max_seq_len: int = 4096, patch_size: int = 2,
-                 num_train_timesteps: int = 1000, loss_type: str = "l2"):
+                 num_train_timesteps: int = 1000, loss_type: str = "l2", weighting: str = "none"):
         if timestep_sampling not in TIMESTEP_SAMPLING:
             raise UsageError(f"model.objective.timestep_sampling={timestep_sampling!r}; expected one of "
                              f"{TIMESTEP_SAMPLING}")
+        if weighting not in LOSS_WEIGHTINGS:
+            raise UsageError(f"model.objective.weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+        self.weighting = weighting
         if shift != "auto":
             setting_number("shift", shift, extra=" (or auto)")
         self.timestep_sampling, self.loss_type = timestep_sampling, setting_loss_type(loss_type)
@@ -97,7 +111,8 @@ class RectifiedFlow(Objective):
 
     def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor) -> Tensor:
         out = network(self.noised(x0, noise, levels), levels * self.num_train_timesteps)
-        return diffusion_loss(out.float(), (noise - x0).float(), None, self.loss_type)
+        return diffusion_loss(out.float(), (noise - x0).float(), flow_loss_weight(levels, self.weighting),
+                              self.loss_type)
 
     def bucket(self, levels: Tensor, buckets: int) -> Tensor:
         return (levels * buckets).long().clamp(0, buckets - 1)
@@ -160,7 +175,7 @@ class RectifiedFlow(Objective):
         return {"objective": self.name, "timestep_sampling": self.timestep_sampling, "loc": self.loc,
                 "scale": self.scale, "mode_scale": self.mode_scale, "shift": self.shift_setting, **self.auto,
                 "patch_size": self.patch_size, "num_train_timesteps": self.num_train_timesteps,
-                "loss_type": self.loss_type}
+                "loss_type": self.loss_type, "weighting": self.weighting}
 
     def scheduler_config(self, spacing: str = "leading") -> dict[str, Any]:
         """diffusers' flow-matching scheduler config: the same grid, step for step (``shift="auto"``: its dynamic

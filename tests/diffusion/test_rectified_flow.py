@@ -85,6 +85,22 @@ def test_noising_and_the_velocity_target_in_closed_form():
         (noise - x0).square().flatten(1).mean(1).tolist())
 
 
+@pytest.mark.parametrize("weighting", ["sigma_sqrt", "cosmap", "none"])
+def test_sd3_loss_weightings_are_diffusers(weighting):
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0.1, 0.3, 0.6, 0.95])
+    zero = lambda x_t, time: torch.zeros_like(x_t)  # noqa: E731
+    weighted = RectifiedFlow(weighting=weighting).losses(zero, x0, t, noise)
+    plain = RectifiedFlow().losses(zero, x0, t, noise)
+    expected = compute_loss_weighting_for_sd3(weighting, sigmas=t.double()).float()
+    torch.testing.assert_close(weighted, plain * expected, rtol=1e-6, atol=0)
+    with pytest.raises(UsageError, match="weighting='snr'"):
+        RectifiedFlow(weighting="snr")
+
+
 def diffusers_loop(scheduler, net, x, steps):
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
