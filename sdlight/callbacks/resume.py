@@ -133,7 +133,8 @@ class ExactResume(L.Callback):
         ranks, self._to_restore = self._to_restore, None
         if len(ranks) != trainer.world_size:
             log.warning("resume: the checkpoint holds random states of %d ranks, this run has %d: ranks without "
-                        "one keep their fresh seeds", len(ranks), trainer.world_size)
+                        "one keep their fresh seeds (the data order and the draws of map-style training data are "
+                        "keyed by seed, step and sample, and continue the same)", len(ranks), trainer.world_size)
         if trainer.global_rank < len(ranks):
             set_rng_state(ranks[trainer.global_rank])
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sized
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader
+from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader, run_seed
 from sdlight.data.skips import SkipMonitor, SkipTally
 from sdlight.errors import UsageError
 from sdlight.threads import available_cpus
@@ -108,7 +107,7 @@ class ImageDataModule(L.LightningDataModule):
         (sdlight.data.resumable). The seed is the run's (``seed_everything`` puts it in PL_GLOBAL_SEED)."""
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = run_seed()
         items = SeededItems(dataset)
         sampler = ResumableSampler(items, num_replicas=world, rank=rank, seed=seed)
         return ResumableLoader(items, batch_size=self.batch_size, sampler=sampler,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -20,12 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from sdlight.diffusion.draw import KeyedDraws, mixed_seed
+
 log = logging.getLogger("sdlight")
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for item ``index`` in ``epoch`` (SeedSequence mixes the three, so neighbours differ)."""
-    return int(np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed for item ``index`` in ``epoch``."""
+    return mixed_seed(seed % 2**32, epoch, index)
 
 
 @contextlib.contextmanager
@@ -43,8 +46,25 @@ def isolated_rng(seed: int) -> Iterator[None]:
         random.setstate(states[2])
 
 
+SAMPLE_INDEX = "sample_index"  # a training item's index in its dataset: what keys its training step's draws
+
+
+def run_seed() -> int:
+    """The run's seed (``seed_everything`` puts it in PL_GLOBAL_SEED, also for spawned processes); 0 without."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def keyed_draws(batch: dict[str, Any], step: int, seed: int | None = None) -> KeyedDraws | None:
+    """The step's draws keyed by (run seed, ``step``, each item's dataset index) when the batch carries the
+    indices (map-style training data), so that a sample draws the same numbers on 1 or N processes; else None
+    (the process's generator: streamed shards)."""
+    index = batch.get(SAMPLE_INDEX)
+    return None if index is None else KeyedDraws(run_seed() if seed is None else seed, step, index)
+
+
 class SeededItems(Dataset):
-    """``dataset`` read with ``(index, seed)`` keys (from ResumableSampler): each item under its own seed."""
+    """``dataset`` read with ``(index, seed)`` keys (from ResumableSampler): each item under its own seed, a dict
+    item with its index as ``SAMPLE_INDEX``."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -55,7 +75,8 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
         with isolated_rng(seed):
-            return self.dataset[index]
+            item = self.dataset[index]
+        return {**item, SAMPLE_INDEX: index} if isinstance(item, dict) else item
 
 
 class ResumableSampler(DistributedSampler):

@@ -9,7 +9,7 @@ Stable Diffusion checkpoint loads into :class:`AutoencoderKL` with ``strict=True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -271,10 +271,15 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+                noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """(reconstruction, posterior); the posterior sample's eps from ``generator``, or ``noise(shape)``."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if not sample_posterior:
+            z = posterior.mode()
+        else:
+            z = posterior.sample(generator, noise(tuple(posterior.mean.shape)) if noise is not None else None)
         return self.decode(z), posterior
 
     def get_last_layer(self) -> torch.Tensor:

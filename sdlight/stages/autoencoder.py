@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from sdlight.checkpoints import load_autoencoder_weights
+from sdlight.data.resumable import keyed_draws
 from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.nn.speed import allow_retained_graphs, speed_up
 from sdlight.optim import OptimizerFactory, SchedulerFactory, build_optimizer, build_scheduler, stepping_batches
@@ -169,7 +170,10 @@ class AutoencoderModule(L.LightningModule):
         # Only the generator's parameters enter its graph: otherwise -D(rec) leaves gradients on D that its own
         # step would then follow, against its objective.
         with self.toggled_optimizer(opt_g):
-            rec, posterior = self.autoencoder(x)
+            # the same posterior samples on 1 or N processes, with or without accumulation: keyed by the step
+            keyed = keyed_draws(batch, self.batches // self.accumulate_grad_batches)
+            rec, posterior = self.autoencoder(x, noise=None if keyed is None else
+                                              lambda shape: keyed.normal(shape, x.device, x.dtype))
             loss_g, log_g = self.loss(x, rec, posterior, part="generator", global_step=self.batches,
                                       last_layer=self.autoencoder.get_last_layer(), split="train")
         train_disc = self.batches >= self.loss.disc_start  # before that, D's step would change nothing

@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from sdlight.checkpoints import to_plain
 from sdlight.errors import UsageError
 from sdlight.pretrained import load_pretrained, recorded_objective
+from sdlight.data.resumable import keyed_draws
 from sdlight.diffusion.draw import Draws
 from sdlight.models.latent_diffusion import LatentDiffusionModel, build_latent_diffusion, with_objective
 from sdlight.models.latents import CachedContexts, batch_size_of, check_cache, is_frozen
@@ -196,7 +197,7 @@ class LatentDiffusion(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        loss = self.net.losses(batch, p_uncond=self.p_uncond)[0].mean()
+        loss = self.net.losses(batch, keyed_draws(batch, self.global_step), p_uncond=self.p_uncond)[0].mean()
         finite = self.guard.check(self, loss, where=f"step {self.global_step}")
         self.log("train/nonfinite_skips", float(self.guard.skips))
         if not finite:  # Lightning skips backward; its optimizer step then finds no gradients: weights unchanged

@@ -9,6 +9,7 @@ import math
 import lightning as L
 import torch
 
+from sdlight.data.resumable import keyed_draws
 from sdlight.models.latent_diffusion import LatentDiffusionModel
 from sdlight.models.latents import posterior_of
 
@@ -31,7 +32,10 @@ def estimate_scale_factor(trainer: L.Trainer, net: LatentDiffusionModel, batches
         for i, batch in enumerate(trainer.train_dataloader):
             if i >= batches:
                 break
-            z = posterior_of(batch, net.first_stage_model, device).sample(generator).double()
+            posterior = posterior_of(batch, net.first_stage_model, device)
+            keyed = keyed_draws(batch, 0, SCALE_FACTOR_SEED)  # the same latents on any number of ranks
+            noise = keyed.normal(posterior.mean.shape, device, posterior.mean.dtype) if keyed is not None else None
+            z = posterior.sample(generator, noise).double()
             stats += torch.stack([stats.new_tensor(z.numel()), z.sum(), (z * z).sum()])
     if trainer.world_size > 1:
         stats = trainer.strategy.reduce(stats, reduce_op="sum")

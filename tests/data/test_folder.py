@@ -42,8 +42,10 @@ def test_every_format_and_mode_gives_the_batch_shape(image_folder):
     got = batches(dm)
     assert len(got) == 2  # 10 images, batch 4, drop_last for training
     for b in got:
-        # the skip fields are taken out; the file's size and the crop's corner for SD-XL's micro-conditioning
-        assert set(b) == {"image", "text", "label", "key", "original_size", "crop_coords"}
+        # the skip fields are taken out; the file's size and the crop's corner for SD-XL's micro-conditioning; the
+        # item's index in the training set, which keys its training step's random draws
+        assert set(b) == {"image", "text", "label", "key", "original_size", "crop_coords", "sample_index"}
+        assert all(0 <= i < 10 for i in b["sample_index"].tolist())
         assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
         assert -1 <= b["image"].min() <= b["image"].max() <= 1
         assert b["label"].tolist() == [-1] * 4

@@ -23,6 +23,7 @@ from sdlight.data.shapes import ShapesDataset
 from sdlight.diffusion.samplers import sample_ddim
 from sdlight.optim import warmup_cosine
 from sdlight.diffusion import DDPM, Draws, NoiseSchedule
+from sdlight.diffusion.draw import mixed_seed
 from sdlight.stages.diffusion import SCALE_FACTOR_SEED, LatentDiffusion
 from sdlight.train import train
 
@@ -161,7 +162,8 @@ def test_scale_factor_is_pooled_over_ranks_under_ddp_sim(train_cfg, vae_ckpt, tm
         f"data.train_size={n}", f"data.batch_size={batch}", "model.scale_factor_batches=8"])
     train(cfg)
     got = float(torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]["scale_factor"])
-    # each rank: its DistributedSampler share (shuffled with seed 0, the run's seed), its own noise seed
+    # each rank: its DistributedSampler share (shuffled with seed 0, the run's seed); each sample's posterior noise
+    # keyed by (SCALE_FACTOR_SEED, step 0, its index), whichever rank draws it
     data = ShapesDataset("train", n, image_size=32)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     vae = load_autoencoder(vae_ckpt)
@@ -174,12 +176,11 @@ def test_scale_factor_is_pooled_over_ranks_under_ddp_sim(train_cfg, vae_ckpt, tm
     vae64 = copy.deepcopy(vae).double().eval()
     pooled = []
     with torch.no_grad():
-        for batches, seed in zs_std:
-            gen = torch.Generator().manual_seed(seed)
-            for x in batches:
-                mean, logvar = vae64.quant_conv(vae64.encoder(x.double())).chunk(2, dim=1)
-                eps = torch.randn(mean.shape, generator=gen, dtype=torch.float32).double()
-                pooled.append((mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * eps).flatten())
+        for i in perm:
+            mean, logvar = vae64.quant_conv(vae64.encoder(data[i]["image"][None].double())).chunk(2, dim=1)
+            g = torch.Generator().manual_seed(mixed_seed(SCALE_FACTOR_SEED, 0, i))
+            eps = torch.randn(mean.shape[1:], generator=g, dtype=torch.float32).double()
+            pooled.append((mean[0] + torch.exp(0.5 * logvar[0].clamp(-30, 20)) * eps).flatten())
     expected = 1.0 / torch.cat(pooled).std().item()
     rank0_only = independent_scale_factor(vae, zs_std[0][0], SCALE_FACTOR_SEED)
     assert got == pytest.approx(expected, rel=1e-5)
