@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdlight.callbacks.preemption import Preempted
 from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume, set_aside_earlier_checkpoints
 from sdlight.callbacks.run_config import RunConfigInCheckpoint
+from sdlight.errors import UsageError
 from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, check_sweep_plugins, instantiate_callbacks,
                                  instantiate_loggers, metric_value, prepare_wandb, quiet_lightning, register_resolvers,
                                  task_wrapper, user_errors)
@@ -80,6 +81,23 @@ def wandb_id_from_slurm(cfg: DictConfig) -> None:
             node.id = f"{cfg.task_name}-{job}"
 
 
+def fit_global_batch(datamodule: L.LightningDataModule, model: L.LightningModule, trainer: L.Trainer) -> None:
+    """``data.global_batch_size``: the per-process batch and the gradient accumulation for this many processes,
+    the accumulation set where the model does it (stage 1's manual optimization) or else on the trainer."""
+    fit = getattr(datamodule, "fit_global_batch", None)
+    if fit is None or getattr(datamodule, "global_batch_size", None) is None:
+        return
+    accumulate = fit(trainer.world_size)
+    owner, name = (model, "model.accumulate_grad_batches") if hasattr(model, "accumulate_grad_batches") else \
+        (trainer, "trainer.accumulate_grad_batches")
+    if owner.accumulate_grad_batches not in (1, accumulate):
+        raise UsageError(f"{name}={owner.accumulate_grad_batches} and data.global_batch_size="
+                         f"{datamodule.global_batch_size} both set the accumulation: give one of them")
+    owner.accumulate_grad_batches = accumulate
+    log.info(f"data.global_batch_size={datamodule.global_batch_size}: {datamodule.batch_size} per process x "
+             f"{trainer.world_size} process(es) x {accumulate} accumulated batch(es)")
+
+
 def check_resume(ckpt_path: str | None) -> None:
     """``ckpt_path`` must be a readable checkpoint before anything is built (a typo should not cost a model load)."""
     if ckpt_path is None:
@@ -133,6 +151,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                                                  **_strategy(cfg.trainer, model), **plugins)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    fit_global_batch(datamodule, model, trainer)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "callbacks": callbacks,
                "loggers": loggers, "trainer": trainer}

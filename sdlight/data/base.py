@@ -46,9 +46,11 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, batch_size: int = 32, num_workers: int | None = 0, image_size: int = 32,
                  pin_memory: bool = False, persistent_workers: bool = False, train_size: int | None = None,
-                 val_size: int | None = None, max_skip_fraction: float = 0.1):
+                 val_size: int | None = None, max_skip_fraction: float = 0.1, global_batch_size: int | None = None):
         super().__init__()
         check_count("batch_size", batch_size, 1)
+        check_count("global_batch_size", global_batch_size, 1, nullable=True)
+        self.global_batch_size = global_batch_size
         check_count("num_workers", num_workers, 0, nullable=True)
         if num_workers is None:  # more workers than CPUs only spin against each other (torch warns, too)
             num_workers = min(self.max_default_workers, available_cpus())
@@ -62,6 +64,26 @@ class ImageDataModule(L.LightningDataModule):
         self.skips = SkipTally(max_skip_fraction)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    def fit_global_batch(self, world: int) -> int:
+        """With ``global_batch_size`` G over ``world`` processes: the per-process batch becomes ``batch_size``, or
+        G / world when that is smaller, and the gradient accumulation returned makes batch x world x accumulation
+        = G (one line naming a batch size that fits, when none does); 1 without G."""
+        total = self.global_batch_size
+        if total is None:
+            return 1
+        if total % world:
+            raise UsageError(f"data.global_batch_size={total} does not split over {world} processes: give a "
+                             f"multiple of {world}")
+        per_process = total // world
+        batch = min(self.batch_size, per_process)
+        if per_process % batch:
+            fits = max(d for d in range(1, batch + 1) if per_process % d == 0)
+            raise UsageError(f"data.global_batch_size={total} is {per_process} per process, not a multiple of "
+                             f"data.batch_size={self.batch_size}: give data.batch_size={fits} (or another divisor "
+                             f"of {per_process})")
+        self.batch_size = batch
+        return per_process // batch
 
     def build(self, split: str) -> Dataset:
         """The dataset of ``split`` ("train" or "val"); each subclass defines its own."""

@@ -74,7 +74,7 @@ class LatentDiffusion(L.LightningModule):
     ``guidance_scale``, ``scale_factor``).
 
     ``p_uncond``: conditioning dropout (each encoder's ``drop_rate`` first). ``scale_factor`` given is kept;
-    else it is 1 / std of the posterior samples of ``scale_factor_batches`` training batches, pooled over ranks,
+    else it is 1 / std of the posterior samples of ``scale_factor_batches`` global training batches, pooled over ranks,
     once (a resumed run keeps the stored value; ``init_from`` brings the file's). ``ema_decay``: an EMA of the
     trainable parts (backbone, training encoders), frozen parts never copied, updated after every optimizer step
     that had gradients, used for validation and sampling. A batch whose loss is not finite on any rank is
@@ -125,7 +125,8 @@ class LatentDiffusion(L.LightningModule):
         self.save_hyperparameters({
             "unet_config": to_plain(getattr(net.model.diffusion_model, "config", None)),
             "first_stage_config": to_plain(getattr(net.first_stage_model, "config", None)),
-            "objective": net.objective.name, "objective_settings": net.objective.settings(), **{k: getattr(net.objective, a, None) for k, a in (
+            "objective": net.objective.name, "objective_settings": net.objective.settings(),
+            **{k: getattr(net.objective, a, None) for k, a in (
                 ("prediction_type", "prediction_type"), ("loss_type", "loss_type"), ("loss_weighting", "weighting"),
                 ("snr_gamma", "snr_gamma"), ("num_timesteps", "num_timesteps"))},
             "p_uncond": p_uncond, "ema_decay": ema_decay, "image_size": net.image_size,

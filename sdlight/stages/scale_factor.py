@@ -19,7 +19,8 @@ SCALE_FACTOR_SEED = 0  # posterior samples of the estimate: the same value on ev
 
 @torch.no_grad()
 def estimate_scale_factor(trainer: L.Trainer, net: LatentDiffusionModel, batches: int) -> float:
-    """1 / std of the latents over ``batches`` training batches, pooled over all ranks, set in ``net``.
+    """1 / std of the latents over ``batches`` global training batches (each rank's share, every accumulated
+    part), pooled over all ranks, set in ``net``: the same samples on any number of ranks.
 
     The latents are posterior samples, as training sees them (their variance includes the posterior's), drawn
     from a seeded generator; the global RNG is restored afterwards, so the estimate changes neither the data
@@ -28,9 +29,10 @@ def estimate_scale_factor(trainer: L.Trainer, net: LatentDiffusionModel, batches
     device = net.device
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # n, sum, sum of squares
     generator = torch.Generator().manual_seed(SCALE_FACTOR_SEED + trainer.global_rank)
+    loader_batches = batches * trainer.accumulate_grad_batches
     with torch.random.fork_rng(devices=[]):
         for i, batch in enumerate(trainer.train_dataloader):
-            if i >= batches:
+            if i >= loader_batches:
                 break
             posterior = posterior_of(batch, net.first_stage_model, device)
             keyed = keyed_draws(batch, 0, SCALE_FACTOR_SEED)  # the same latents on any number of ranks

@@ -91,3 +91,36 @@ def test_a_run_resumed_on_two_processes_ends_where_the_one_process_run_ends(tmp_
     ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
     resumed = _run(tmp_path / "part", args + TWO + ["trainer.max_steps=4", f"ckpt_path={ckpt}"])
     _assert_same_weights(full, resumed)
+
+
+@pytest.mark.parametrize("world, batch, total, expected", [(1, 8, 16, (8, 2)), (2, 8, 16, (8, 1)), (2, 32, 16, (8, 1)),
+                                                           (4, 4, 64, (4, 4)), (1, 32, None, (32, 1))])
+def test_global_batch_size_sets_the_batch_and_the_accumulation(world, batch, total, expected):
+    from sdlight.data.datamodules import ShapesDataModule
+
+    dm = ShapesDataModule(batch_size=batch, global_batch_size=total)
+    accumulate = dm.fit_global_batch(world)
+    assert (dm.batch_size, accumulate) == expected
+
+
+@pytest.mark.parametrize("world, batch, total, needle", [(2, 8, 15, "does not split over 2 processes"),
+                                                         (1, 6, 16, "give data.batch_size=4")])
+def test_a_global_batch_size_that_does_not_fit_is_one_line(world, batch, total, needle):
+    from sdlight.data.datamodules import ShapesDataModule
+    from sdlight.errors import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        ShapesDataModule(batch_size=batch, global_batch_size=total).fit_global_batch(world)
+
+
+def test_a_global_batch_accumulated_on_one_process_ends_as_on_two(tmp_path, stage1):
+    """data.global_batch_size=16: 8 per process x 2 accumulated on one process, 8 x 2 processes under ddp_sim."""
+    args = LDM + [f"model.first_stage.ckpt={stage1}", "trainer.max_steps=4", "data.global_batch_size=16",
+                  "data.batch_size=8"]
+    _assert_same_weights(_run(tmp_path / "acc", args), _run(tmp_path / "two", args + ["trainer=ddp_sim"]))
+    _, objects = train(compose_train([*QUIET, *VAE, "data.global_batch_size=16", "data.batch_size=16",
+                                      "trainer.max_steps=1"], tmp_path / "vae"))
+    assert objects["datamodule"].batch_size == 16 and objects["model"].accumulate_grad_batches == 1
+    _, objects = train(compose_train([*QUIET, *VAE, "data.global_batch_size=16", "data.batch_size=8",
+                                      "trainer.max_steps=1"], tmp_path / "vae2"))
+    assert objects["model"].accumulate_grad_batches == 2  # stage 1 accumulates itself (manual optimization)

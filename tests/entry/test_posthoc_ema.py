@@ -41,7 +41,8 @@ def test_the_run_keeps_snapshots_of_both_profiles(run):
     assert state["step"] == 6 and state["sigma_rels"] == [0.05, 0.1]
     for k, v in last.items():
         assert torch.equal(state["averages"][1][k], v)
-    assert not torch.equal(last["model.diffusion_model.out.2.weight"], _snapshot(run, 0.05, 6)["model.diffusion_model.out.2.weight"])
+    key = "model.diffusion_model.out.2.weight"
+    assert not torch.equal(last[key], _snapshot(run, 0.05, 6)[key])  # two profiles, two averages
 
 
 def test_the_cli_rebuilds_emas_that_sample_reads(run, tmp_path):
