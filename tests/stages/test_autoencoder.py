@@ -4,6 +4,7 @@ check that the quickstart VAE really learns."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
@@ -472,3 +473,20 @@ def test_quickstart_vae_learns(train_cfg):
     assert objects["model"].batches == batches and float(metrics["train/disc_factor"]) > 0.9  # the GAN did run
     assert after > QUICKSTART_PSNR_DB, (before, after)
     assert after > before + 12.0, (before, after)
+
+
+def test_bf16_mixed_precision_trains_both_players_with_float32_weights(tmp_path):
+    """`precision=bf16-mixed` (trainer=gpu/ddp/fsdp; CPU autocast here) in stage 1's manual optimization: the
+    encoder runs in bf16, the generator and the discriminator both step (disc_start 0), every weight and the
+    discriminator's statistics stay float32, and the losses are finite."""
+    module = make_module(disc_start=0)
+    dtypes = []
+    module.autoencoder.encoder.conv_in.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    before = copy.deepcopy(module.state_dict())
+    trainer = make_trainer(tmp_path, max_steps=4, precision="bf16-mixed")
+    trainer.fit(module, loader(8, 4))
+    assert torch.bfloat16 in dtypes
+    assert all(v.dtype == torch.float32 for k, v in module.state_dict().items() if v.is_floating_point())
+    after = module.state_dict()
+    assert changed(before, after, "encoder.") and changed(before, after, "loss.discriminator.")
+    assert all(torch.isfinite(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/"))
