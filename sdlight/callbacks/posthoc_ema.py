@@ -59,7 +59,8 @@ class PostHocEMA(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         parts = pl_module.trainable_parts.state_dict(keep_vars=True)  # the live tensors, updated in place
-        self._tensors = {ema_part_names([k])[k]: v for k, v in parts.items()}
+        names = ema_part_names(list(parts))
+        self._tensors = {names[k]: v for k, v in parts.items()}
         self._trainer = trainer
         if self._pending is not None:
             try:

@@ -85,13 +85,13 @@ class PowerEMA:
         if not self.averages:
             self.averages = [{k: v.detach().clone() for k, v in tensors.items()} for _ in self.gammas]
         else:
-            for average, gamma in zip(self.averages, self.gammas):
-                beta = power_beta(step, gamma)
-                for k, v in tensors.items():
-                    if v.is_floating_point():
-                        average[k].lerp_(v.detach(), 1.0 - beta)
-                    else:
-                        average[k].copy_(v)
+            floats = [k for k, v in tensors.items() if v.is_floating_point()]
+            others = [k for k, v in tensors.items() if not v.is_floating_point()]
+            current = [tensors[k].detach() for k in floats]
+            for average, gamma in zip(self.averages, self.gammas):  # one multi-tensor kernel per profile
+                torch._foreach_lerp_([average[k] for k in floats], current, 1.0 - power_beta(step, gamma))
+                for k in others:
+                    average[k].copy_(tensors[k])
         self.step = step
 
     def state_dict(self) -> dict:
