@@ -213,6 +213,12 @@ def ema_part_names(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def ema_slot(name: str) -> str | None:
+    """The EMA module's key (``model_ema.module.<i>.rest``) of a CompVis name; None outside EMA_PARTS."""
+    index = next((i for i, p in enumerate(EMA_PARTS) if name.startswith(p)), None)
+    return None if index is None else f"model_ema.module.{index}.{name[len(EMA_PARTS[index]):]}"
+
+
 def under_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 

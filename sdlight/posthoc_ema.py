@@ -19,22 +19,23 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from sdlight.checkpoints import (EMA_PARTS, CheckpointError, latent_diffusion_config, read_checkpoint,
-                                 save_atomic)
+from sdlight.checkpoints import CheckpointError, ema_slot, latent_diffusion_config, read_checkpoint, save_atomic
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
-from sdlight.stages.posthoc_ema import SNAPSHOT_DIR, Synthesis, find_snapshots, synthesize
+from sdlight.stages.posthoc_ema import SNAPSHOT_DIR, Snapshot, Synthesis, find_snapshots, synthesize
 
 log = logging.getLogger("sdlight")
 register_resolvers()
 TRAINING_STATE = ("loops", "optimizer_states", "lr_schedulers", "callbacks", "global_step", "epoch")
 
 
-def snapshot_folder(run: Path) -> Path:
-    """``run`` may be the run directory, its checkpoint folder, or the snapshot folder itself."""
+def snapshot_folder(run: Path) -> tuple[Path, list[Snapshot]]:
+    """The snapshot folder and its snapshots; ``run`` may be the run directory, its checkpoint folder, or the
+    snapshot folder itself."""
     for folder in (run / "checkpoints" / SNAPSHOT_DIR, run / SNAPSHOT_DIR, run):
-        if find_snapshots(folder):
-            return folder
+        snapshots = find_snapshots(folder)
+        if snapshots:
+            return folder, snapshots
     raise UsageError(f"run={run}: no post-hoc EMA snapshots there (checkpoints/{SNAPSHOT_DIR}/sigma_rel_*_step_*"
                      ".safetensors); train with 'callbacks=[default,posthoc_ema]' to keep them")
 
@@ -45,10 +46,7 @@ def with_weights(ckpt: dict[str, Any], synthesis: Synthesis) -> dict[str, Any]:
     has_ema = any(k.startswith("model_ema.module.") for k in sd)
     slots = {k for k in sd if k.startswith("model_ema.module.")} if has_ema else None
     for name, value in synthesis.tensors.items():
-        key = name
-        if has_ema:
-            index = next((i for i, p in enumerate(EMA_PARTS) if name.startswith(p)), None)
-            key = f"model_ema.module.{index}.{name[len(EMA_PARTS[index]):]}" if index is not None else name
+        key = (ema_slot(name) or name) if has_ema else name
         if key not in sd or sd[key].shape != value.shape:
             raise CheckpointError(f"the snapshots' {name} has no counterpart of its shape in the checkpoint: "
                                   "they come from another model")
@@ -69,8 +67,7 @@ def with_weights(ckpt: dict[str, Any], synthesis: Synthesis) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     with user_errors():
         run = Path(str(cfg.run))
-        folder = snapshot_folder(run)
-        snapshots = find_snapshots(folder)
+        folder, snapshots = snapshot_folder(run)
         base = Path(str(cfg.ckpt)) if cfg.ckpt else folder.parent / "last.ckpt"
         ckpt = read_checkpoint(base)
         latent_diffusion_config(ckpt, base)
