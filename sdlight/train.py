@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -14,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdlight.callbacks.preemption import Preempted
 from sdlight.callbacks.resume import AtomicCheckpointIO, ExactResume, set_aside_earlier_checkpoints
 from sdlight.callbacks.run_config import RunConfigInCheckpoint
+from sdlight.callbacks.spawned_logging import SpawnedLogging
 from sdlight.errors import UsageError
-from sdlight.hydra_utils import (CONFIG_PATH, apply_extras, check_sweep_plugins, instantiate_callbacks,
+from sdlight.hydra_utils import (CONFIG_PATH, USER_ERRORS, apply_extras, check_sweep_plugins, instantiate_callbacks,
                                  instantiate_loggers, metric_value, prepare_wandb, quiet_lightning, register_resolvers,
                                  task_wrapper, user_errors)
 from sdlight.threads import set_torch_threads
@@ -35,6 +37,39 @@ def _strategy(trainer_cfg: DictConfig, model: L.LightningModule) -> dict[str, An
         start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[strategy]
         return {"strategy": DDPStrategy(find_unused_parameters=True, start_method=start)}
     return {}
+
+
+# where the exceptions a spawned process may hand back are defined: a preemption, or a user error (one line)
+_SPAWNED_MODULES = ("sdlight.", "omegaconf.", "lightning.")
+
+
+def spawned_error(err: BaseException) -> BaseException | None:
+    """What a ``ddp_spawn`` process raised, rebuilt in the process that launched it, when it is a ``Preempted`` or
+    a user error (sdlight.errors); else None, and the error keeps its traceback.
+
+    torch re-raises a spawned process's exception as ``ProcessRaisedException`` holding only its traceback text, so
+    a signal that stopped every rank cleanly would end the run with status 1 and a rank's one-line error (too many
+    broken images) with a traceback. The exception's class is found by its name on the traceback's last line.
+    """
+    from torch.multiprocessing import ProcessRaisedException
+
+    if not isinstance(err, ProcessRaisedException):
+        return None
+    last = str(err).rsplit("Traceback (most recent call last):", 1)[-1].splitlines()
+    start = next((i for i, line in enumerate(last) if line and not line[0].isspace()), None)
+    if start is None:
+        return None
+    name, _, message = "\n".join(last[start:]).partition(": ")
+    module, _, class_name = name.rpartition(".")
+    if not module.startswith(_SPAWNED_MODULES):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), class_name)
+        if not (isinstance(cls, type) and issubclass(cls, (Preempted, *USER_ERRORS))):
+            return None
+        return cls(message.strip())
+    except Exception:  # a class that cannot be found or built from its message: the traceback stays
+        return None
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -133,7 +168,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    callbacks += [RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)), ExactResume()]
+    callbacks += [RunConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)), ExactResume(),
+                  SpawnedLogging(prepare=quiet_lightning)]
     wandb_id_from_slurm(cfg)
     prepare_wandb(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -161,8 +197,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("Starting training")
         try:
             trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
-        except Preempted as stop:  # saved at a step boundary; exit 0 (a requeued SLURM job resumes from it)
-            log.warning(str(stop))
+        except Exception as raised:
+            stop = raised if isinstance(raised, Preempted) else spawned_error(raised)
+            if stop is None:
+                raise
+            if not isinstance(stop, Preempted):
+                raise stop from None
+            log.warning(str(stop))  # saved at a step boundary; exit 0 (a requeued SLURM job resumes from it)
             return dict(trainer.callback_metrics), objects
     metrics = dict(trainer.callback_metrics)
 

@@ -23,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from sdlight.diffusion.draw import mixed_seed
+
 log = logging.getLogger("sdlight")
 Batch = dict[str, Any]
 
@@ -32,6 +34,13 @@ def rank_slice(total: int, rank: int, world_size: int) -> range:
     base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (rank < extra))
+
+
+def rank_chunks(total: int, chunk: int, rank: int, world_size: int) -> range:
+    """The contiguous share of ``range(total)`` for ``rank`` in whole chunks of ``chunk`` items (the last chunk may
+    be short): chunk k is the same items, sampled from the same generator, on any number of processes."""
+    chunks = rank_slice(-(-total // chunk), rank, world_size)
+    return range(min(chunks.start * chunk, total), min(chunks.stop * chunk, total))
 
 
 def val_dataloader(trainer: L.Trainer) -> DataLoader:
@@ -237,8 +246,9 @@ class SampleEvaluationCallback(L.Callback, ABC):
     modules that step two optimizers per batch (the GAN autoencoder) are evaluated too. ``every_n_steps=None``
     or 0 evaluates at the end only; ``at_train_end=False`` skips that. Nothing runs under ``fast_dev_run``.
     Samples are drawn with the module's EMA weights (``use_ema``), ``steps`` sampler steps and
-    ``guidance_scale`` (None: the module's defaults), from generators seeded with ``seed + rank`` at every
-    evaluation, so successive evaluations see the same noise and conditions.
+    ``guidance_scale`` (None: the module's defaults), ``batch_size`` at a time, each chunk of the ``num_samples``
+    from a generator keyed by (``seed``, the chunk's place): successive evaluations see the same noise and
+    conditions, and 1 or N processes sample the same images (the ranks share the chunks).
     """
 
     def __init__(self, every_n_steps: int | None = None, num_samples: int = 1000, batch_size: int = 32,
@@ -292,7 +302,8 @@ class SampleEvaluationCallback(L.Callback, ABC):
 
     # ------------------------------------------------------------------------------------------ conditions
     def rank_items(self, trainer: L.Trainer, total: int | None = None) -> range:
-        return rank_slice(self.num_samples if total is None else total, trainer.global_rank, trainer.world_size)
+        return rank_chunks(self.num_samples if total is None else total, self.batch_size, trainer.global_rank,
+                           trainer.world_size)
 
     def conditions(self, trainer: L.Trainer, keys: Sequence[str]) -> Batch:
         """This rank's share of the first ``num_samples`` val items, reduced to ``keys``; fetched once."""
@@ -323,10 +334,12 @@ class SampleEvaluationCallback(L.Callback, ABC):
         missing = [k for k in keys if k not in conditions]
         if missing:
             raise KeyError(f"the module is conditioned on {missing}, which the val batches do not provide")
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+        first = self.rank_items(trainer).start // self.batch_size
+        generator = torch.Generator(device=pl_module.device)
         with progress_bar(trainer, description, total) as advance:
             for start in range(0, total, self.batch_size):
                 stop = min(start + self.batch_size, total)
+                generator.manual_seed(mixed_seed(self.seed, first + start // self.batch_size))
                 chunk = slice_batch(conditions, start, stop)
                 cond = {k: chunk[k].to(pl_module.device) if isinstance(chunk[k], Tensor) else chunk[k]
                         for k in keys} or None

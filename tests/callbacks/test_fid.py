@@ -305,9 +305,10 @@ def test_ddp_two_ranks_split_the_work_and_count_real_statistics_once(tmp_path):
                            feature_extractor=FlattenTestExtractor(), cache_dir=tmp_path / "stats", kid=True,
                            kid_subsets=2, kid_subset_size=1000)
 
-    def ddp_fit(module, callback):
+    def ddp_fit(module, callback, devices=2):
         version = len(list(tmp_path.glob("logs/*")))  # fixed here: the forked ranks would each pick one
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=1,
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+                            max_steps=1,
                             logger=CSVLogger(tmp_path, name="logs", version=version), callbacks=[callback],
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0)
@@ -317,8 +318,8 @@ def test_ddp_two_ranks_split_the_work_and_count_real_statistics_once(tmp_path):
 
     row = ddp_fit(module, callback)
     fakes = [torch.load(tmp_path / f"fake_rank{r}.pt") for r in range(2)]
-    assert [len(f) for f in fakes] == [13, 12]  # 25 samples: the remainder on rank 0
-    assert not torch.allclose(fakes[0][:12], fakes[1])  # each rank its own noise
+    assert [len(f) for f in fakes] == [16, 9]  # 25 samples in chunks of 8: two chunks a rank
+    assert not torch.allclose(fakes[0][:9], fakes[1])  # each chunk its own noise
     fake = torch.cat(fakes)
     real = GaussianImagesTestDataset(40).features[:31]
     assert float(row["val/fid"]) == pytest.approx(reference_fid(real, fake), rel=1e-5)
@@ -342,3 +343,12 @@ def test_ddp_two_ranks_split_the_work_and_count_real_statistics_once(tmp_path):
     assert float(again["val/fid"]) == pytest.approx(float(row["val/fid"]), rel=1e-9)
     assert float(again["val/kid_mean"]) == pytest.approx(float(row["val/kid_mean"]), rel=1e-9)
     assert cached.stat().st_mtime_ns == modified
+    # one process samples the same chunks from the same generators: the same images, FID and KID
+    one = SavingGeneratorTestModule(tmp_path / "one", val_size=40)
+    (tmp_path / "one").mkdir()
+    single = ddp_fit(one, FIDCallback(every_n_steps=None, num_samples=25, num_real=31, batch_size=8,
+                                      feature_extractor=FlattenTestExtractor(), cache_dir=tmp_path / "stats1",
+                                      kid=True, kid_subsets=2, kid_subset_size=1000), devices=1)
+    torch.testing.assert_close(torch.load(tmp_path / "one" / "fake_rank0.pt"), fake, rtol=0, atol=0)
+    for key in ("val/fid", "val/kid_mean", "val/kid_std"):
+        assert float(single[key]) == pytest.approx(float(row[key]), rel=1e-9), key

@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdlight.callbacks.sampling import (SampleEvaluationCallback, concat_batches, load_items, log_metrics,
-                                        progress_bar, rank_slice)
+                                        progress_bar, rank_chunks, rank_slice)
 
 
 class ItemsTestDataset(Dataset):
@@ -154,20 +154,33 @@ def test_fast_dev_run_skips_evaluation(tmp_path):
     assert callback.steps_seen == []
 
 
-def test_ranks_share_the_conditions_and_use_their_own_seeds():
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_rank_chunks_partition_in_whole_chunks(world_size):
+    for total in range(0, 23):
+        shares = [rank_chunks(total, 4, r, world_size) for r in range(world_size)]
+        assert [i for s in shares for i in s] == list(range(total))
+        assert all(s.start % 4 == 0 for s in shares if len(s))
+
+
+def test_ranks_share_the_chunks_and_sample_what_one_process_samples():
     module = RecordingTestModule(val_size=10)
     loader = module.val_dataloader()
-    seen, noises = [], []
-    for rank in range(3):
-        trainer = SimpleNamespace(global_rank=rank, world_size=3, is_global_zero=rank == 0, datamodule=None,
-                                  val_dataloaders=loader, lightning_module=module, progress_bar_callback=None)
-        callback = CountingTestCallback(num_samples=13, batch_size=2)
-        module.calls.clear()
-        list(callback.generate(trainer, module, callback.conditions(trainer, ["label"]), "test"))
-        seen += [label for c in module.calls for label in c["conditions"]["label"].tolist()]
-        noises.append(module.calls[0]["noise"])
-    assert seen == [i % 10 for i in range(13)]  # 5 + 4 + 4 items, val set reused past its end
-    assert len(set(noises)) == 3
+
+    def sampled(world: int) -> list[tuple[list[int], float]]:
+        calls = []
+        for rank in range(world):
+            trainer = SimpleNamespace(global_rank=rank, world_size=world, is_global_zero=rank == 0, datamodule=None,
+                                      val_dataloaders=loader, lightning_module=module, progress_bar_callback=None)
+            callback = CountingTestCallback(num_samples=13, batch_size=2)
+            module.calls.clear()
+            list(callback.generate(trainer, module, callback.conditions(trainer, ["label"]), "test"))
+            calls += [(c["conditions"]["label"].tolist(), c["noise"]) for c in module.calls]
+        return calls
+
+    one = sampled(1)
+    assert [label for labels, _ in one for label in labels] == [i % 10 for i in range(13)]  # val set reused
+    assert len({noise for _, noise in one}) == 7  # 7 chunks of 2, each its own generator
+    assert sampled(3) == one == sampled(2)
 
 
 def test_progress_joins_a_running_rich_progress(monkeypatch):

@@ -1,4 +1,5 @@
-"""Helpers that training subprocesses of test_resume.py import (the tests put this folder on PYTHONPATH)."""
+"""Helpers that training processes of the entry tests import (the tests put this folder on PYTHONPATH, or on
+sys.path, which the processes ddp_spawn starts inherit)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from sdlight.callbacks.adherence import PromptAdherenceCallback
 
 
 class SlowSteps(L.Callback):
@@ -45,3 +48,33 @@ class HangOnSave(L.Callback):
 
     def on_train_start(self, *args, **kwargs) -> None:
         slow_save_forever(self.marker)
+
+
+class RaiseOnRank(L.Callback):
+    """Rank ``rank`` raises at training batch ``step`` (the others go on into the step's gradient all-reduce):
+    ``error="usage"`` a user error (sdlight.errors.UsageError), else a RuntimeError, as a bug would."""
+
+    def __init__(self, rank: int = 1, step: int = 2, error: str = "usage"):
+        self.rank, self.step, self.error = rank, step, error
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            from sdlight.errors import UsageError
+
+            message = f"data: rank {self.rank} read a broken sample at step {self.step}"
+            raise UsageError(message) if self.error == "usage" else RuntimeError(message)
+
+
+class RecordingAdherence(PromptAdherenceCallback):
+    """The adherence callback, each rank writing the images it sampled to ``out_dir``."""
+
+    def __init__(self, out_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def generate(self, trainer, pl_module, conditions, description):
+        images = []
+        for chunk, batch in super().generate(trainer, pl_module, conditions, description):
+            images.append(batch)
+            yield chunk, batch
+        torch.save(torch.cat(images), Path(self.out_dir) / f"rank{trainer.global_rank}.pt")

@@ -15,6 +15,7 @@ from sdlight.checkpoints import read_checkpoint
 from sdlight.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # resume_helpers: also in the processes ddp_spawn starts
 from conftest import compose_train, random_stage1_checkpoint  # noqa: E402
 
 QUIET = ["logger=none", "~callbacks.rich_progress_bar", "~callbacks.model_summary", "trainer.num_sanity_val_steps=0",
@@ -124,3 +125,26 @@ def test_a_global_batch_accumulated_on_one_process_ends_as_on_two(tmp_path, stag
     _, objects = train(compose_train([*QUIET, *VAE, "data.global_batch_size=16", "data.batch_size=8",
                                       "trainer.max_steps=1"], tmp_path / "vae2"))
     assert objects["model"].accumulate_grad_batches == 2  # stage 1 accumulates itself (manual optimization)
+
+
+def test_sample_metrics_are_the_same_on_one_or_two_processes(tmp_path, stage1):
+    """The adherence callback on 1 process and on 2: each rank samples whole chunks of the 12 samples, each chunk
+    from its own generator, so the two runs sample the same images and score the same. The weights are kept equal
+    (lr 0, a given scale factor) so that only the sampling is compared; FID and KID: tests/callbacks/test_fid.py."""
+    args = LDM + [f"model.first_stage.ckpt={stage1}", "trainer.max_steps=1", "model.optimizer.lr=0",
+                  "model.scale_factor=1.0", "callbacks=[default,adherence]", "callbacks.adherence.num_samples=12",
+                  "callbacks.adherence.batch_size=4", "callbacks.adherence.steps=3",
+                  "callbacks.adherence.every_n_steps=null",
+                  "callbacks.adherence._target_=resume_helpers.RecordingAdherence"]
+    scores, images = [], []
+    for name, world in (("one", ONE), ("two", TWO)):
+        out = tmp_path / f"{name}_images"
+        out.mkdir()
+        metrics, _ = train(compose_train([*QUIET, *args, *world, f"+callbacks.adherence.out_dir={out}"],
+                                         tmp_path / name))
+        scores.append({k: float(v) for k, v in metrics.items() if k.startswith("val/adherence/")})
+        images.append(torch.cat([torch.load(f) for f in sorted(out.glob("rank*.pt"))]))
+    assert [len(i) for i in images] == [12, 12]
+    # equal up to float reduction order (each spawned process runs on fewer threads: measured 2e-6 at most)
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=2e-5)
+    assert len(scores[0]) >= 5 and scores[0] == scores[1], scores
