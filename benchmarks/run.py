@@ -5,6 +5,7 @@ same architecture and weights (below 1: sdlight is faster), A/B alternated, and 
     OMP_NUM_THREADS=1 python -m benchmarks.run --sizes quickstart --rounds 3
     python -m benchmarks.run --device cuda --dtype bf16
     python -m benchmarks.run --sizes quickstart --benches unet --profile 12   # where each side's step goes, by op
+    python -m benchmarks.run --benches unet --gradient-checkpointing       # memory against time, both sides
 
 Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers' converters for SD files):
 - ``unet``: UNet forward + backward + AdamW step on random latents and contexts.
@@ -74,6 +75,9 @@ def bench_unet(size: dict, args, device: torch.device):
         err = rel_error(ours(x, t, context=ctx), theirs(x, t, encoder_hidden_states=ctx).sample)
     kw: dict = {}
     our_switches([ours], kw, args)
+    if args.gradient_checkpointing:  # both sides: every block recomputed in the backward pass
+        ours.set_gradient_checkpointing(True)
+        theirs.enable_gradient_checkpointing()
     def step(model, call, opt):
         def run():
             out = call(model)
@@ -312,6 +316,8 @@ def main() -> None:
     ap.add_argument("--two-pass-loss", action="store_true",
                     help="sdlight's stage-1 loss in CompVis' order (single_backward=False)")
     ap.add_argument("--vae-nchw", action="store_true", help="sdlight's VAE step without channels_last on a CPU")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="the unet benchmark with per-block gradient checkpointing on both sides")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, each side's N most expensive ops in one profiled step (torch.profiler)")
     args = ap.parse_args()
@@ -321,7 +327,8 @@ def main() -> None:
     cpu_defaults = [name for name, on in (("onednn_linear", onednn_linear_active()), ("fused", not args.no_fused),
                                           ("vae_channels_last", not args.vae_nchw)) if on and device.type == "cpu"]
     cpu_defaults += [] if args.two_pass_loss else ["single_backward_loss"]
-    switches = cpu_defaults + [s for s in ("compile", "channels_last") if getattr(args, s)] or ["none"]
+    switches = cpu_defaults + [s for s in ("compile", "channels_last", "gradient_checkpointing")
+                               if getattr(args, s)] or ["none"]
     rows = []
     for size_name in args.sizes.split(","):
         for bench in args.benches.split(","):

@@ -368,6 +368,16 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Each ResBlock, attention block and transformer block recomputes its activations in the backward pass
+        instead of keeping them (``use_checkpoint`` for all of them): less memory for about a third more compute
+        in training, the same gradients."""
+        for module in self.modules():
+            if isinstance(module, (ResBlock, AttentionBlock)):
+                module.use_checkpoint = enabled
+            elif hasattr(module, "checkpoint") and isinstance(module.checkpoint, bool):
+                module.checkpoint = enabled  # BasicTransformerBlock
+
     def forward(
         self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None
     ) -> Tensor:

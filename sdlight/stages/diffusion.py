@@ -49,6 +49,15 @@ def _with_net_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str,
         state_dict[prefix + NET + key[len(prefix):]] = state_dict.pop(key)
 
 
+def set_gradient_checkpointing(backbone: nn.Module, enabled: bool) -> None:
+    """``model.gradient_checkpointing``: every block of the backbone recomputes its activations in the backward
+    pass (or none does); one line for a backbone that cannot."""
+    if not hasattr(backbone, "set_gradient_checkpointing"):
+        raise UsageError(f"model.gradient_checkpointing={enabled}: the backbone {type(backbone).__name__} has no "
+                         "gradient checkpointing; leave it null")
+    backbone.set_gradient_checkpointing(enabled)
+
+
 def adopt_recorded_objective(path: str, parts: dict[str, Any]) -> dict[str, Any]:
     """``parts`` with the objective that the file ``path`` records (an export of ours, one of our checkpoints) in
     place of the config's, said in one line; unchanged when it records none or the same."""
@@ -87,7 +96,7 @@ class LatentDiffusion(L.LightningModule):
                  sample_every_n_steps: int = 500, num_log_samples: int = 8, log_conditions: Sequence[Any] | None = None,
                  timestep_buckets: int = 4, max_nonfinite_steps: int = 20, init_from: str | None = None,
                  init_from_ema: bool = True, init_from_objective: bool = True, compile: bool = False,
-                 channels_last: bool = False, **model_parts: Any):
+                 channels_last: bool = False, gradient_checkpointing: bool | None = None, **model_parts: Any):
         super().__init__()
         if not 0 <= p_uncond <= 1:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
@@ -109,6 +118,8 @@ class LatentDiffusion(L.LightningModule):
         self.sample_every_n_steps, self.num_log_samples = sample_every_n_steps, num_log_samples
         self.log_conditions = to_plain(log_conditions) if log_conditions is not None else None
         self.timestep_buckets, self.guard = timestep_buckets, NonFiniteGuard(max_nonfinite_steps)
+        if gradient_checkpointing is not None:  # None: as the backbone's own config says (use_checkpoint)
+            set_gradient_checkpointing(net.model.diffusion_model, gradient_checkpointing)
         speed_up([net.model], channels_last=channels_last)  # before the EMA copies it: one memory format
         self.compile_unet = compile  # at setup: each process compiles its own (ddp_spawn pickles the module)
         trainable = [net.model] + [part for part in [net.cond_stage_model.trainable_part()] if part is not None]

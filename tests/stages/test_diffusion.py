@@ -718,3 +718,19 @@ def test_cpu_experiments_instantiate(train_cfg, vae_ckpt, experiment):
     assert losses.shape == (2,) and torch.isfinite(losses).all()
     images = model.generate(model.log_conditions[:2], steps=2)
     assert images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gradient_checkpointing_option_reaches_every_unet_block(train_cfg, vae_ckpt, enabled):
+    from hydra.utils import instantiate
+
+    from sdlight.nn.attention import BasicTransformerBlock
+    from sdlight.nn.unet import ResBlock
+
+    # the quickstart UNet config says use_checkpoint: false; the option overrides it either way
+    cfg = train_cfg(quickstart(vae_ckpt) + [f"model.gradient_checkpointing={enabled}",
+                                            f"model.unet.use_checkpoint={not enabled}"])
+    unet = instantiate(cfg.model).net.model.diffusion_model
+    flags = [m.use_checkpoint if isinstance(m, ResBlock) else m.checkpoint for m in unet.modules()
+             if isinstance(m, (ResBlock, BasicTransformerBlock))]
+    assert len(flags) > 4 and set(flags) == {enabled}
