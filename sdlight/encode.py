@@ -6,7 +6,9 @@ posterior's mean and std, not one sample of it, so every epoch still draws a fre
 on images does; ``text=true`` also stores a frozen text encoder's contexts.
 
 - Images are center-cropped (one crop per image is cached); ``data.flip=true`` is refused: a flip would have to
-  be cached as a second latent, and flips contradict captions that say left or right anyway.
+  be cached as a second latent, and flips contradict captions that say left or right anyway. With
+  ``data.buckets``, each image is encoded at its bucket (the batches of the encoder are grouped by shape) and
+  each record keeps its latent shape and SD-XL's micro-conditioning (original size, crop corner, bucket).
 - Restartable per shard: input position ``i`` always goes to shard ``i // shard_size``; finished shards are
   listed in ``DIR/progress.json`` and skipped when the same command runs again; a shard is written to a
   temporary file and renamed when whole. ``manifest.json`` is written last: its presence marks a finished cache.
@@ -33,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import sdlight
-from sdlight.data.latents import FORMAT, FORMAT_VERSION, MANIFEST, LatentsDataModule, latent_record, storage_dtype
+from sdlight.data.latents import (FORMAT, FORMAT_VERSION, MANIFEST, MICRO_CONDITIONING, LatentsDataModule,
+                                  latent_record, storage_dtype)
 from sdlight.data.shards import SkipCounting, WebDataModule, count_samples, iter_samples
 from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset
 from sdlight.data.transforms import BadImage
@@ -126,6 +129,7 @@ def _conditions(item: dict, key: str) -> dict[str, Any]:
                            "source": str(item.get("key", key))}
     if "attributes" in item:
         out["attributes"] = torch.as_tensor(item["attributes"]).tolist()
+    out.update({k: torch.as_tensor(item[k]).tolist() for k in MICRO_CONDITIONING if k in item})
     return out
 
 
@@ -148,13 +152,20 @@ def _write_shard(path: Path, thunks: list[Thunk], first: int, first_stage: nn.Mo
             advance(len(items))
             if not good:
                 continue
-            posterior = first_stage.encode(torch.stack([it["image"] for _, it in good]).to(device))
-            mean, std = posterior.mean.float(), posterior.std.float()
-            error.update(mean, std, dtype)
-            context = text_encoder([it["text"] for _, it in good]).float() if text_encoder is not None else None
-            for j, (key, item) in enumerate(good):
-                sink.write(latent_record(key, mean[j], std[j], _conditions(item, key), dtype,
-                                         None if context is None else context[j]))
+            shapes = sorted({tuple(it["image"].shape) for _, it in good})  # several with aspect-ratio buckets
+            encoded: dict[str, tuple] = {}
+            for shape in shapes:
+                group = [(k, it) for k, it in good if tuple(it["image"].shape) == shape]
+                posterior = first_stage.encode(torch.stack([it["image"] for _, it in group]).to(device))
+                mean, std = posterior.mean.float(), posterior.std.float()
+                error.update(mean, std, dtype)
+                context = text_encoder([it["text"] for _, it in group]).float() if text_encoder is not None else None
+                for j, (key, _) in enumerate(group):
+                    encoded[key] = (mean[j], std[j], None if context is None else context[j])
+            for key, item in good:  # in input order, whatever the shapes
+                mean, std, context = encoded[key]
+                conditions = {**_conditions(item, key), "latent_shape": list(mean.shape)}
+                sink.write(latent_record(key, mean, std, conditions, dtype, context))
             written += len(good)
     os.replace(tmp, path)
     return {"shard": path.name, "samples": written, "skipped": len(bad), "examples": bad[:MAX_EXAMPLES],
@@ -240,6 +251,9 @@ def encode_dataset(first_stage: nn.Module, datamodule: Any, out: str | Path, *, 
             state.setdefault("unreadable", {})[split] = [len(counting.broken_shards), counting.broken_shards[0][1]]
     manifest = _manifest(state, identity, first_stage, first_stage_ckpt, text_encoder, data_config, dtype,
                          int(datamodule.image_size), splits, out)
+    buckets = getattr(datamodule, "bucket_list", None)
+    manifest["buckets"] = {"name": datamodule.buckets, "sizes": [list(b) for b in buckets]} if buckets else None
+    manifest["format_version"] = FORMAT_VERSION if buckets else 1  # a square cache stays readable by older sdlight
     _write_json(out / MANIFEST, manifest)
     (out / PROGRESS).unlink()
     return manifest

@@ -6,8 +6,9 @@ from collections.abc import Callable, Sized
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 
+from sdlight.data.bucket_sampler import BatchedItems, BucketSampler, buckets_of
 from sdlight.data.resumable import ResumableLoader, ResumableSampler, SeededItems, StreamLoader, run_seed
 from sdlight.data.skips import SkipMonitor, SkipTally
 from sdlight.errors import UsageError
@@ -120,6 +121,9 @@ class ImageDataModule(L.LightningDataModule):
                       persistent_workers=self.persistent_workers)
         if isinstance(dataset, IterableDataset):  # batches are made inside the pipeline; no len, no shuffle
             return (StreamLoader if shuffle else DataLoader)(dataset, batch_size=None, **common)
+        buckets = buckets_of(dataset)
+        if buckets is not None:
+            return self._bucket_loader(dataset, buckets, shuffle, common)
         if not shuffle:
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn, **common)
         return self._resumable_loader(dataset, common)
@@ -135,6 +139,19 @@ class ImageDataModule(L.LightningDataModule):
         return ResumableLoader(items, batch_size=self.batch_size, sampler=sampler,
                                collate_fn=self.collate_fn, drop_last=sampler.num_samples >= self.batch_size,
                                generator=torch.Generator().manual_seed(seed), **common)
+
+    def _bucket_loader(self, dataset: Dataset, buckets: list, shuffle: bool, common: dict) -> DataLoader:
+        """Batches of one aspect-ratio bucket each (sdlight.data.bucket_sampler): for training, resumable and
+        keyed as ``_resumable_loader``'s; for validation, every sample once, in order."""
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = run_seed()
+        items = BatchedItems(SeededItems(dataset) if shuffle else dataset)
+        sampler = BucketSampler(items, buckets, self.batch_size, num_replicas=world, rank=rank, seed=seed,
+                                shuffle=shuffle)
+        loader = ResumableLoader if shuffle else DataLoader
+        return loader(items, batch_size=None, sampler=sampler, collate_fn=self.collate_fn or default_collate,
+                      generator=torch.Generator().manual_seed(seed), **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -15,12 +15,15 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from sdlight.data.base import ImageDataModule, leaving
+from sdlight.data.bucket_sampler import bucket_counts
+from sdlight.data.buckets import Bucket, choose_buckets, nearest_bucket, size_or_none
 from sdlight.data.skips import MAX_EXAMPLES, ReplacingDataset, collate_counting_skips
 from sdlight.data.transforms import IMAGE_EXTENSIONS, BadImage, ImageTransform
 from sdlight.errors import UsageError
@@ -131,14 +134,33 @@ def scan_folder(root: str | Path, missing_caption: str = "skip", label_from: str
     return FolderScan(records, list(classes or []), skipped, len(images) + len(orphans))
 
 
+def read_sizes(paths: list[Path], threads: int = 8) -> list[Bucket | None]:
+    """Each image's (height, width) as displayed, from its header only (None where it does not read); threads,
+    as the reads wait on the disk (or the network) rather than on the CPU."""
+    if len(paths) < 64:
+        return [size_or_none(p) for p in paths]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(size_or_none, paths, chunksize=64))
+
+
 class ImageFolderDataset(ReplacingDataset):
     """Items ``{image, text, label, key, original_size, crop_coords}`` from a list of records (the last two for
-    SD-XL's micro-conditioning); a broken file is replaced by the next good one."""
+    SD-XL's micro-conditioning); a broken file is replaced by the next good one.
+
+    With the transform's buckets, ``sizes`` are the files' (height, width) (read from their headers when not
+    given) and ``bucket_of`` gives each item's bucket; items then carry ``target_size`` too."""
 
     errors = (BadImage, OSError, UnicodeError)
 
-    def __init__(self, root: str | Path, records: list[ImageRecord], transform: ImageTransform):
+    def __init__(self, root: str | Path, records: list[ImageRecord], transform: ImageTransform,
+                 sizes: list[Bucket] | None = None):
         self.root, self.records, self.transform = Path(root), records, transform
+        self.sizes = sizes
+        buckets = transform.buckets
+        if buckets is not None:
+            if sizes is None:  # an unreadable header: the square bucket, where it is replaced when read
+                self.sizes = sizes = [hw or (1, 1) for hw in read_sizes([self.root / r.rel for r in records])]
+            self.bucket_of = [nearest_bucket(*hw, buckets) for hw in sizes]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -148,7 +170,8 @@ class ImageFolderDataset(ReplacingDataset):
 
     def load(self, index: int) -> dict:
         rec = self.records[index]
-        image, geometry = self.transform.with_geometry(self.root / rec.rel)
+        bucket = self.bucket_of[index] if self.bucket_of is not None else None
+        image, geometry = self.transform.with_geometry(self.root / rec.rel, bucket)
         text = rec.text
         if rec.text_file is not None:
             text = (self.root / rec.text_file).read_text(encoding="utf-8", errors="replace").strip()
@@ -164,8 +187,11 @@ class FolderDataModule(ImageDataModule):
 
     def __init__(self, root: str, val_root: str | None = None, val_fraction: float = 0.05,
                  label_from: str | None = None, missing_caption: str = "skip", crop: str = "center",
-                 flip: bool = False, min_size: int = 0, **kwargs):
+                 flip: bool = False, min_size: int = 0, buckets: str | None = None, bucket_step: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.buckets = buckets
+        self.bucket_list = choose_buckets(buckets, self.image_size, bucket_step)
         if not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
             raise UsageError(f"data.val_fraction={val_fraction}: must be a number in [0, 1)")
         self.root, self.val_root, self.val_fraction = root, val_root, val_fraction
@@ -227,6 +253,25 @@ class FolderDataModule(ImageDataModule):
             log.warning("data: the %s split of %s is empty (val_fraction=%s)", split, self.root, self.val_fraction)
         crop = self.crop if split == "train" else "center"
         transform = ImageTransform(self.image_size, crop=crop, flip=self.flip and split == "train",
-                                   min_size=self.min_size)
-        return ImageFolderDataset(self.root if split == "train" or not self.val_root else self.val_root,
-                                  records, transform)
+                                   min_size=self.min_size, buckets=self.bucket_list)
+        root = self.root if split == "train" or not self.val_root else self.val_root
+        if self.bucket_list is None:
+            return ImageFolderDataset(root, records, transform)
+        records, sizes = self._sized(root, records)
+        dataset = ImageFolderDataset(root, records, transform, sizes)
+        if records:
+            log.info("data: %s images per bucket (data.buckets=%s): %s", split, self.buckets,
+                     bucket_counts(dataset.bucket_of or []))
+        return dataset
+
+    def _sized(self, root: str, records: list[ImageRecord]) -> tuple[list[ImageRecord], list[Bucket]]:
+        """The records whose image header reads, with their sizes: a file without a size has no bucket, so it is
+        left out (and counted as skipped) here rather than met in a batch of a bucket it cannot fill."""
+        sizes = read_sizes([Path(root) / r.rel for r in records])
+        bad = [f"{r.rel}: the image header does not read" for r, hw in zip(records, sizes) if hw is None]
+        if bad:
+            self.skips.add(len(bad), 0, bad, reported=True)
+            log.warning("data: %d images under %s left out (no size to choose a bucket by), e.g. %s", len(bad),
+                        root, "; ".join(bad[:MAX_EXAMPLES]))
+        kept = [(r, hw) for r, hw in zip(records, sizes) if hw is not None]
+        return [r for r, _ in kept], [hw for _, hw in kept]

@@ -6,12 +6,18 @@ from, counts). Each sample holds:
 
 - ``KEY.latent``: the posterior's mean then its std, ``(2, C, h, w)`` raw bytes in the manifest's dtype
   (no pickle, nothing to execute; a wrong length marks the sample broken);
-- ``KEY.json``: ``{"text", "label"[, "attributes"], "source"}``, the conditions as the image data gave them;
+- ``KEY.json``: ``{"text", "label"[, "attributes"], "source", "latent_shape"[, "original_size", "crop_coords",
+  "target_size"]}``, the conditions as the image data gave them, the latent's (C, h, w) and SD-XL's
+  micro-conditioning when the images had it;
 - ``KEY.context`` (``encode.text=true``): a frozen text encoder's ``(L, D)`` context, raw bytes.
 
 Reading reuses data=webdataset entirely (resampled shards, ``with_epoch``, split_by_node/worker, a fixed
 validation set, broken samples counted); only what a sample turns into differs. Batches carry ``latent_mean``,
 ``latent_std`` (and ``context``) in place of ``image``, next to ``text`` / ``label`` / ``attributes``.
+
+A cache encoded with aspect-ratio buckets (``data.buckets``, format version 2) holds each image at its bucket, so
+latents differ in shape (each record's ``latent_shape``; the manifest's is the square one); batches then gather
+latents of one shape (sdlight.data.bucket_sampler).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from sdlight.errors import UsageError
 log = logging.getLogger("sdlight")
 
 MANIFEST = "manifest.json"
-FORMAT, FORMAT_VERSION = "sdlight.latents", 1
+FORMAT, FORMAT_VERSION = "sdlight.latents", 2  # 2: per-record latent shapes (buckets); a cache without stays 1
+MICRO_CONDITIONING = ("original_size", "crop_coords", "target_size")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -75,10 +82,12 @@ class LatentSample:
         name = f"{os.path.basename(str(sample.get('__url__', '?')))}:{sample.get('__key__', '?')}"
         if "latent" not in sample or "json" not in sample:
             raise ValueError(f"{name}: no latent or json")
-        mean, std = from_bytes(sample["latent"], self.dtype, (2, *self.latent_shape), f"{name}.latent")
         meta = json.loads(sample["json"].decode("utf-8"))
+        shape = tuple(meta.get("latent_shape", self.latent_shape))
+        mean, std = from_bytes(sample["latent"], self.dtype, (2, *shape), f"{name}.latent")
         item = {"latent_mean": mean, "latent_std": std, "text": str(meta.get("text", "")),
                 "label": int(meta.get("label", -1)), "key": sample["__key__"]}
+        item.update({k: torch.tensor(meta[k]) for k in MICRO_CONDITIONING if k in meta})
         if "attributes" in meta:
             item["attributes"] = torch.tensor(meta["attributes"])
         if self.context_shape is not None:
@@ -118,8 +127,14 @@ class LatentsDataModule(WebDataModule):
 
     def __init__(self, root: str, image_size: int | None = None, train_size: int | None = None,
                  val_size: int | None = None, shuffle_buffer: int = 1000, resampled: bool = True, seed: int = 0,
-                 first_stage_ckpt: str | None = None, **kwargs):
+                 first_stage_ckpt: str | None = None, buckets: str | None = None, **kwargs):
         self.manifest = read_manifest(root)
+        cached_buckets = self.manifest.get("buckets") or {}
+        encoded_with = cached_buckets.get("name")
+        if buckets is not None and buckets != encoded_with:
+            raise UsageError(f"data.buckets={buckets} but data.root={root} was encoded with data.buckets="
+                             f"{encoded_with or 'null'}: leave data.buckets=null (the cache's), or encode the images "
+                             f"again with data.buckets={buckets}")
         cached = int(self.manifest["image_size"])
         if image_size is not None and int(image_size) != cached:
             raise UsageError(f"data.image_size={image_size} but data.root={root} holds latents of {cached} px "
@@ -137,6 +152,8 @@ class LatentsDataModule(WebDataModule):
                          train_size=train_size if train_size is not None else int(splits["train"]["samples"]),
                          val_size=val_size, **kwargs)
         self.root, self.first_stage_ckpt = root, first_stage_ckpt
+        if cached_buckets:  # batches of one latent shape
+            self.buckets, self.bucket_list = encoded_with, [tuple(b) for b in cached_buckets["sizes"]]
         text = self.manifest.get("text_encoder")
         self._sample = LatentSample(tuple(self.manifest["latent_shape"]), storage_dtype(self.manifest["dtype"]),
                                     tuple(text["context_shape"]) if text else None)

@@ -23,6 +23,8 @@ import webdataset as wds
 from torch.utils.data import Dataset
 
 from sdlight.data.base import ImageDataModule, leaving
+from sdlight.data.bucket_sampler import BucketBatches, bucket_counts, item_shape
+from sdlight.data.buckets import choose_buckets
 from sdlight.data.skips import (BROKEN_SHARDS, MAX_EXAMPLES, SKIPPED, SKIPPED_FROM, ReplacingDataset, TooManySkipped,
                                 collate_counting_skips)
 from sdlight.data.transforms import BadImage, ImageTransform
@@ -205,8 +207,11 @@ class WebDataModule(ImageDataModule):
 
     def __init__(self, urls: str | Sequence[str], val_urls: str | Sequence[str] | None = None,
                  shuffle_buffer: int = 1000, resampled: bool = True, crop: str = "random", flip: bool = False,
-                 min_size: int = 0, seed: int = 0, **kwargs):
+                 min_size: int = 0, seed: int = 0, buckets: str | None = None, bucket_step: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.buckets = buckets
+        self.bucket_list = choose_buckets(buckets, self.image_size, bucket_step)
         self.urls = expand_urls(urls)
         self.val_urls = expand_urls(val_urls) if val_urls else None
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
@@ -217,7 +222,12 @@ class WebDataModule(ImageDataModule):
     def _transform(self, split: str) -> ImageTransform:
         train = split == "train"
         return ImageTransform(self.image_size, crop=self.crop if train else "center", flip=self.flip and train,
-                              min_size=self.min_size)
+                              min_size=self.min_size, buckets=self.bucket_list)
+
+    @property
+    def bucketed(self) -> bool:
+        """Whether items come in several shapes, so that a batch gathers items of one shape."""
+        return self.bucket_list is not None
 
     def sample_loader(self, split: str) -> Callable[[dict], dict]:
         """What turns a raw tar sample of ``split`` into a batch item (subclasses read other layouts)."""
@@ -255,6 +265,8 @@ class WebDataModule(ImageDataModule):
             counting.read,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100)),
             counting.decode,
+            # with buckets: a pending list per shape, a batch when one fills (sdlight.data.bucket_sampler)
+            BucketBatches(self.batch_size, collate_counting_skips) if self.bucketed else
             wds.batched(self.batch_size, collation_fn=collate_counting_skips, partial=False),
         )
         return pipeline.with_epoch(nbatches=n).with_length(n * max(1, self.num_workers), silent=True)
@@ -268,7 +280,7 @@ class WebDataModule(ImageDataModule):
         load = self.sample_loader("val")
         counting = SkipCounting(load)
         limit = self.val_size if self.val_size is not None or self.val_urls else 256
-        samples, read = [], 0
+        samples, shapes, read = [], [], 0
         stream = iter(iter_samples(self.val_urls or self.urls, counting))
         while limit is None or len(samples) < limit:
             sample = next(stream, None)
@@ -276,7 +288,7 @@ class WebDataModule(ImageDataModule):
                 break
             read += not sample.get("__cut__")
             try:
-                load(sample)
+                shapes.append(item_shape(load(sample)))
                 samples.append(sample)
             except (BadImage, ValueError, OSError) as exc:
                 counting.broken(sample, exc)
@@ -292,7 +304,11 @@ class WebDataModule(ImageDataModule):
                         "; ".join(bad[:MAX_EXAMPLES]))
         if not samples:
             log.warning("data: no validation samples in %s", (self.val_urls or self.urls)[:MAX_EXAMPLES])
-        return EncodedSamples(samples, load)
+        held = EncodedSamples(samples, load)
+        if self.bucketed:  # batches of one shape (the validation loader reads bucket_of)
+            held.bucket_of = shapes
+            log.info("data: validation samples per shape: %s", bucket_counts(shapes))
+        return held
 
     def check_training_left(self) -> None:
         """Stops a run whose validation samples, taken from the head of ``urls``, leave fewer training samples

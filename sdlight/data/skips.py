@@ -130,6 +130,10 @@ class ReplacingDataset(Dataset):
 
     errors: tuple[type[BaseException], ...] = (ValueError, OSError)
     max_retries = 32
+    # with aspect-ratio buckets: each item's bucket; a broken item is then replaced from its own bucket, so that
+    # a batch of one bucket stays one (sdlight.data.bucket_sampler)
+    bucket_of: list | None = None
+    _bucket_rings: dict | None = None
 
     def load(self, index: int) -> dict:
         """Item ``index``, raising one of ``errors`` when it is broken; each subclass defines its own."""
@@ -138,10 +142,22 @@ class ReplacingDataset(Dataset):
     def name(self, index: int) -> str:
         return str(index)
 
+    def candidates(self, index: int) -> list[int]:
+        """``index``, then the items that replace it when it is broken: the next ones (in its bucket, if any)."""
+        if self.bucket_of is None:
+            return [(index + a) % len(self) for a in range(self.max_retries + 1)]
+        if self._bucket_rings is None:
+            rings: dict = {}
+            for i, bucket in enumerate(self.bucket_of):
+                rings.setdefault(bucket, []).append(i)
+            self._bucket_rings = {b: ({i: k for k, i in enumerate(ring)}, ring) for b, ring in rings.items()}
+        where, ring = self._bucket_rings[self.bucket_of[index]]
+        start = where[index]
+        return [ring[(start + a) % len(ring)] for a in range(min(len(ring), self.max_retries + 1))]
+
     def __getitem__(self, index: int) -> dict:
         bad: list[str] = []
-        for attempt in range(self.max_retries + 1):
-            i = (index + attempt) % len(self)
+        for i in self.candidates(index):
             try:
                 item = self.load(i)
             except self.errors as exc:

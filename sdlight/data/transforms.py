@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from sdlight.data.buckets import TRANSPOSING, Bucket, cover_size, displayed_size, nearest_bucket, orientation
 from sdlight.pixels import from_pil
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -74,45 +75,69 @@ def to_rgb(img: Image.Image) -> Image.Image:
 class ImageTransform:
     """Resizes the short side to ``image_size``, then crops a square (center or random), optionally flips.
 
+    With ``buckets`` ((height, width) list, sdlight.data.buckets), the image is resized to cover the bucket nearest
+    its aspect ratio and cropped to that bucket instead of a square.
+
     Images whose short side is below ``min_size`` are rejected (BadImage); smaller ones that pass are upscaled.
     Horizontal flips are off by default: they contradict captions that say left or right.
     """
 
-    def __init__(self, image_size: int, crop: str = "center", flip: bool = False, min_size: int = 0):
+    def __init__(self, image_size: int, crop: str = "center", flip: bool = False, min_size: int = 0,
+                 buckets: list[Bucket] | None = None):
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         self.image_size, self.crop, self.flip, self.min_size = image_size, crop, flip, min_size
+        self.buckets = buckets
 
     def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
-        """(3, image_size, image_size) float in [-1, 1]; raises BadImage for an unusable input."""
+        """(3, image_size, image_size) float in [-1, 1] (the bucket's size with buckets); raises BadImage for an
+        unusable input."""
         return self.with_geometry(source)[0]
 
-    def with_geometry(self, source: str | Path | bytes | Image.Image) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def bucket_of(self, source: str | Path | bytes | Image.Image) -> Bucket:
+        """The bucket of an image, from its header (BadImage when that does not read)."""
+        assert self.buckets is not None
+        try:
+            return nearest_bucket(*displayed_size(source), self.buckets)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise BadImage(f"{type(exc).__name__}: {exc}") from None
+
+    def with_geometry(self, source: str | Path | bytes | Image.Image,
+                      bucket: Bucket | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The image as :meth:`__call__` gives it, and SD-XL's micro-conditioning entries: ``original_size``, the
-        source's (height, width) before resizing, and ``crop_coords``, the crop's (top, left) corner in the resized
-        image (both long tensors of shape (2,); a flip leaves them as they are, as in SD-XL)."""
+        source's (height, width) as displayed, before resizing, and ``crop_coords``, the crop's (top, left) corner
+        in the resized image (long tensors of shape (2,); a flip leaves them as they are, as in SD-XL). With
+        buckets also ``target_size``, the bucket's (height, width); ``bucket``: the one the caller already knows
+        (else it is read from the header)."""
+        if self.buckets is not None:
+            th, tw = bucket or self.bucket_of(source)
+        else:
+            th = tw = self.image_size
         img = source if isinstance(source, Image.Image) else \
-            open_image(source, draft=max(self.image_size, self.min_size))
+            open_image(source, draft=max(th, tw, self.min_size))
         w, h = img.info.get(SOURCE_SIZE, img.size)
+        if orientation(img) in TRANSPOSING:  # the size as displayed, in the frame the crop is taken in
+            w, h = h, w
         img = to_rgb(img)
-        s = self.image_size
         if min(w, h) < max(1, self.min_size):
             raise BadImage(f"too small: {w}x{h} < min_size {self.min_size}")
         # the draft may have shrunk the pixels: resize from what was decoded, report the file's own size
         dw, dh = img.size
-        scale = s / min(dw, dh)
-        nw, nh = max(s, round(dw * scale)), max(s, round(dh * scale))
+        nh, nw = cover_size(dh, dw, (th, tw))
         if (nw, nh) != (dw, dh):
             # reducing_gap: a fast box pre-shrink for large downscales, then a proper bicubic filter
+            scale = max(th / dh, tw / dw)
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 3.0)
         if self.crop == "random":
-            left, top = random.randint(0, nw - s), random.randint(0, nh - s)
+            left, top = random.randint(0, nw - tw), random.randint(0, nh - th)
         else:
-            left, top = (nw - s) // 2, (nh - s) // 2
-        img = img.crop((left, top, left + s, top + s))
+            left, top = (nw - tw) // 2, (nh - th) // 2
+        img = img.crop((left, top, left + tw, top + th))
         if self.flip and random.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         geometry = {"original_size": torch.tensor([h, w]), "crop_coords": torch.tensor([top, left])}
+        if self.buckets is not None:
+            geometry["target_size"] = torch.tensor([th, tw])
         return from_pil(img), geometry

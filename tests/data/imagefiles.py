@@ -95,3 +95,30 @@ def cut_shard_set(out: Path, n: int = 103, per_shard: int = 26) -> str:
     data = shards[-1].read_bytes()
     shards[-1].write_bytes(data[: len(data) // 2])
     return f"{out}/s-{{0000..{len(shards) - 1:04d}}}.tar"
+
+
+# (width, height) of the photographs of the bucket tests: wide, tall, square, 4:3
+PHOTO_SIZES = [(96, 48), (48, 96), (64, 64), (80, 60)]
+
+
+def rotated_jpeg(path: Path, size: tuple[int, int] = (96, 48), orientation: int = 6, seed: int = 0) -> Path:
+    """A JPEG stored ``size`` (w, h) whose EXIF orientation turns it by 90° on display (orientations 5-8)."""
+    rng = np.random.default_rng(seed)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    img.save(path, "JPEG", exif=exif.tobytes())
+    return path
+
+
+def make_photos(root: Path) -> Path:
+    """Four images of each of PHOTO_SIZES (jpg and png, named WxH_i) and two rotated JPEGs (shown 48 wide, 96
+    tall), each with a sidecar caption; returns root."""
+    for k, (w, h) in enumerate(PHOTO_SIZES):
+        for i in range(4):
+            write_image(root / f"{w}x{h}_{i}.{'jpg' if i % 2 else 'png'}", "RGB", (w, h), seed=10 * k + i)
+    for i in range(2):
+        rotated_jpeg(root / f"rotated_{i}.jpg", seed=100 + i)
+    for p in root.iterdir():
+        p.with_suffix(".txt").write_text(f"photo {p.stem}")
+    return root
