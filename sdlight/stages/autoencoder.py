@@ -152,11 +152,14 @@ class AutoencoderModule(L.LightningModule):
     def _step(self, optimizer, loss: torch.Tensor, boundary: bool) -> None:
         self.manual_backward(loss / self.accumulate_grad_batches)
         if boundary:
-            if self.gradient_clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                    gradient_clip_algorithm="norm")
-            optimizer.step()
+            optimizer.step()  # clipped in on_before_optimizer_step
             optimizer.zero_grad(set_to_none=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # here, not before optimizer.step(): under 16-mixed the grad scaler has just unscaled the gradients, so the
+        # norm is the true one (clipped before, scaled gradients would be cut to the norm and then divided by the scale)
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

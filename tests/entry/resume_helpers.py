@@ -78,3 +78,13 @@ class RecordingAdherence(PromptAdherenceCallback):
             images.append(batch)
             yield chunk, batch
         torch.save(torch.cat(images), Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class SaveRankStates(L.Callback):
+    """At the end of training each rank writes its module's state dict (EMA included) to ``out_dir``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(pl_module.state_dict(), Path(self.out_dir) / f"rank{trainer.global_rank}.pt")

@@ -76,7 +76,14 @@ def test_the_autoencoder_ends_the_same_on_one_or_two_processes(tmp_path):
 def test_the_diffusion_model_ends_the_same_on_one_or_two_processes(tmp_path, stage1):
     args = LDM + [f"model.first_stage.ckpt={stage1}", "trainer.max_steps=4"]
     one = _run(tmp_path / "one", args + ONE)
-    two = _run(tmp_path / "two", args + TWO)
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    two = _run(tmp_path / "two", args + TWO + ["+callbacks.ranks._target_=resume_helpers.SaveRankStates",
+                                               f"+callbacks.ranks.out_dir={ranks}"])
+    # every rank ends with the same weights and EMA, bit for bit (the EMA averages the all-reduced weights)
+    first, second = (torch.load(ranks / f"rank{r}.pt") for r in (0, 1))
+    assert first.keys() == second.keys() and any(k.startswith("model_ema.") for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
     assert one["state_dict"]["scale_factor"] == pytest.approx(float(two["state_dict"]["scale_factor"]), rel=1e-6)
     _assert_same_weights(one, two)
     # a control: another seed moves the weights by far more than the processes' difference

@@ -181,14 +181,19 @@ def test_lr_schedule_follows_the_run_for_both_optimizers(tmp_path, accumulate):
     assert [r["lr"] for r in d_records] == pytest.approx([1e-4 * factor(n) for n in range(2, steps)])
 
 
-@pytest.mark.parametrize("clip", [None, 0.05])
-def test_gradient_clip_val_bounds_the_update(tmp_path, clip):
+@pytest.mark.parametrize("clip, float16", [(None, False), (0.05, False), (0.05, True)])
+def test_gradient_clip_val_bounds_the_update(tmp_path, clip, float16):
+    """float16: the grad scaler's gradients are clipped once unscaled (clipped while scaled, the update would come
+    out the scale times smaller)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
     g_records, d_records = [], []
     lr = 1.0
     module = make_module(disc_start=0, gradient_clip_val=clip,
                          optimizer=lambda p: SpySGD(p, g_records, lr=lr),
                          disc_optimizer=lambda p: SpySGD(p, d_records, lr=lr))
-    make_trainer(tmp_path, max_steps=2).fit(module, loader(4, 4))  # one batch: one G and one D step
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=8.0))] if float16 else []
+    make_trainer(tmp_path, max_steps=2, plugins=plugins).fit(module, loader(4, 4))  # one G and one D step
     assert len(g_records) == len(d_records) == 1
     for r in g_records + d_records:
         if clip is None:
@@ -486,6 +491,41 @@ def test_bf16_mixed_precision_trains_both_players_with_float32_weights(tmp_path)
     trainer = make_trainer(tmp_path, max_steps=4, precision="bf16-mixed")
     trainer.fit(module, loader(8, 4))
     assert torch.bfloat16 in dtypes
+    assert all(v.dtype == torch.float32 for k, v in module.state_dict().items() if v.is_floating_point())
+    after = module.state_dict()
+    assert changed(before, after, "encoder.") and changed(before, after, "loss.discriminator.")
+    assert all(torch.isfinite(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/"))
+
+
+def test_float16_mixed_precision_steps_both_players_through_the_grad_scaler(tmp_path):
+    """`precision=16-mixed` in stage 1's manual optimization: the loss is scaled in `manual_backward` and each
+    optimizer steps through the grad scaler (unscaled gradients, a step skipped on overflow, the scale lowered). Lightning turns 16-mixed
+    into bf16 on a CPU, so the float16 plugin is given explicitly with a CPU grad scaler."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    calls = {"scale": 0, "step": 0}
+    scale, step = scaler.scale, scaler.step
+
+    def counted_scale(outputs):
+        calls["scale"] += 1
+        return scale(outputs)
+
+    def counted_step(optimizer, *args, **kwargs):
+        calls["step"] += 1
+        return step(optimizer, *args, **kwargs)
+
+    scaler.scale, scaler.step = counted_scale, counted_step
+    module = make_module(disc_start=0)
+    dtypes = []
+    module.autoencoder.encoder.conv_in.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    before = copy.deepcopy(module.state_dict())
+    trainer = make_trainer(tmp_path, max_steps=8, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    trainer.fit(module, loader(16, 4))
+    assert torch.float16 in dtypes
+    assert calls["scale"] >= 8 and calls["step"] == 8  # 4 batches x (generator, discriminator)
+    # at 2^10 the generator's first gradients overflow in float16: those steps were skipped and the scale lowered
+    assert scaler.get_scale() < 2.0**10
     assert all(v.dtype == torch.float32 for k, v in module.state_dict().items() if v.is_floating_point())
     after = module.state_dict()
     assert changed(before, after, "encoder.") and changed(before, after, "loss.discriminator.")
