@@ -38,15 +38,18 @@ class SampleResult:
     latents: torch.Tensor | None = field(default=None, repr=False)
 
 
-def to_tensor_image(image: Image.Image | str | Path, size: int, what: str = "init image") -> torch.Tensor:
-    """An RGB image as (1, 3, size, size) in [-1, 1]; resized (and said so) when its size differs."""
+def to_tensor_image(image: Image.Image | str | Path, size: int | tuple[int, int],
+                    what: str = "init image") -> torch.Tensor:
+    """An RGB image as (1, 3, height, width) in [-1, 1] (``size``: a side, or (height, width)); resized (and said
+    so) when its size differs."""
     if not isinstance(image, Image.Image):
         image = Image.open(image)
     image = image.convert("RGB")
-    if image.size != (size, size):
+    height, width = (size, size) if isinstance(size, int) else size
+    if image.size != (width, height):
         # one log line: a warning would print a second line with our source, which says nothing to a user
-        log.warning(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {size}x{size}")
-        image = image.resize((size, size), Image.BICUBIC)
+        log.warning(f"{what} resized from {image.size[0]}x{image.size[1]} to the model's {width}x{height}")
+        image = image.resize((width, height), Image.BICUBIC)
     return from_pil(image)[None]
 
 
@@ -66,8 +69,9 @@ class AttentionRecorder:
     for each pixel they sum to 1 over all key tokens.
     """
 
-    def __init__(self, unet: torch.nn.Module, batch: int, size: int, guided: bool):
-        self.batch, self.size, self.guided = batch, size, guided
+    def __init__(self, unet: torch.nn.Module, batch: int, size: int | tuple[int, int], guided: bool):
+        self.batch, self.guided = batch, guided
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
         self.total: torch.Tensor | None = None
         self.count = 0
         self.modules = [m for m in unet.modules() if getattr(m, "is_cross_attention", False)]
@@ -89,9 +93,10 @@ class AttentionRecorder:
         p = probs.float().reshape(-1, heads, *probs.shape[1:]).mean(1)  # (batch[*2], Lq, Lk)
         if self.guided:
             p = p[self.batch:]  # [uncond; cond]: keep the conditional half
-        side = int(round(p.shape[1] ** 0.5))
-        p = p.transpose(1, 2).reshape(self.batch, p.shape[2], side, side)
-        p = F.interpolate(p, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        height, width = self.size  # the layer's query grid has the image's aspect ratio
+        rows = int(round((p.shape[1] * height / width) ** 0.5))
+        p = p.transpose(1, 2).reshape(self.batch, p.shape[2], rows, p.shape[1] // rows)
+        p = F.interpolate(p, size=self.size, mode="bilinear", align_corners=False)
         self.total = p if self.total is None else self.total + p
         self.count += 1
 
@@ -249,7 +254,7 @@ class Pipeline:
             return self.init_latents(pixels, len(x_T)), {"strength": strength}
         if self.concat_reads == "mask":  # an inpainting model sees the mask itself
             return x_T, {}
-        latent = F.adaptive_max_pool2d(pix_mask, m.latent_shape[1:])
+        latent = F.adaptive_max_pool2d(pix_mask, x_T.shape[-2:])
         return x_T, {"callback": inpaint_callback(self.init_latents(pixels, len(x_T)), latent, m.objective,
                                                   generator=generator)}
 
@@ -265,7 +270,8 @@ class Pipeline:
                  sampler_options: Mapping[str, Any] | None = None, seed: int = 0, use_ema: bool = True,
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.6,
                  mask: Image.Image | str | Path | None = None, lowres: Image.Image | str | Path | None = None,
-                 save_attention: bool = False, progress: bool = False) -> SampleResult:
+                 save_attention: bool = False, progress: bool = False, height: int | None = None,
+                 width: int | None = None) -> SampleResult:
         """``num_samples`` images for each of ``conditions`` (with one encoder its prompts, labels or attribute
         lists; else a dict ``{batch key: values}``, one value shared by all; None for an unconditional model).
         ``init_image`` + ``strength`` is img2img (SDEdit); ``init_image`` + ``mask`` inpaints the white region of
@@ -273,10 +279,12 @@ class Pipeline:
         the masked image; any other model blends the known region back at every step. ``lowres`` is the input
         of a super-resolution model. ``sampler_options`` go to the sampler function (``{"eta": 0.5}``,
         ``{"grid": "karras"}``, ``{"s_churn": 1.0}``; see :func:`sdlight.diffusion.sampler_options`); ``eta`` is
-        a shortcut for ``sampler_options["eta"]``. The options are checked once (:class:`SampleRequest`)."""
+        a shortcut for ``sampler_options["eta"]``. ``height`` / ``width`` (None: the model's image size; multiples
+        of the model's ``size_multiple``) sample another size or aspect ratio, e.g. a model trained on aspect-ratio
+        buckets. The options are checked once (:class:`SampleRequest`)."""
         return self.run(SampleRequest(conditions, num_samples, steps, guidance_scale, guidance_rescale, negative,
                                       sampler, sampler_options or {}, eta, seed, use_ema, init_image, strength, mask,
-                                      lowres, save_attention, progress))
+                                      lowres, save_attention, progress, height, width))
 
     @torch.no_grad()
     def run(self, request: SampleRequest) -> SampleResult:
@@ -293,11 +301,16 @@ class Pipeline:
         fn = SAMPLERS[r.sampler] if r.sampler is not None else None
         options = r.sampler_options if fn is not None else resolve_sampler_options(None, m.sampler, r.sampler_options)
         kwargs: dict[str, Any] = {"progress": r.progress, **options}
+        size = (r.height or m.image_size, r.width or m.image_size)
+        try:
+            shape = m.latent_shape_for(*size)
+        except ValueError as err:
+            raise UsageError(f"height={size[0]} width={size[1]}: {err}") from None
         generator = torch.Generator(device="cpu").manual_seed(r.seed)
-        x_T = torch.randn((n, *m.latent_shape), generator=generator)  # CPU noise: same samples on any device
+        x_T = torch.randn((n, *shape), generator=generator)  # CPU noise: same samples on any device
         scale = m.guidance_scale if r.guidance_scale is None else r.guidance_scale
 
-        pixels = to_tensor_image(r.init_image, m.image_size).to(self.device) if r.init_image is not None else None
+        pixels = to_tensor_image(r.init_image, size).to(self.device) if r.init_image is not None else None
         pix_mask = to_mask(r.mask, pixels.shape[-2:]).to(self.device) if r.mask is not None else None
         kwargs["concat"] = self.concat_inputs(pixels, pix_mask, r.lowres)
         x_T, extra = self.start(x_T, pixels, pix_mask, r.strength, generator)
@@ -305,7 +318,7 @@ class Pipeline:
 
         if r.save_attention and not self.encoders:
             raise ValueError("attention maps show where each condition token went: this model is unconditional")
-        recorder = AttentionRecorder(m.model.diffusion_model, n, m.image_size, scale != 1.0) if r.save_attention \
+        recorder = AttentionRecorder(m.model.diffusion_model, n, size, scale != 1.0) if r.save_attention \
             else None
         self._weights(r.use_ema)
         with recorder or contextlib.nullcontext():
@@ -320,6 +333,7 @@ class Pipeline:
                     "sampler": r.sampler or sampler_name(m.sampler), "seed": r.seed, "eta": options.get("eta"),
                     "sampler_options": options, "use_ema": r.use_ema, "negative": r.negative,
                     "strength": r.strength if r.init_image is not None and r.mask is None else None,
-                    "inpainting": r.mask is not None, "superres": r.lowres is not None}
+                    "inpainting": r.mask is not None, "superres": r.lowres is not None,
+                    "height": size[0], "width": size[1]}
         attention = self.attention(recorder, conds) if recorder is not None else None
         return SampleResult(to_pil(images), conds, settings, attention)

@@ -87,7 +87,7 @@ def save(result: SampleResult, out: Path, ckpt: str, scale: int | None = None) -
     grid = torchvision.utils.make_grid(
         [torchvision.transforms.functional.to_tensor(im) for im in result.images],
         nrow=max(1, len(result.images) // max(1, len(set(map(str, result.conditions))))), padding=2)
-    factor = grid_scale(result.images[0].size[0], scale)
+    factor = grid_scale(min(result.images[0].size), scale)
     if factor > 1:
         grid = grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)  # nearest: pixels stay sharp
     # the grid's settings too, with every sample's condition in order (row by row)
@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> None:
         request = SampleRequest(conditions_from(cfg), cfg.num_samples, cfg.steps, cfg.guidance, cfg.guidance_rescale,
                                 cfg.negative_prompt, cfg.sampler, cfg.get("sampler_options") or {}, cfg.get("eta"),
                                 cfg.seed, cfg.use_ema, cfg.init_image, cfg.strength, cfg.mask, cfg.lowres,
-                                cfg.save_attention, cfg.progress)
+                                cfg.save_attention, cfg.progress, cfg.get("height"), cfg.get("width"))
         grid_scale(1, cfg.get("grid_scale"))
         device = resolve_device(cfg.device)
         pipe = Pipeline.from_checkpoint(cfg.ckpt, device=device, use_ema=cfg.use_ema)

@@ -204,10 +204,15 @@ class SampleRequest:
     lowres: ImageInput | None = None
     save_attention: bool = False
     progress: bool = False
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
         check_sampling_options(self.num_samples, self.steps, self.guidance_scale, self.guidance_rescale,
                                self.strength, self.eta, self.sampler)
+        for name, side in (("height", self.height), ("width", self.width)):
+            if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+                raise UsageError(f"{name}={side!r}: give a whole number of pixels (null: the model's image size)")
         options = resolve_sampler_options(self.sampler, SAMPLERS.get(self.sampler) if self.sampler else None,
                                           given_options(self.sampler_options), self.eta)
         object.__setattr__(self, "sampler_options", options)  # with the eta shortcut folded in

@@ -90,8 +90,23 @@ class LatentDiffusionModel(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape_for(self.image_size, self.image_size)
+
+    @property
+    def size_multiple(self) -> int:
+        """What an image's height and width must be multiples of: the autoencoder's factor times the backbone's."""
+        backbone = self.model.diffusion_model
+        return self.first_stage_model.downsample_factor * getattr(backbone, "size_multiple", 1)
+
+    def latent_shape_for(self, height: int, width: int) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of ``height`` x ``width`` images; ValueError when the sides are not
+        multiples of `size_multiple`."""
+        step = self.size_multiple
+        if height % step or width % step:
+            raise ValueError(f"{height}x{width} images: this model takes sides that are multiples of {step} (the "
+                             f"autoencoder's factor {self.first_stage_model.downsample_factor} times the backbone's)")
         f = self.first_stage_model.downsample_factor
-        return self.first_stage_model.latent_channels, self.image_size // f, self.image_size // f
+        return self.first_stage_model.latent_channels, height // f, width // f
 
     @property
     def condition_keys(self) -> list[str]:

@@ -368,6 +368,11 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
 
+    @property
+    def size_multiple(self) -> int:
+        """What the input's height and width must be multiples of: the UNet halves them once per level but the last."""
+        return 2 ** (len(self.channel_mult) - 1)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Each ResBlock, attention block and transformer block recomputes its activations in the backward pass
         instead of keeping them (``use_checkpoint`` for all of them): less memory for about a third more compute
@@ -385,7 +390,7 @@ class UNetModel(nn.Module):
         y: (B,) class indices (or (B, adm_in_channels) vectors) when the model is class-conditional."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional (num_classes set)")
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = self.size_multiple
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"spatial size {tuple(x.shape[-2:])} must be divisible by {factor}")
         timesteps = torch.as_tensor(timesteps, device=x.device)

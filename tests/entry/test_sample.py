@@ -178,3 +178,27 @@ def test_sample_cli_writes_pngs_grid_and_metadata(tiny_text_ldm, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert run2.returncode == 0, run2.stderr[-3000:]
     assert np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(tmp_path / "out2" / "00000.png")))
+
+
+def test_another_size_and_aspect_ratio(pipe):
+    """height / width: latents of that shape (the UNet is fully convolutional), attention maps of that shape, the
+    same seed drawing the same noise layout; sides that the UNet cannot halve are one line."""
+    from sdlight.errors import UsageError
+
+    step = pipe.model.size_multiple
+    assert step == 8  # the tiny f=4 autoencoder x a UNet that halves once
+    wide = pipe([PROMPT], num_samples=2, steps=2, height=32, width=64, save_attention=True)
+    assert [im.size for im in wide.images] == [(64, 32)] * 2
+    assert wide.settings["height"] == 32 and wide.settings["width"] == 64
+    tokens, maps = wide.attention[0]
+    assert maps.shape == (len(tokens), 32, 64)
+    assert torch.allclose(maps.sum(0), torch.ones(32, 64), atol=1e-4)
+    tall = pipe([PROMPT], steps=2, height=48, width=24, init_image=Image.new("RGB", (24, 48)), strength=0.5)
+    assert tall.images[0].size == (24, 48)
+    square = pipe([PROMPT], num_samples=2, steps=2, seed=0).images
+    assert np.array_equal(_arr(square), _arr(pipe([PROMPT], num_samples=2, steps=2, seed=0, height=32,
+                                                  width=32).images))
+    with pytest.raises(UsageError, match="height=32 width=36: .*multiples of 8"):
+        pipe([PROMPT], steps=2, height=32, width=36)
+    with pytest.raises(UsageError, match="width=0"):
+        pipe([PROMPT], steps=2, width=0)
