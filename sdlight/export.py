@@ -27,6 +27,7 @@ from sdlight.diffusion import sampler_name
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import CONFIG_PATH, register_resolvers, user_errors
 from sdlight.models import LatentDiffusionModel
+from sdlight.nn.unet import UNetModel
 
 log = logging.getLogger("sdlight")
 register_resolvers()
@@ -143,7 +144,12 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     sd = compvis_weights(model)
     unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     vae = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    unet_cfg = model.model.diffusion_model.config
+    backbone = model.model.diffusion_model
+    if not isinstance(backbone, UNetModel):  # checked before anything is written
+        raise convert.ConversionError(
+            f"format=diffusers writes a UNet2DConditionModel; this model's backbone is {type(backbone).__name__}: "
+            "export it with format=single_file (the reference implementation's key names)")
+    unet_cfg = backbone.config
     vae_cfg = model.first_stage_model.config
     unet_json = {**convert.diffusers_unet_config(unet_cfg), "_diffusers_version": DIFFUSERS_VERSION}
     vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor)),
