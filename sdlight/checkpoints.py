@@ -369,8 +369,8 @@ def load_latent_diffusion(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
     parts = {k: copy.deepcopy(config[k]) for k in MODEL_PARTS if k in config}
     more = parts.get("conditioners") or {}  # by name in configs; a list works too
     for node in [parts.get("conditioning"), *(more.values() if isinstance(more, Mapping) else more)]:
-        if node and "pretrained" in node:  # a pretrained tower: its weights are in this checkpoint too
-            node.update(pretrained=None, checkpoint_path=None)
+        if node and "pretrained" in node:  # a pretrained tower (or towers): their weights are in this checkpoint too
+            node.update(pretrained=None, **({"checkpoint_path": None} if "checkpoint_path" in node else {}))
     # the weights of every part are in this checkpoint: the first stage's architecture only
     built = build_from_config(parts)
     settings = hparams.get("objective_settings")  # the model's own: init_from may have replaced the config's

@@ -160,27 +160,31 @@ class Pipeline:
 
     def check_conditions(self, conditions: Any) -> dict[str, list[Any]] | None:
         """``{batch key: plain values}`` of the conditions, checked against the encoders (kind, range, one entry
-        per encoder); a one-line :class:`UsageError` if they do not fit. One encoder's values may come alone."""
+        per encoder; those with a ``default`` may be left out); a one-line :class:`UsageError` if they do not fit.
+        One encoder's values may come alone."""
         this = f"this checkpoint is conditioned on {self.describe_conditioning()}"
         keys = [e.input_key for e in self.encoders]
+        required = [e.input_key for e in self.encoders if e.default is None]  # the others fall back on it
         if conditions is None:
             if keys:
                 raise UsageError(f"{this}; no condition was given")
             return None
         if not isinstance(conditions, Mapping):
-            if len(keys) != 1:
+            if len(required) != 1:
                 raise UsageError(f"{this}; give " + (" and ".join(map(option_of, keys)) if keys else "no condition"))
-            conditions = {keys[0]: conditions}
+            conditions = {required[0]: conditions}
         extra = [k for k in conditions if k not in keys]
         if extra:
             raise UsageError(f"{this}, not {', '.join(map(option_of, extra))}")
-        missing = [k for k in keys if k not in conditions]
+        missing = [k for k in required if k not in conditions]
         if missing:
             raise UsageError(f"{this}; {', '.join(map(option_of, missing))} missing")
         plain = {k: v.tolist() if isinstance(v, torch.Tensor) else list(v) for k, v in conditions.items()}
         if not all(plain.values()):
             raise UsageError("no conditions were given (an empty list)")
         for e in self.encoders:
+            if e.input_key not in plain:
+                continue  # its default
             try:
                 e.check(plain[e.input_key])
             except ValueError as err:

@@ -1,6 +1,6 @@
 """Starting from released weights: a full Stable Diffusion checkpoint (CompVis layout, ``.ckpt`` or
-``.safetensors``; one of ours too) or a diffusers folder as a latent diffusion model's initialisation
-(``model.init_from``)."""
+``.safetensors``; SD-XL's generative-models layout; one of ours too) or a diffusers folder as a latent diffusion
+model's initialisation (``model.init_from``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,41 @@ def _text_weights(conditioning: nn.Module, sd: dict[str, torch.Tensor], hf_prefi
     return [f"text encoder: {len(sd)} tensors{note}"]
 
 
+SGM_CONDITIONER = "conditioner.embedders."  # SD-XL's files (Stability's generative-models): one entry per embedder
+
+
+def sgm_conditioner_weights(sd: dict[str, torch.Tensor], conditioner: nn.Module) -> dict[str, torch.Tensor]:
+    """SD-XL's ``conditioner.embedders.N.*`` under our conditioner's keys. SD-XL lists each text tower as an
+    embedder of its own (0: CLIP ViT-L/14 in Hugging Face names, ``transformer.text_model.*``; 1: OpenCLIP
+    ViT-bigG/14 in open_clip names, ``model.*``), then the weightless size embedders; ours holds the towers of one
+    :class:`~sdlight.conditioning.SDXLTextEncoder` (``embedders.<i>.towers.<t>.model.*``), so each tower takes
+    one of their places, any other encoder one."""
+    from sdlight.convert import hf_to_open_clip
+
+    slots = []  # our key prefix for each of their embedders, in order
+    for i, encoder in enumerate(conditioner.embedders):
+        towers = getattr(encoder, "towers", None)
+        slots += [f"embedders.{i}.towers.{t}." for t in range(len(towers))] if towers is not None else \
+            [f"embedders.{i}."]
+    theirs: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key.startswith(SGM_CONDITIONER):
+            index, rest = key[len(SGM_CONDITIONER):].split(".", 1)
+            theirs.setdefault(int(index), {})[rest] = value
+    out = {}
+    for index, part in sorted(theirs.items()):
+        if index >= len(slots):
+            raise CheckpointError(f"the file's conditioner has weights for embedder {index} (e.g. "
+                                  f"{next(iter(part))}); model.conditioning + model.conditioners have {len(slots)}")
+        if any(k.startswith("transformer.text_model.") for k in part):  # Hugging Face CLIPTextModel
+            part = {"model." + k: v for k, v in hf_to_open_clip(part, "transformer.text_model.").items()}
+        part = {k: v for k, v in part.items() if k not in ("model.logit_scale", "model.logit_bias")}  # never run
+        out.update({slots[index] + k: v for k, v in part.items()})
+    if getattr(conditioner, "single", None) is not None:  # a lone encoder's keys carry no embedders.0.
+        out = {k.removeprefix("embedders.0."): v for k, v in out.items()}
+    return out
+
+
 @dataclass
 class Pretrained:
     """What ``load_pretrained`` loaded: lines describing it, and the file's latent scale factor (None when the file
@@ -80,13 +115,15 @@ def _diffusers_scale_factor(folder: Path, where: str) -> float | None:
 
 def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, conditioning: nn.Module,
                     use_ema: bool = True) -> Pretrained:
-    """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x checkpoint (CompVis
-    layout, ``.ckpt`` or ``.safetensors``; one of ours too) or a diffusers folder. Every key must fit (missing,
-    unexpected and mismatched ones are listed in the error); returns lines describing what was loaded and the
-    file's scale factor (a diffusers VAE config's ``scaling_factor``, our files' ``scale_factor``)."""
+    """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x / XL checkpoint (CompVis
+    layout, ``.ckpt`` or ``.safetensors``; SD-XL's ``conditioner.embedders.*``; one of ours too) or a diffusers
+    folder. Every key must fit (missing, unexpected and mismatched ones are listed in the error); returns lines
+    describing what was loaded and the file's scale factor (a diffusers VAE config's ``scaling_factor``, our
+    files' ``scale_factor``)."""
     from sdlight.convert import invert_map, unet_key_map, vae_key_map
 
     path, where = Path(path), f"model.init_from={path}"
+    sgm = None
     if path.is_dir():
         files = {c: component_file(path, c) for c in DIFFUSERS_STEMS}
         if files["unet"] is None or files["vae"] is None:
@@ -110,6 +147,8 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
         text, hf_prefix = under_prefix(sd, "cond_stage_model."), None
         if any(k.startswith("transformer.text_model.") for k in text):  # SD 1.x: Hugging Face CLIP layout
             hf_prefix = "transformer.text_model."
+        if any(k.startswith(SGM_CONDITIONER) for k in sd):  # SD-XL: the whole conditioner, in our keys
+            sgm = sgm_conditioner_weights(sd, conditioning)
     else:
         raise CheckpointError(f"{where}: no such file or directory (give an SD .ckpt/.safetensors or a diffusers "
                               "folder)")
@@ -117,8 +156,13 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
                "Check that model/unet matches the file (sd15 for SD 1.x, sd21 for SD 2.x).")
     load_exact(first_stage, parts["vae"], f"{where}: the VAE does not fit model.first_stage.autoencoder",
                "Check that the autoencoder config matches the file (kl_f8 for SD).")
-    lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors",
-             *_text_weights(conditioning, text, hf_prefix, where)]
+    lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors"]
+    if sgm is not None:
+        load_exact(conditioning, sgm, f"{where}: the SD-XL conditioner does not fit model.conditioning (+ "
+                   "model.conditioners)", "Check model/conditioning (sdxl_text for SD-XL base).")
+        lines.append(f"text encoders: {len(sgm)} tensors (SD-XL layout)")
+    else:
+        lines += _text_weights(conditioning, text, hf_prefix, where)
     return Pretrained(lines, scale)
 
 

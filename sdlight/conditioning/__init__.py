@@ -4,10 +4,12 @@
 from .base import ROUTES, ConditionEncoder, drop_mask
 from .conditioner import Conditioner
 from .embeddings import AttributeEmbedder, ClassEmbedder, NoConditioning, SizeEmbedder
+from .sdxl_text import CLIPTextTower, SDXLTextEncoder
 from .text import ClipTokenizer, LearnedTextEncoder, OpenCLIPTextEncoder, TextEncoder
 
 __all__ = [
     "AttributeEmbedder",
+    "CLIPTextTower",
     "ClassEmbedder",
     "ClipTokenizer",
     "ConditionEncoder",
@@ -16,6 +18,7 @@ __all__ = [
     "NoConditioning",
     "OpenCLIPTextEncoder",
     "ROUTES",
+    "SDXLTextEncoder",
     "SizeEmbedder",
     "TextEncoder",
     "drop_mask",

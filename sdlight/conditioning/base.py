@@ -35,6 +35,7 @@ class ConditionEncoder(nn.Module, ABC):
     route: str = "crossattn"
     drop_rate: float | None = None
     context_dim: int | None = None
+    default: Any = None  # one sample's value where a batch or a request has none (None: it must be given)
 
     def __init__(self, *, input_key: str | None = None, drop_rate: float | None = None,
                  route: str | None = None) -> None:
@@ -47,6 +48,12 @@ class ConditionEncoder(nn.Module, ABC):
         for name, value in (("input_key", input_key), ("drop_rate", drop_rate), ("route", route)):
             if value is not None:
                 setattr(self, name, value)
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """Where the outputs go: ``(route,)``; an encoder with several outputs (SD-XL's text towers: tokens and a
+        pooled vector) names each, and its ``forward`` returns ``{route: tensor}``."""
+        return (self.route,)
 
     def describe(self) -> str:
         """What this encoder reads, in words (for messages)."""
@@ -61,8 +68,8 @@ class ConditionEncoder(nn.Module, ABC):
         return torch.as_tensor(values, device=device)
 
     @abstractmethod
-    def forward(self, values: Any) -> Tensor | None:
-        """Encode ``values`` (one batch entry) into the context ``(B, L, D)``."""
+    def forward(self, values: Any) -> Tensor | dict[str, Tensor] | None:
+        """Encode ``values`` (one batch entry) for its route (``{route: tensor}`` for several `routes`)."""
 
     @abstractmethod
     def null_like(self, values: Any) -> Any:

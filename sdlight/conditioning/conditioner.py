@@ -4,7 +4,8 @@ Stability's generative-models ``GeneralConditioner``, kept small. Each encoder's
 goes: ``crossattn`` outputs ``(B, L, D)`` are joined along the tokens into ``context``, ``vector`` outputs are
 flattened to ``(B, D)`` and joined along the channels into ``y`` (the UNet's ``label_emb``, with
 ``num_classes: sequential`` and ``adm_in_channels`` their total width), ``concat`` outputs ``(B, C, h, w)`` are
-joined along the channels and concatenated to the UNet's input.
+joined along the channels and concatenated to the UNet's input. An encoder with several ``routes`` returns
+``{route: tensor}`` (SD-XL's text towers: tokens to the context, a pooled vector to ``y``, in encoder order).
 
 With a single encoder the state dict keys are that encoder's own (``cond_stage_model.transformer…`` as in
 CompVis checkpoints); with several they are ``embedders.N.…`` (as SGM's).
@@ -55,8 +56,9 @@ class Conditioner(nn.Module):
         if len(set(keys)) != len(keys):
             raise ValueError(f"two condition encoders read the same batch entry: {keys}")
         for e in embedders:
-            if e.route not in OUTPUTS:
-                raise ValueError(f"{type(e).__name__}: unknown route {e.route!r}; one of {sorted(OUTPUTS)}")
+            for route in e.routes:
+                if route not in OUTPUTS:
+                    raise ValueError(f"{type(e).__name__}: unknown route {route!r}; one of {sorted(OUTPUTS)}")
         self.embedders = nn.ModuleList(embedders)
         self.register_state_dict_post_hook(_flatten_single)
         self.register_load_state_dict_pre_hook(_nest_single)
@@ -94,19 +96,24 @@ class Conditioner(nn.Module):
         """The entries each encoder reads, prepared for it (captions as lists, ids as tensors on ``device``).
 
         ``conditions`` is a batch (a mapping with at least :attr:`input_keys`, or some of them if ``partial``)
-        or, for a model with one encoder, that encoder's values alone (prompts, labels, attribute rows).
+        or, for a model with one encoder without a ``default``, that encoder's values alone (prompts, labels,
+        attribute rows). An absent entry whose encoder has a ``default`` gets it, once per sample.
         """
         if not isinstance(conditions, Mapping):
-            if len(self.embedders) != 1:
+            required = [e for e in self.embedders if e.default is None]
+            if len(required) != 1:
                 raise ValueError(f"this model reads {self.input_keys or 'no condition'}: give a dict with those keys"
                                  if self.embedders else "this model is unconditional: give no conditions")
-            conditions = {self.embedders[0].input_key: conditions}
-        missing = [k for k in self.input_keys if conditions.get(k) is None]
+            conditions = {required[0].input_key: conditions}
+        absent = [e for e in self.embedders if conditions.get(e.input_key) is None]
+        out = {e.input_key: e.prepare(conditions[e.input_key], device) for e in self.embedders if e not in absent}
+        if out and not partial:  # an encoder's default stands in for its entry, as many times as the others'
+            n = len(next(iter(out.values())))
+            out.update({e.input_key: e.prepare([e.default] * n, device) for e in absent if e.default is not None})
+        missing = [e.input_key for e in absent if e.input_key not in out]
         if missing and not partial:
             raise KeyError(f"the model is conditioned on {self.input_keys}; {missing} missing (given: "
                            f"{sorted(conditions)})")
-        out = {e.input_key: e.prepare(conditions[e.input_key], device) for e in self.embedders
-               if e.input_key not in missing}
         sizes = {k: len(v) for k, v in out.items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"conditions of different lengths: {sizes}")
@@ -134,12 +141,13 @@ class Conditioner(nn.Module):
         if concat is not None:
             parts["concat"].append(concat)
         for e in self.embedders:
-            emb = e(values[e.input_key])
-            if e.route == "vector":
-                emb = emb.flatten(1)
-            elif e.route == "crossattn" and emb.ndim == 2:
-                emb = emb[:, None]  # one token
-            parts[OUTPUTS[e.route]].append(emb)
+            out = e(values[e.input_key])
+            for route, emb in (out.items() if isinstance(out, Mapping) else [(e.route, out)]):
+                if route == "vector":
+                    emb = emb.flatten(1)
+                elif route == "crossattn" and emb.ndim == 2:
+                    emb = emb[:, None]  # one token
+                parts[OUTPUTS[route]].append(emb)
         return {out: (torch.cat(embs, dim=1) if len(embs) > 1 else embs[0]) if embs else None
                 for out, embs in parts.items()}
 

@@ -129,15 +129,21 @@ class SizeEmbedder(ConditionEncoder):
     coordinates ``(top, left)``, a target size) → their sinusoidal embeddings side by side ``(B, n · dim)``,
     routed to the UNet's ``y`` by default. No weights: the UNet's ``label_emb`` learns what they mean.
 
-    The null value is all zeros; as in SD-XL these are usually never dropped (``drop_rate=0``)."""
+    The null value is all zeros; as in SD-XL these are usually never dropped (``drop_rate=0``). ``default``
+    (``n`` numbers, e.g. the training size for ``original_size`` / ``target_size``, ``[0, 0]`` for ``crop_coords``)
+    stands in where a batch or a sampling request has no such entry, as SD-XL's samplers fill them."""
 
     route = "vector"
 
-    def __init__(self, input_key: str, dim: int = 256, n: int = 2, **options: Any) -> None:
+    def __init__(self, input_key: str, dim: int = 256, n: int = 2, default: Sequence[float] | None = None,
+                 **options: Any) -> None:
         super().__init__(input_key=input_key, **options)
         if dim < 2 or n < 1:
             raise ValueError(f"dim must be >= 2 and n >= 1, got dim={dim}, n={n}")
+        if default is not None and len(default) != n:
+            raise ValueError(f"{input_key}: default needs {n} numbers, got {list(default)}")
         self.dim, self.n = dim, n
+        self.default = None if default is None else [float(v) for v in default]
 
     @property
     def output_dim(self) -> int:
@@ -153,7 +159,8 @@ class SizeEmbedder(ConditionEncoder):
         return torch.zeros_like(values)
 
     def describe(self) -> str:
-        return f"{self.input_key} ({self.n} numbers per sample)"
+        default = "" if self.default is None else f", default {[int(v) if v.is_integer() else v for v in self.default]}"
+        return f"{self.input_key} ({self.n} numbers per sample{default})"
 
     def check(self, values: Sequence[Any]) -> None:
         for row in values:

@@ -4,7 +4,9 @@ downloaded only online) and building a text-only model that loads them."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -129,3 +131,43 @@ def _open_clip_cache_lookup(cfg: dict) -> tuple[Path | None, list[str]]:
             return candidate, searched
         searched.append(str(candidate))
     return None, searched
+
+
+def build_text_transformer(arch: str, text_cfg: Mapping[str, Any] | None = None, embed_dim: int | None = None,
+                           projection: bool = True) -> nn.Module:
+    """open_clip's text transformer alone (no visual tower: ViT-bigG-14's would be 1.8 B parameters built for
+    nothing), as ``arch`` configures it, with ``text_cfg`` / ``embed_dim`` overriding (tiny random towers);
+    ``projection=False`` leaves out the pooled output's projection (towers read per token only)."""
+    from open_clip.model import _build_text_tower
+
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"unknown open_clip architecture {arch!r}")
+    cfg = {**config["text_cfg"], **(text_cfg or {})}
+    if cfg.get("hf_model_name"):
+        raise ValueError(f"{arch} has a Hugging Face text tower; only open_clip's own text transformer is supported")
+    if not projection:
+        cfg["proj_type"] = "none"
+    return _build_text_tower(embed_dim or config["embed_dim"], cfg, quick_gelu=bool(config.get("quick_gelu")))
+
+
+def load_text_transformer(model: nn.Module, arch: str, pretrained: str | None,
+                          checkpoint_path: str | os.PathLike | None = None) -> None:
+    """Loads a released CLIP's text weights (found as :func:`find_open_clip_weights` finds them) into ``model``
+    (from :func:`build_text_transformer`); the contrastive temperature, and the projection where the model has
+    none, are left out. Every other key must fit."""
+    from sdlight.weights import load_state_dict
+
+    tag = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    if tag.get("quick_gelu") and not (open_clip.get_model_config(arch) or {}).get("quick_gelu"):
+        raise ValueError(f"arch={arch} with pretrained={pretrained}: these weights need QuickGELU; use "
+                         f"arch={arch}-quickgelu (same weights and tokenizer)")
+    path = find_open_clip_weights(arch, pretrained, checkpoint_path)
+    state = text_state_dict(load_state_dict(path))
+    unused = {"logit_scale", "logit_bias", "attn_mask"} | ({"text_projection"} if model.text_projection is None
+                                                           else set())
+    state = {k: v for k, v in state.items() if k not in unused}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"{path} does not match the {arch} text tower: missing {result.missing_keys[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")

@@ -43,10 +43,12 @@ class ClipTokenizer:
 
     Ids match ``open_clip.get_tokenizer(arch)(texts)`` exactly: ``<sot> bpe… <eot>`` then zero padding, cut to
     ``max_length`` with ``<eot>`` kept last. Lengths are returned because id 0 is a real token ("!"), so padding
-    cannot be recognised from the ids alone.
+    cannot be recognised from the ids alone. ``pad_with_eot`` pads with ``<eot>`` instead, as Hugging Face's
+    ``CLIPTokenizer`` of openai/clip-vit-large-patch14 does (SD-XL's first tower): with a causal tower the padded
+    positions' states, which the UNet attends to, depend on the padding id.
     """
 
-    def __init__(self, arch: str = "ViT-B-32", max_length: int = 77) -> None:
+    def __init__(self, arch: str = "ViT-B-32", max_length: int = 77, pad_with_eot: bool = False) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must leave room for <sot> and <eot>, got {max_length}")
         with quiet_open_clip():
@@ -56,12 +58,13 @@ class ClipTokenizer:
             raise ValueError(f"{arch} uses {name}; choose an arch with the bundled CLIP BPE tokenizer")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_id = tokenizer.eot_token_id if pad_with_eot else 0
         self.vocab_size: int = tokenizer.vocab_size
         self.warned_truncation = False
 
     def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         tok = self.tokenizer
-        ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)
         lengths = torch.empty(len(texts), dtype=torch.long)
         n_cut = 0
         for i, text in enumerate(texts):

@@ -30,7 +30,7 @@ def test_every_experiment_composes(train_cfg, experiment):
 @pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
 def test_cpu_experiments_instantiate(train_cfg, experiment, tmp_path):
     overrides = [f"+experiment={experiment}"]
-    if "ldm" in experiment or "inpaint" in experiment or "superres" in experiment:
+    if any(word in experiment for word in ("ldm", "inpaint", "superres", "sdxl")):
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +42,7 @@ def test_cpu_experiments_instantiate(train_cfg, experiment, tmp_path):
     hydra.utils.instantiate(cfg.model)
 
 
-@pytest.mark.parametrize("group,option", [("trainer", t) for t in ("cpu", "gpu", "ddp", "ddp_sim", "fsdp")]
+@pytest.mark.parametrize("group,option", [("trainer", t) for t in ("cpu", "gpu", "ddp", "ddp_sim", "fsdp", "fsdp_sim")]
                          + [("logger", lg) for lg in ("wandb", "csv", "tensorboard", "many", "none")]
                          + [("data", d) for d in ("shapes", "digits", "folder", "webdataset")] + [("callbacks", "none")])
 def test_groups_compose(train_cfg, group, option):
