@@ -76,7 +76,9 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: Itera
     """``factory(params)``; an Adam / AdamW left at torch's kernel choice (``foreach`` and ``fused`` unset) over
     CPU float32 parameters gets ``fused=True``. Torch's CPU default is a per-parameter loop, ~4x slower than the
     fused kernel (77 ms against 19 ms, 15 % of the training step of a 66 M-parameter UNet: BENCHMARKS.md); on
-    other devices torch's own choice stands."""
+    other devices torch's own choice stands. Sharded parameters (``trainer=fsdp``: DTensors, whose ``device`` is
+    their shard's) take the fused and foreach kernels too, each rank stepping its own shards, as long as no call
+    mixes them with whole tensors ("got mixed torch.Tensor and DTensor"): the stage shards every trainable one."""
     params = list(params)  # parameters or param-group dicts
     keywords = getattr(factory, "keywords", {})
     target = getattr(factory, "func", None)

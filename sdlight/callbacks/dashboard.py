@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from sdlight.callbacks.sampling import (Batch, SampleEvaluationCallback, concat_batches, condition_keys,
-                                        load_items, val_dataloader)
+                                        load_items, sampling_takes_every_rank, val_dataloader)
 from sdlight.pixels import to_pil
 from sdlight.stages.images import log_grid, to_grid
 
@@ -134,12 +134,17 @@ class SampleTableCallback(SampleEvaluationCallback):
     def rank_items(self, trainer: L.Trainer, total: int | None = None) -> range:
         return range(self.num_samples if total is None else total)  # rank 0 draws every sample
 
+    def check_equal_shares(self, trainer: L.Trainer) -> None:
+        pass  # every rank that samples draws them all
+
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        if not (self.enabled and trainer.is_global_zero):
+        if not (self.enabled and (trainer.is_global_zero or sampling_takes_every_rank(trainer))):
             return {}
         conditions, items = self._table_conditions(trainer, pl_module)
         images = torch.cat([imgs.cpu() for _, imgs in self.generate(trainer, pl_module, conditions,
                                                                     "Sample table: sampling")])
+        if not trainer.is_global_zero:  # sampled with rank 0 (trainer=fsdp), logged by it
+            return {}
         keys = condition_keys(pl_module)
         labels = [" · ".join(self._label(conditions[k][i]) for k in keys) for i in range(len(images))]
         # the val items' captions, when the model is conditioned on something else

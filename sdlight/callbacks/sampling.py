@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from sdlight.diffusion.draw import mixed_seed
+from sdlight.errors import UsageError
 
 log = logging.getLogger("sdlight")
 Batch = dict[str, Any]
@@ -41,6 +42,14 @@ def rank_chunks(total: int, chunk: int, rank: int, world_size: int) -> range:
     be short): chunk k is the same items, sampled from the same generator, on any number of processes."""
     chunks = rank_slice(-(-total // chunk), rank, world_size)
     return range(min(chunks.start * chunk, total), min(chunks.stop * chunk, total))
+
+
+def sampling_takes_every_rank(trainer: L.Trainer) -> bool:
+    """Whether the model's forward needs every rank at once (trainer=fsdp: each block's weights are gathered from
+    all of them): then a sample drawn for rank 0 alone must be drawn by all ranks together."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return trainer.world_size > 1 and isinstance(trainer.strategy, ModelParallelStrategy)
 
 
 def val_dataloader(trainer: L.Trainer) -> DataLoader:
@@ -289,6 +298,7 @@ class SampleEvaluationCallback(L.Callback, ABC):
         """Evaluate now (on every rank), log and return the metrics."""
         if trainer.fast_dev_run:
             return {}
+        self.check_equal_shares(trainer)
         with torch.no_grad(), eval_mode(pl_module):
             metrics = self.evaluate(trainer, pl_module)
         self.evaluations += 1
@@ -299,6 +309,16 @@ class SampleEvaluationCallback(L.Callback, ABC):
     @abstractmethod
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Compute the metrics (called under ``no_grad`` with the module in eval mode, on every rank)."""
+
+    def check_equal_shares(self, trainer: L.Trainer) -> None:
+        """Under a sharded strategy every forward gathers weights from all ranks, so every rank must sample as many
+        chunks as the others, or the ranks with fewer would leave the rest waiting for ever."""
+        world = trainer.world_size
+        chunks = -(-self.num_samples // self.batch_size)
+        if sampling_takes_every_rank(trainer) and chunks % world:
+            raise UsageError(f"{type(self).__name__}: num_samples={self.num_samples} makes {chunks} chunks of "
+                             f"batch_size={self.batch_size}, which {world} sharded processes cannot share equally: "
+                             f"give num_samples a multiple of {self.batch_size * world}")
 
     # ------------------------------------------------------------------------------------------ conditions
     def rank_items(self, trainer: L.Trainer, total: int | None = None) -> range:

@@ -34,6 +34,7 @@ from sdlight.stages.frozen import silence_eval_mode_warning
 from sdlight.stages.guard import NonFiniteGuard
 from sdlight.stages.images import log_sample_grid
 from sdlight.stages.scale_factor import SCALE_FACTOR_SEED, estimate_scale_factor, take_scale_factor
+from sdlight.stages.sharding import data_parallel_mesh, is_sharded, shard_trainable_parts
 
 log = logging.getLogger("sdlight")
 NET = "net."  # the model's keys in this module; its state dict holds them without it (CompVis' names)
@@ -173,6 +174,12 @@ class LatentDiffusion(L.LightningModule):
             if check_cache(manifest, net.first_stage_model, net.cond_stage_model, net.concat_stage is not None,
                            getattr(datamodule, "first_stage_ckpt", None)):
                 net.cached_contexts = CachedContexts()
+
+    def configure_model(self) -> None:
+        # trainer=fsdp (a ModelParallelStrategy, which sets the mesh): the trainable parts and their EMA sharded
+        if self.device_mesh is not None and not is_sharded(self.net.model):
+            shard_trainable_parts(self, self._ema_parts, self.model_ema.module if self.model_ema is not None else None,
+                                  data_parallel_mesh(self.device_mesh))
 
     def on_fit_start(self) -> None:
         # the frozen parts (the stage-1 VAE, a pretrained text tower) are in eval mode on purpose

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from sdlight.stages.sharding import local, reshard
+
 
 class WarmupEMA:
     """EMA update with decay min(decay, (1 + n) / (10 + n)) after n updates: a plain 0.9999 EMA would sit at the
@@ -20,6 +22,8 @@ class WarmupEMA:
         self.decay = decay
 
     def __call__(self, ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        # sharded (trainer=fsdp): each rank averages its own shard; whole buffers come in the same lists
+        ema, current = local(ema), local(current)
         # AveragedModel groups tensors by dtype: integer buffers (attribute ids) arrive alone and are copied
         if not ema[0].is_floating_point():
             torch._foreach_copy_(ema, current)
@@ -36,22 +40,27 @@ class WeightSwap:
     def __init__(self) -> None:
         self.tensors: list[Tensor] = []
         self.backup: list[Tensor] | None = None
+        self.live_modules: list[nn.Module] = []
 
     @property
     def active(self) -> bool:
         return self.backup is not None
 
     def begin(self, live: Iterable[nn.Module], other: Iterable[nn.Module]) -> None:
+        live = list(live)
+        reshard(live)  # sharded modules: the shards are what the next forward gathers
+        self.live_modules = live
         self.tensors = [p for m in live for p in (*m.parameters(), *m.buffers())]
         self.backup = [p.detach().clone() for p in self.tensors]
         for p, q in zip(self.tensors, [q for m in other for q in (*m.parameters(), *m.buffers())]):
             p.data.copy_(q.data)
 
     def end(self) -> None:
+        reshard(self.live_modules)
         if self.backup is not None:
             for p, b in zip(self.tensors, self.backup):
                 p.data.copy_(b)
-        self.tensors, self.backup = [], None
+        self.tensors, self.backup, self.live_modules = [], None, []
 
     @contextlib.contextmanager
     def swapped(self, live: Iterable[nn.Module], other: Iterable[nn.Module]) -> Iterator[None]:
@@ -68,11 +77,13 @@ class WeightSwap:
     @contextlib.contextmanager
     def live(self) -> Iterator[None]:
         """The live weights back for the block (e.g. ``generate(use_ema=False)`` during validation)."""
+        reshard(self.live_modules)
         held = [p.detach().clone() for p in self.tensors]
         for p, b in zip(self.tensors, self.backup or []):
             p.data.copy_(b)
         try:
             yield
         finally:
+            reshard(self.live_modules)
             for p, h in zip(self.tensors, held):
                 p.data.copy_(h)

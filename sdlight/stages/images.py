@@ -11,6 +11,7 @@ import torchvision
 from PIL import Image
 
 from sdlight.pixels import to_uint8
+from sdlight.stages.sharding import is_sharded
 
 
 def to_grid(rows: list[torch.Tensor], nrow: int | None = None) -> torch.Tensor:
@@ -50,7 +51,10 @@ def log_sample_grid(module: L.LightningModule, batch: dict[str, Any] | None = No
     first ones), with its EMA weights, logged by rank 0; inpainting / super-resolution models show their input
     row too."""
     net = module.net
-    if module._trainer is None or not module.trainer.is_global_zero or net.sampler is None:
+    if module._trainer is None or net.sampler is None:
+        return
+    # sharded weights (trainer=fsdp) are gathered from every rank at each forward: all ranks sample, rank 0 logs
+    if not (module.trainer.is_global_zero or is_sharded(net.model)):
         return
     n = module.num_log_samples
     conditions = None

@@ -88,3 +88,24 @@ class SaveRankStates(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.save(pl_module.state_dict(), Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class RecordShards(L.Callback):
+    """After the first training batch, each rank writes ``shards_rank<r>.json`` to ``out_dir``: for the UNet, the
+    text encoder and the VAE, the parameters this rank holds (a sharded one's local shard) and their whole size."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        import json
+
+        from torch.distributed.tensor import DTensor
+
+        if trainer.global_step != 1:
+            return
+        net = pl_module.net
+        parts = {"unet": net.model.diffusion_model, "text": net.cond_stage_model, "vae": net.first_stage_model}
+        sizes = {name: {"local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in m.parameters()),
+                        "whole": sum(p.numel() for p in m.parameters())} for name, m in parts.items()}
+        Path(self.out_dir, f"shards_rank{trainer.global_rank}.json").write_text(json.dumps(sizes))
