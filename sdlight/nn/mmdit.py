@@ -52,10 +52,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """``fc1``, tanh GELU, ``fc2`` (back to ``dim``, or to ``out_dim``)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc2 = Linear(hidden, out_dim or dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

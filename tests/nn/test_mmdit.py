@@ -124,10 +124,9 @@ def test_comparison_can_fail():
     assert compare(model, reference, 12, 20) > 1e-3
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
-    model = randomize_(MMDiT(**TINY, qk_norm="rms", dual_attention_layers=[1]))
-    args = inputs(model, 12, 16)
-
+def assert_checkpointing_keeps_gradients(model, args: dict, module, monkeypatch, depth: int) -> None:
+    """``set_gradient_checkpointing``: one non-reentrant checkpoint per block in training, none without gradients,
+    the same gradients (also used by test_dit.py)."""
     def grads() -> list[torch.Tensor]:
         model.zero_grad()
         model(**args).square().mean().backward()
@@ -140,15 +139,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
         calls.append(k.get("use_reentrant"))
         return torch.utils.checkpoint.checkpoint(*a, **k)
 
-    monkeypatch.setattr(mmdit_module, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(module, "checkpoint", counting_checkpoint)
     model.set_gradient_checkpointing(True)
     checkpointed = grads()
-    assert calls == [False] * TINY["depth"]  # one per block, non-reentrant
+    assert calls == [False] * depth  # one per block, non-reentrant
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
         model(**args)
-    assert len(calls) == TINY["depth"]  # nothing to recompute without gradients
+    assert len(calls) == depth  # nothing to recompute without gradients
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
+    model = randomize_(MMDiT(**TINY, qk_norm="rms", dual_attention_layers=[1]))
+    assert_checkpointing_keeps_gradients(model, inputs(model, 12, 16), mmdit_module, monkeypatch, TINY["depth"])
 
 
 def test_cropped_position_table_by_hand():
