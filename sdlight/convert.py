@@ -7,7 +7,7 @@ here imports diffusers or transformers (the exported files are written without t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,12 +63,15 @@ def _unet_key(key: str, n: int) -> str | None:
     return f"up_blocks.{level}.attentions.{j}.{rest}" if sub == 1 else None
 
 
-def unet_key_map(keys: Iterable[str], config: Mapping[str, Any]) -> dict[str, str]:
-    """``{our key: diffusers UNet2DConditionModel key}`` for the keys of a UNet built from ``config``."""
+def unet_key_map(keys: Iterable[str], config: Mapping[str, Any], text_time: bool = False) -> dict[str, str]:
+    """``{our key: diffusers UNet2DConditionModel key}`` for the keys of a UNet built from ``config``. With
+    ``text_time`` the vector input's ``label_emb`` is SD-XL's ``add_embedding`` instead of a ``class_embedding``."""
     check_unet_exportable(config)
     table, missing = {}, []
     for key in keys:
         theirs = _unet_key(key, int(config["num_res_blocks"]))
+        if text_time and theirs is not None and theirs.startswith("class_embedding.linear_"):
+            theirs = "add_embedding." + theirs[len("class_embedding."):]
         (missing.append(key) if theirs is None else table.__setitem__(key, theirs))
     if missing:
         raise ConversionError(f"UNet keys without a diffusers counterpart: {missing[:5]}")
@@ -85,13 +88,21 @@ def check_unet_exportable(config: Mapping[str, Any]) -> None:
         "num_attention_blocks": config.get("num_attention_blocks") is not None,
         "disable_middle_self_attn": config.get("disable_middle_self_attn", False),
         "conv_resample": not config.get("conv_resample", True),
-        "transformer_depth": not isinstance(config.get("transformer_depth", 1), int),
+        "transformer_depth": not _int_or_ints(config.get("transformer_depth", 1), len(config["channel_mult"])),
     }
     bad = [k for k, v in problems.items() if v]
     if bad:
-        raise ConversionError(f"this UNet has no diffusers counterpart: {', '.join(f'{k}={config.get(k)}' for k in bad)}"
-                              " (UNet2DConditionModel needs a spatial transformer, int num_res_blocks and "
-                              "transformer_depth, conv up/downsampling)")
+        found = ", ".join(f"{k}={config.get(k)}" for k in bad)
+        raise ConversionError(f"this UNet has no diffusers counterpart: {found}"
+                              " (UNet2DConditionModel needs a spatial transformer, int num_res_blocks, "
+                              "transformer_depth an int or one per level, conv up/downsampling)")
+
+
+def _int_or_ints(value: Any, levels: int) -> bool:
+    """An int, or one int per level (SD-XL's [1, 2, 10]: diffusers' transformer_layers_per_block list, whose last
+    entry is the middle block's depth, as ours)."""
+    return isinstance(value, int) or (isinstance(value, Sequence) and len(value) == levels
+                                      and all(isinstance(v, int) for v in value))
 
 
 def diffusers_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -103,7 +114,7 @@ def diffusers_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
         heads: Any = [mc * m // config["num_head_channels"] for m in mult]
     else:
         heads = config["num_heads"]
-    num_classes = config.get("num_classes")
+    num_classes, depth = config.get("num_classes"), config.get("transformer_depth", 1)
     out = {
         "_class_name": "UNet2DConditionModel",
         "sample_size": config["image_size"], "in_channels": config["in_channels"],
@@ -113,7 +124,7 @@ def diffusers_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "layers_per_block": config["num_res_blocks"], "cross_attention_dim": config.get("context_dim"),
         # diffusers' "attention_head_dim" is the number of heads (a known misnomer kept for SD configs)
         "attention_head_dim": heads, "use_linear_projection": bool(config.get("use_linear_in_transformer")),
-        "transformer_layers_per_block": config.get("transformer_depth", 1),
+        "transformer_layers_per_block": depth if isinstance(depth, int) else [int(d) for d in depth],
         "resnet_time_scale_shift": "scale_shift" if config.get("use_scale_shift_norm") else "default",
         "flip_sin_to_cos": True, "freq_shift": 0, "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
         "upcast_attention": False,

@@ -1,6 +1,6 @@
 """Export entry point: a trained latent diffusion model as a diffusers folder or one single-file SD checkpoint.
 
-    python -m sdlight.export ckpt=PATH format=diffusers out=DIR            # StableDiffusionPipeline.from_pretrained
+    python -m sdlight.export ckpt=PATH format=diffusers out=DIR   # StableDiffusion(XL)Pipeline.from_pretrained
     python -m sdlight.export ckpt=PATH format=single_file out=FILE.safetensors   # ComfyUI, AUTOMATIC1111
 
 EMA weights by default (``use_ema=false`` for the raw ones), ``dtype=fp16|bf16|fp32``. Files are written with
@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from sdlight import convert
+from sdlight import convert, convert_sdxl
 from sdlight.checkpoints import save_safetensors
 from sdlight.pretrained import CONDITIONING_FILE, OBJECTIVE_METADATA
 from sdlight.checkpoints import load_latent_diffusion
@@ -75,10 +75,14 @@ def text_export(model: LatentDiffusionModel) -> tuple[dict[str, Tensor], dict[st
 def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The state dict of an original SD checkpoint: ``model.diffusion_model.*``, ``first_stage_model.*`` and
     ``cond_stage_model.*`` as SD 1.x (Hugging Face CLIP, ``transformer.text_model.*``) or SD 2.x (open_clip,
-    ``model.*``) tools read them, plus CompVis' schedule buffers; no optimizer, discriminator or LPIPS."""
+    ``model.*``) tools read them, or SD-XL's ``conditioner.embedders.*`` for a model with SD-XL's text towers, plus
+    CompVis' schedule buffers; no optimizer, discriminator or LPIPS."""
     sd = compvis_weights(model)
     encoder = model.cond_stage_model.single
-    if hasattr(encoder, "tower") and encoder.layer == "last":  # the SD 1.x text encoder: Hugging Face layout
+    if convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:  # SD-XL tools read generative-models' names
+        sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
+        sd.update(convert_sdxl.sgm_conditioner(model.cond_stage_model))
+    elif hasattr(encoder, "tower") and encoder.layer == "last":  # the SD 1.x text encoder: Hugging Face layout
         sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
         tower = {k: v.detach() for k, v in encoder.tower.state_dict().items()}
         layers = len(encoder.tower.transformer.resblocks)
@@ -114,8 +118,9 @@ def scheduler_config(model: LatentDiffusionModel) -> dict[str, Any]:
 
 
 def tokenizer_files(tokenizer: Any, out: Path) -> None:
-    """open_clip's CLIP BPE tokenizer as a Hugging Face ``CLIPTokenizer`` folder, padding with id 0 ("!") as
-    ours does (SD 2's choice; the contexts of padding positions then match training)."""
+    """open_clip's CLIP BPE tokenizer as a Hugging Face ``CLIPTokenizer`` folder, padding as ours does: with id 0
+    ("!", SD 2's and SD-XL bigG's choice) or with ``<|endoftext|>`` (``pad_with_eot``, SD-XL's CLIP-L); the
+    contexts of padding positions then match training."""
     tok = tokenizer.tokenizer
     out.mkdir(parents=True, exist_ok=True)
     # open_clip spells the two special tokens <start_of_text> / <end_of_text>; same ids, CLIP's original names
@@ -125,7 +130,7 @@ def tokenizer_files(tokenizer: Any, out: Path) -> None:
     merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "!"}
+               "pad_token": "<|endoftext|>" if getattr(tokenizer, "pad_id", 0) == tok.eot_token_id else "!"}
     _json(out / "special_tokens_map.json", special)
     _json(out / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.max_length,
                                           "do_lower_case": True, "errors": "replace", **special})
@@ -136,10 +141,23 @@ def _json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def _sdxl_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> list[str]:
+    """SD-XL's text_encoder/, text_encoder_2/, their tokenizers and the pipeline's model_index.json."""
+    for tower, suffix in zip(encoder.towers, ("", "_2")):
+        weights, config = convert_sdxl.hf_text_model(tower)
+        save_safetensors(_cast(weights, dtype), out / f"text_encoder{suffix}" / "model.safetensors")
+        _json(out / f"text_encoder{suffix}" / "config.json", config)
+        tokenizer_files(tower.tokenizer, out / f"tokenizer{suffix}")
+    _json(out / "model_index.json", convert_sdxl.model_index(scheduler, encoder.null_text == "zeros",
+                                                              DIFFUSERS_VERSION))
+    return ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+
+
 def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Writes the diffusers folder; returns the component folders written. Models with a diffusers text encoder
-    get a ``model_index.json`` (a whole ``StableDiffusionPipeline``); the others get unet/, vae/, scheduler/ and
-    their own condition encoder's weights in ``sdlight_conditioning.safetensors``."""
+    """Writes the diffusers folder; returns the component folders written. Models with diffusers text encoders
+    get a ``model_index.json`` (a whole ``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for SD-XL's
+    two towers and size conditions); the others get unet/, vae/, scheduler/ and their own condition encoder's
+    weights in ``sdlight_conditioning.safetensors``."""
     out = Path(out)
     sd = compvis_weights(model)
     unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
@@ -151,12 +169,21 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
             "export it with format=single_file (the reference implementation's key names)")
     unet_cfg = backbone.config
     vae_cfg = model.first_stage_model.config
+    sdxl, why_not = None, ""
+    if model.concat_stage is None and convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:
+        try:
+            sdxl = convert_sdxl.sdxl_pipeline_parts(model.cond_stage_model, unet_cfg)
+        except convert.ConversionError as err:  # SD-XL-like but not what the pipeline runs: the parts, saying why
+            why_not = f" ({err})"
     unet_json = {**convert.diffusers_unet_config(unet_cfg), "_diffusers_version": DIFFUSERS_VERSION}
+    if sdxl is not None:
+        unet_json = convert_sdxl.text_time_unet_config(unet_json, sdxl[1])
     vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor)),
                 "_diffusers_version": DIFFUSERS_VERSION}
     if model.concat_stage is not None:
         unet_json["in_channels"] = unet_cfg["in_channels"]  # z_t plus the concatenated channels
-    tables = (convert.unet_key_map(unet, unet_cfg), convert.vae_key_map(vae, len(vae_cfg["ch_mult"])))
+    tables = (convert.unet_key_map(unet, unet_cfg, text_time=sdxl is not None),
+              convert.vae_key_map(vae, len(vae_cfg["ch_mult"])))
     for name, weights, table, config, squeeze in (("unet", unet, tables[0], unet_json, False),
                                                  ("vae", vae, tables[1], vae_json, True)):
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -167,6 +194,8 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     scheduler = scheduler_config(model)
     _json(out / "scheduler" / "scheduler_config.json", scheduler)
     written = ["unet", "vae", "scheduler"]
+    if sdxl is not None:
+        return written + _sdxl_text(sdxl[0], out, dtype, scheduler["_class_name"])
     text = text_export(model) if model.concat_stage is None else None
     if text is not None:
         weights, config, tokenizer = text
@@ -189,9 +218,10 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     (out / "README.md").write_text(
         f"# Exported by sdlight\n\nThis model is conditioned by sdlight's {encoder}"
         f"{' with concatenated inputs (' + type(model.concat_stage).__name__ + ')' if model.concat_stage else ''}"
-        ", which has no diffusers pipeline counterpart, so there is no model_index.json. Load the parts on their "
-        "own: `UNet2DConditionModel.from_pretrained(DIR, subfolder=\"unet\")`, `AutoencoderKL.from_pretrained(DIR, "
-        f"subfolder=\"vae\")`, `{scheduler['_class_name']}.from_pretrained(DIR, subfolder=\"scheduler\")`; the "
+        f", which has no diffusers pipeline counterpart{why_not}, so there is no model_index.json. Load the parts "
+        "on their own: `UNet2DConditionModel.from_pretrained(DIR, subfolder=\"unet\")`, "
+        f"`AutoencoderKL.from_pretrained(DIR, subfolder=\"vae\")`, "
+        f"`{scheduler['_class_name']}.from_pretrained(DIR, subfolder=\"scheduler\")`; the "
         f"condition encoder's weights are in {CONDITIONING_FILE} (sdlight's key names), and `model.init_from=DIR` "
         "reads the whole folder back into sdlight.\n")
     return written

@@ -14,7 +14,7 @@ from torch import nn
 from sdlight.checkpoints import CheckpointError, ema_swapped, load_exact, read_checkpoint, state_dict_of, under_prefix
 
 DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                   "text_encoder": ("model", "pytorch_model")}
+                   "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 CONDITIONING_FILE = "sdlight_conditioning.safetensors"  # our own condition encoder next to a diffusers export
 OBJECTIVE_METADATA = "sdlight.objective"  # the training objective's settings, in an exported weights file's metadata
 
@@ -121,6 +121,7 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     describing what was loaded and the file's scale factor (a diffusers VAE config's ``scaling_factor``, our
     files' ``scale_factor``)."""
     from sdlight.convert import invert_map, unet_key_map, vae_key_map
+    from sdlight.convert_sdxl import diffusers_text_to_sgm, is_text_time
 
     path, where = Path(path), f"model.init_from={path}"
     sgm = None
@@ -129,12 +130,18 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
         if files["unet"] is None or files["vae"] is None:
             raise CheckpointError(f"{where}: not a diffusers folder (no unet/ and vae/ weights) nor a checkpoint file")
         own_unet, own_vae = unet.state_dict(), first_stage.state_dict()
+        unet_config = path / "unet" / "config.json"
+        text_time = is_text_time(json.loads(unet_config.read_text()) if unet_config.is_file() else {})
         parts = {"unet": invert_map(state_dict_of(read_checkpoint(files["unet"])),
-                                    unet_key_map(own_unet, unet.config), own_unet),
+                                    unet_key_map(own_unet, unet.config, text_time), own_unet),
                  "vae": invert_map(state_dict_of(read_checkpoint(files["vae"])),
                                    vae_key_map(own_vae, len(first_stage.config["ch_mult"])), own_vae)}
         text, hf_prefix = {}, None
-        if files["text_encoder"] is not None:
+        if files["text_encoder"] is not None and files["text_encoder_2"] is not None:  # SD-XL: SD-XL's file names
+            sgm = sgm_conditioner_weights(diffusers_text_to_sgm(
+                state_dict_of(read_checkpoint(files["text_encoder"])),
+                state_dict_of(read_checkpoint(files["text_encoder_2"]))), conditioning)
+        elif files["text_encoder"] is not None:
             text = state_dict_of(read_checkpoint(files["text_encoder"]))
             hf_prefix = "text_model." if any(k.startswith("text_model.") for k in text) else ""
         elif (path / CONDITIONING_FILE).is_file():
