@@ -192,8 +192,11 @@ def is_vae_attention_weight(key: str) -> bool:
     return parts[-1] == "weight" and parts[-2] in ("q", "k", "v", "proj_out") and (".attn" in key)
 
 
-def diffusers_vae_config(config: Mapping[str, Any], scaling_factor: float) -> dict[str, Any]:
-    """The diffusers ``AutoencoderKL`` config of our autoencoder's constructor arguments."""
+def diffusers_vae_config(config: Mapping[str, Any], scaling_factor: float, shift_factor: float = 0.0
+                         ) -> dict[str, Any]:
+    """The diffusers ``AutoencoderKL`` config of our autoencoder's constructor arguments; a nonzero
+    ``shift_factor`` (SD3 / Flux latents: (z - shift) * scale) is written as diffusers' ``shift_factor``, a zero one
+    left out, as SD 1.x / 2.x / XL configs have it."""
     if config["embed_dim"] != config["z_channels"] or not config.get("double_z", True):
         raise ConversionError(f"diffusers' AutoencoderKL needs embed_dim == z_channels and double_z; this one has "
                               f"embed_dim={config['embed_dim']}, z_channels={config['z_channels']}")
@@ -202,7 +205,7 @@ def diffusers_vae_config(config: Mapping[str, Any], scaling_factor: float) -> di
     mult = list(config["ch_mult"])
     res = config["resolution"]
     attn = [res // 2**i in config.get("attn_resolutions", []) for i in range(len(mult))]
-    return {
+    out = {
         "_class_name": "AutoencoderKL", "in_channels": config.get("in_channels", 3),
         "out_channels": config.get("out_ch", 3), "block_out_channels": [config["ch"] * m for m in mult],
         "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
@@ -211,6 +214,12 @@ def diffusers_vae_config(config: Mapping[str, Any], scaling_factor: float) -> di
         "sample_size": res, "scaling_factor": float(scaling_factor), "norm_num_groups": 32, "act_fn": "silu",
         "force_upcast": True,
     }
+    for key in ("use_quant_conv", "use_post_quant_conv"):  # SD3's VAE has neither 1x1 conv
+        if not config.get(key, True):
+            out[key] = False
+    if shift_factor:
+        out["shift_factor"] = float(shift_factor)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- text towers

@@ -76,7 +76,8 @@ def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32)
     """The state dict of an original SD checkpoint: ``model.diffusion_model.*``, ``first_stage_model.*`` and
     ``cond_stage_model.*`` as SD 1.x (Hugging Face CLIP, ``transformer.text_model.*``) or SD 2.x (open_clip,
     ``model.*``) tools read them, or SD-XL's ``conditioner.embedders.*`` for a model with SD-XL's text towers, plus
-    CompVis' schedule buffers; no optimizer, discriminator or LPIPS."""
+    CompVis' schedule buffers, ``scale_factor`` and (when not 0) ``shift_factor``; no optimizer, discriminator or
+    LPIPS."""
     sd = compvis_weights(model)
     encoder = model.cond_stage_model.single
     if convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:  # SD-XL tools read generative-models' names
@@ -90,6 +91,8 @@ def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32)
                    for k, v in convert.open_clip_to_hf(tower, layers, "text_model.").items()})
     out = _cast(sd, dtype)
     out["scale_factor"] = model.scale_factor.detach().float().clone()
+    if float(model.shift_factor):  # SD3 / Flux latents; absent means 0, so SD 1.x / 2.x / XL files stay as they were
+        out["shift_factor"] = model.shift_factor.detach().float().clone()
     schedule = getattr(model.objective, "schedule", None)
     if schedule is not None:  # kept in float32: tools read the noise schedule from these (CompVis' names)
         ab = schedule.alphas_cumprod
@@ -178,7 +181,7 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     unet_json = {**convert.diffusers_unet_config(unet_cfg), "_diffusers_version": DIFFUSERS_VERSION}
     if sdxl is not None:
         unet_json = convert_sdxl.text_time_unet_config(unet_json, sdxl[1])
-    vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor)),
+    vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor), float(model.shift_factor)),
                 "_diffusers_version": DIFFUSERS_VERSION}
     if model.concat_stage is not None:
         unet_json["in_channels"] = unet_cfg["in_channels"]  # z_t plus the concatenated channels

@@ -97,20 +97,19 @@ def sgm_conditioner_weights(sd: dict[str, torch.Tensor], conditioner: nn.Module)
 @dataclass
 class Pretrained:
     """What ``load_pretrained`` loaded: lines describing it, and the file's latent scale factor (None when the file
-    has none: released CompVis files do not store it)."""
+    has none: released CompVis files do not store it) and shift factor (None when it has none: a shift of 0)."""
 
     lines: list[str]
     scale_factor: float | None
+    shift_factor: float | None = None
 
 
-def _diffusers_scale_factor(folder: Path, where: str) -> float | None:
+def _diffusers_latent_factors(folder: Path) -> tuple[float | None, float | None]:
+    """The VAE config's ``scaling_factor`` and ``shift_factor`` (SD3 / Flux: latents are (z - shift) * scale)."""
     config_file = folder / "vae" / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("shift_factor"):  # SD3 / Flux VAEs: latents are (z - shift) * scale
-        raise CheckpointError(f"{where}: its VAE's latents have a shift_factor ({config['shift_factor']}), which "
-                              "these latent diffusion models do not apply; use a VAE without one (SD 1.x / 2.x / XL)")
-    scale = config.get("scaling_factor")
-    return None if scale is None else float(scale)
+    scale, shift = config.get("scaling_factor"), config.get("shift_factor")
+    return None if scale is None else float(scale), None if shift is None else float(shift)
 
 
 def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, conditioning: nn.Module,
@@ -118,8 +117,8 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x / XL checkpoint (CompVis
     layout, ``.ckpt`` or ``.safetensors``; SD-XL's ``conditioner.embedders.*``; one of ours too) or a diffusers
     folder. Every key must fit (missing, unexpected and mismatched ones are listed in the error); returns lines
-    describing what was loaded and the file's scale factor (a diffusers VAE config's ``scaling_factor``, our
-    files' ``scale_factor``)."""
+    describing what was loaded and the file's scale and shift factors (a diffusers VAE config's ``scaling_factor``
+    and ``shift_factor``, our files' ``scale_factor`` and ``shift_factor``)."""
     from sdlight.convert import invert_map, unet_key_map, vae_key_map
     from sdlight.convert_sdxl import diffusers_text_to_sgm, is_text_time
 
@@ -146,10 +145,11 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
             hf_prefix = "text_model." if any(k.startswith("text_model.") for k in text) else ""
         elif (path / CONDITIONING_FILE).is_file():
             text = state_dict_of(read_checkpoint(path / CONDITIONING_FILE))
-        which, scale = "diffusers folder", _diffusers_scale_factor(path, where)
+        which, (scale, shift) = "diffusers folder", _diffusers_latent_factors(path)
     elif path.is_file():
         sd, which = ema_swapped(state_dict_of(read_checkpoint(path, mmap=True)), use_ema)
         scale = float(sd["scale_factor"]) if "scale_factor" in sd else None
+        shift = float(sd["shift_factor"]) if "shift_factor" in sd else None
         parts = {"unet": under_prefix(sd, "model.diffusion_model."), "vae": under_prefix(sd, "first_stage_model.")}
         text, hf_prefix = under_prefix(sd, "cond_stage_model."), None
         if any(k.startswith("transformer.text_model.") for k in text):  # SD 1.x: Hugging Face CLIP layout
@@ -170,7 +170,7 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
         lines.append(f"text encoders: {len(sgm)} tensors (SD-XL layout)")
     else:
         lines += _text_weights(conditioning, text, hf_prefix, where)
-    return Pretrained(lines, scale)
+    return Pretrained(lines, scale, shift)
 
 
 def recorded_objective(path: str | Path) -> dict | None:

@@ -43,16 +43,18 @@ def compose_train(overrides: list[str], output_dir) -> DictConfig:
     return cfg
 
 
-def random_stage1_checkpoint(path, seed: int = 0):
-    """Writes a RANDOM-INIT tiny f=4 autoencoder as a stage-1 checkpoint (32 px -> 8x8x4 latents); returns path.
+def random_stage1_checkpoint(path, seed: int = 0, latent_channels: int = 4):
+    """Writes a RANDOM-INIT tiny f=4 autoencoder as a stage-1 checkpoint (32 px -> 8x8x4 latents; with
+    ``latent_channels=16`` kl_f4_16ch_tiny's 8x8x16, without quant convs, as SD3's VAE); returns path.
 
     Stage-2 tests need a first stage to load; whether it reconstructs well does not matter to them.
     """
     from sdlight.nn.autoencoder import AutoencoderKL
 
     torch.manual_seed(seed)
-    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=4,
-                       embed_dim=4, resolution=32)
+    sd3 = {} if latent_channels == 4 else dict(use_quant_conv=False, use_post_quant_conv=False)
+    ae = AutoencoderKL(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[], z_channels=latent_channels,
+                       embed_dim=latent_channels, resolution=32, **sd3)
     torch.save({"state_dict": ae.state_dict(), "hyper_parameters": {"autoencoder_config": ae.config}}, path)
     return path
 

@@ -26,8 +26,9 @@ class Draws:
     made where the generator lives and moved to ``device``.
 
     Every random choice of a training sample (its posterior sample, noise level, noise, condition dropout,
-    inpainting mask, low-resolution noise) is drawn through these methods, with the batch as the first dimension,
-    so that the way a step's randomness is keyed can change in this one class.
+    inpainting mask, low-resolution noise, the image tokens a patch-masked backbone keeps) is drawn through these
+    methods, with the batch as the first dimension, so that the way a step's randomness is keyed can change in this
+    one class.
     """
 
     def __init__(self, generator: torch.Generator | None = None):

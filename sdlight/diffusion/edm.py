@@ -53,12 +53,13 @@ class EDM(Objective):
     def noised(self, x0: Tensor, noise: Tensor, levels: Tensor) -> Tensor:
         return x0 + levels.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1))) * noise
 
-    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor) -> Tensor:
+    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor,
+               element_weight: Tensor | None = None) -> Tensor:
         sigma = levels.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
         x = self.noised(x0, noise, levels)
         out = network(c_in * x, c_noise.flatten())
-        return diffusion_loss(out.float(), ((x0 - c_skip * x) / c_out).float(), None, self.loss_type)
+        return diffusion_loss(out.float(), ((x0 - c_skip * x) / c_out).float(), None, self.loss_type, element_weight)
 
     def bucket(self, levels: Tensor, buckets: int) -> Tensor:
         """By the quantile of ln sigma under the training density (equal shares of training)."""

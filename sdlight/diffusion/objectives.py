@@ -8,6 +8,7 @@ Every objective implements the same methods::
 
     levels = objective.draw_levels(n, draws, device)               # one noise level per sample
     losses = objective.losses(network, x0, levels, noise)          # (B,) weighted per-sample losses
+    losses = objective.losses(..., element_weight=w)               # each the mean over the elements w marks
     grid   = objective.grid(steps, spacing=..., kind=...)          # where a sampler goes
     x0, eps = objective.denoiser(network)(x, sigma, t)             # the network read at a grid point
 
@@ -66,8 +67,11 @@ class Objective(ABC):
         """x at ``levels`` (the forward process)."""
 
     @abstractmethod
-    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor) -> Tensor:
-        """(B,) weighted per-sample losses of ``network`` on ``x0`` noised to ``levels`` with ``noise``."""
+    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor,
+               element_weight: Tensor | None = None) -> Tensor:
+        """(B,) weighted per-sample losses of ``network`` on ``x0`` noised to ``levels`` with ``noise``; each the
+        mean error over all of x0's elements, or over those ``element_weight`` (x0's shape, 1 / 0) marks, before
+        the objective's per-sample weight (`diffusion_loss`)."""
 
     @abstractmethod
     def grid(self, steps: int, *, spacing: str = "leading", kind: str = "timesteps", round_times: bool = False,
@@ -145,12 +149,13 @@ class DDPM(Objective):
     def noised(self, x0: Tensor, noise: Tensor, levels: Tensor) -> Tensor:
         return q_sample(x0, levels, noise, self._schedule_for(x0))
 
-    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor) -> Tensor:
+    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor,
+               element_weight: Tensor | None = None) -> Tensor:
         schedule = self._schedule_for(x0)
         out = network(q_sample(x0, levels, noise, schedule), levels)
         target = training_target(x0, noise, levels, schedule, self.prediction_type)
         weight = loss_weight(schedule.snr(levels), self.prediction_type, self.weighting, self.snr_gamma)
-        return diffusion_loss(out.float(), target.float(), weight, self.loss_type)
+        return diffusion_loss(out.float(), target.float(), weight, self.loss_type, element_weight)
 
     def bucket(self, levels: Tensor, buckets: int) -> Tensor:
         return (levels * buckets // self.num_timesteps).clamp(max=buckets - 1)

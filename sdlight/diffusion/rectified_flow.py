@@ -109,10 +109,11 @@ class RectifiedFlow(Objective):
         t = levels.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         return (1 - t) * x0 + t * noise
 
-    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor) -> Tensor:
+    def losses(self, network: Network, x0: Tensor, levels: Tensor, noise: Tensor,
+               element_weight: Tensor | None = None) -> Tensor:
         out = network(self.noised(x0, noise, levels), levels * self.num_train_timesteps)
         return diffusion_loss(out.float(), (noise - x0).float(), flow_loss_weight(levels, self.weighting),
-                              self.loss_type)
+                              self.loss_type, element_weight)
 
     def bucket(self, levels: Tensor, buckets: int) -> Tensor:
         return (levels * buckets).long().clamp(0, buckets - 1)

@@ -42,8 +42,11 @@ def loss_weight(snr: Tensor, prediction_type: str = "eps", kind: str = "simple",
     return w
 
 
-def diffusion_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None, loss_type: str = "l2") -> Tensor:
-    """Per-sample loss (B,): the mean over all non-batch dims of the l2/l1 error, times ``weight`` (B,)."""
+def diffusion_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None, loss_type: str = "l2",
+                   element_weight: Tensor | None = None) -> Tensor:
+    """Per-sample loss (B,): the mean over all non-batch dims of the l2/l1 error, times ``weight`` (B,). With
+    ``element_weight`` (broadcast to the error; 1 on the elements that count, 0 elsewhere: a patch-masked step's
+    kept patches) the mean is over the weighted elements of each sample."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # reduce in float32 even under mixed precision
     pred, target = pred.to(dtype), target.to(dtype)
     if loss_type == "l2":
@@ -52,5 +55,9 @@ def diffusion_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None, l
         err = F.l1_loss(pred, target, reduction="none")
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected 'l2' or 'l1'")
-    loss = err.flatten(1).mean(dim=1)
+    if element_weight is None:
+        loss = err.flatten(1).mean(dim=1)
+    else:  # each sample's own count: a mean over its kept elements, whatever share of them it keeps
+        element_weight = element_weight.to(dtype).expand_as(err).flatten(1)
+        loss = (err.flatten(1) * element_weight).sum(dim=1) / element_weight.sum(dim=1)
     return loss if weight is None else loss * weight.to(loss)

@@ -8,7 +8,8 @@ checkpoint `sdlight.checkpoints.load_latent_diffusion`).
     images = model.generate(["a red circle"], steps=25)
 
 State-dict keys are CompVis': ``model.diffusion_model.*`` (the backbone), ``first_stage_model.*``,
-``cond_stage_model.*`` and ``scale_factor``, so released Stable Diffusion files load and ours run elsewhere.
+``cond_stage_model.*``, ``scale_factor`` and ``shift_factor``, so released Stable Diffusion files load and ours run
+elsewhere.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sdlight.diffusion.draw import Draws, as_draws, draw
 from sdlight.errors import UsageError
 from sdlight.models.latents import CONTEXT, CachedContexts, posterior_of
 from sdlight.nn.attention import cached_context_projections
+from sdlight.nn.token_masking import draw_token_keep, patch_elements
 
 log = logging.getLogger("sdlight")
 
@@ -43,17 +45,26 @@ log = logging.getLogger("sdlight")
 class DiffusionWrapper(nn.Module):
     """Holds the backbone as ``diffusion_model`` (CompVis key names: ``model.diffusion_model.*``) and routes the
     conditioning: ``context`` to cross-attention, ``y`` to the class / vector embedding, ``concat`` along
-    channels. The backbone is any ``backbone(x, t, context=None, y=None) -> output``."""
+    channels. The backbone is any ``backbone(x, t, context=None, y=None) -> output``; ``token_keep`` (patch
+    masking in training) is passed only when given, so a backbone without image tokens never sees it."""
 
     def __init__(self, diffusion_model: nn.Module):
         super().__init__()
         self.diffusion_model = diffusion_model
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None,
-                concat: Tensor | None = None) -> Tensor:
+                concat: Tensor | None = None, token_keep: Tensor | None = None) -> Tensor:
         if concat is not None:
             x = torch.cat([x, concat], dim=1)
-        return self.diffusion_model(x, t, context=context, y=y)
+        masked = {} if token_keep is None else {"token_keep": token_keep}
+        return self.diffusion_model(x, t, context=context, y=y, **masked)
+
+
+def _unshifted_if_absent(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Files written before the shift existed (and released SD 1.x / 2.x / XL files) hold a scale factor but no
+    shift: their latents are unshifted."""
+    if prefix + "scale_factor" in state_dict and prefix + "shift_factor" not in state_dict:
+        state_dict[prefix + "shift_factor"] = torch.zeros(())
 
 
 def backbone_in_channels(backbone: nn.Module) -> int | None:
@@ -61,7 +72,8 @@ def backbone_in_channels(backbone: nn.Module) -> int | None:
 
 
 class LatentDiffusionModel(nn.Module):
-    """A backbone trained on ``scale_factor · z``, z ~ the frozen autoencoder's posterior of the images.
+    """A backbone trained on ``scale_factor · (z - shift_factor)``, z ~ the frozen autoencoder's posterior of the
+    images (the shift is SD3's and Flux's; 0 for SD 1.x / 2.x / XL).
 
     ``objective`` is the diffusion process (`sdlight.diffusion.objectives`); ``conditioner`` turns a batch's
     condition entries into the backbone's ``context`` / ``y`` / concatenated channels, each encoder dropped to its
@@ -71,7 +83,8 @@ class LatentDiffusionModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, first_stage: nn.Module, conditioner: Conditioner, objective: Objective,
-                 *, concat: nn.Module | None = None, scale_factor: float = 1.0, image_size: int = 32,
+                 *, concat: nn.Module | None = None, scale_factor: float = 1.0, shift_factor: float = 0.0,
+                 image_size: int = 32,
                  sampler: Callable[..., Tensor] | None = None, guidance_scale: float = 3.0):
         super().__init__()
         self.model = DiffusionWrapper(backbone)
@@ -81,6 +94,8 @@ class LatentDiffusionModel(nn.Module):
         self.objective = objective
         # a buffer, as in CompVis: saved in the checkpoint
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        self.register_buffer("shift_factor", torch.tensor(float(shift_factor)))
+        self.register_load_state_dict_pre_hook(_unshifted_if_absent)
         self.image_size, self.sampler, self.guidance_scale = image_size, sampler, guidance_scale
         self.cached_contexts: CachedContexts | None = None  # set to read a latent cache's text contexts
 
@@ -122,19 +137,20 @@ class LatentDiffusionModel(nn.Module):
     @torch.no_grad()
     def encode_images(self, x: Tensor | dict[str, Any], sample: bool = True,
                       draws: Draws | torch.Generator | None = None) -> Tensor:
-        """``scale_factor`` times a posterior sample (or the mode) of the frozen autoencoder, in float32, for
-        images or a batch (of images or of a latent cache's posteriors: one path for both)."""
+        """``scale_factor · (z - shift_factor)``, z a posterior sample (or the mode) of the frozen autoencoder, in
+        float32, for images or a batch (of images or of a latent cache's raw posteriors: one path for both, so the
+        shift applies once)."""
         posterior = posterior_of(x if isinstance(x, dict) else {"image": x}, self.first_stage_model, self.device)
         if sample:
             mean = posterior.mean
             z = posterior.sample(noise=as_draws(draws).normal(mean.shape, mean.device, mean.dtype))
         else:
             z = posterior.mode()
-        return self.scale_factor * z.float()
+        return self.scale_factor * (z.float() - self.shift_factor)
 
     @torch.no_grad()
     def decode_latents(self, z: Tensor) -> Tensor:
-        return self.first_stage_model.decode(z / self.scale_factor).clamp(-1, 1)
+        return self.first_stage_model.decode(z / self.scale_factor + self.shift_factor).clamp(-1, 1)
 
     @torch.no_grad()
     def make_concat(self, inputs: dict[str, Any], draws: Draws | torch.Generator | None = None) -> Tensor | None:
@@ -153,8 +169,9 @@ class LatentDiffusionModel(nn.Module):
         """Per-sample weighted losses (B,) and their noise levels (B,).
 
         Every random number of the step comes from ``draws`` (a generator, or the global RNG when None), in this
-        order: the posterior sample, the condition dropout, the noise levels, the noise, the concat inputs.
-        ``p_uncond`` None drops no condition; else each encoder drops at its ``drop_rate``, or ``p_uncond``.
+        order: the posterior sample, the condition dropout, the noise levels, the noise, the concat inputs, the
+        image tokens a patch-masking backbone keeps (in training only; each loss is then the mean over the kept
+        patches). ``p_uncond`` None drops no condition; else each encoder drops at its ``drop_rate``, or ``p_uncond``.
         """
         draws = as_draws(draws)
         z = self.encode_images(batch, draws=draws)
@@ -173,7 +190,22 @@ class LatentDiffusionModel(nn.Module):
             conditions = {"context": context, "y": None, "concat": concat}
         else:
             conditions = self.cond_stage_model(values, concat)
-        return self.objective.losses(lambda x, t: self.model(x, t, **conditions), z, levels, noise), levels
+        keep, weight = self._token_keep(z, draws)
+        if keep is None:
+            return self.objective.losses(lambda x, t: self.model(x, t, **conditions), z, levels, noise), levels
+        network = lambda x, t: self.model(x, t, **conditions, token_keep=keep)  # noqa: E731
+        return self.objective.losses(network, z, levels, noise, element_weight=weight), levels
+
+    def _token_keep(self, z: Tensor, draws: Draws) -> tuple[Tensor | None, Tensor | None]:
+        """The image tokens a training step's backbone keeps (``mask_ratio`` > 0) and the loss weight on the
+        latents' elements (1 on the kept patches); (None, None) in eval and for a backbone that drops none."""
+        backbone = self.model.diffusion_model
+        ratio = getattr(backbone, "mask_ratio", 0.0)
+        if not (ratio and self.training):
+            return None, None
+        p = backbone.patch_size
+        keep = draw_token_keep(draws, ratio, z.shape[0], (z.shape[-2] // p, z.shape[-1] // p), z.device)
+        return keep, patch_elements(keep, p, z.shape)
 
     # -------------------------------------------------------------------------------------------- sampling
     def _batch_of(self, conditions: Any, num_samples: int | None) -> tuple[dict[str, Any], int]:
@@ -249,7 +281,7 @@ def build_latent_diffusion(
     concat: nn.Module | None = None, objective: Objective | None = None, prediction_type: str | None = "eps",
     loss_type: str | None = "l2", loss_weighting: str | None = "simple", snr_gamma: float | None = 5.0,
     scale_factor: float | None = None, image_size: int = 32, sampler: Callable[..., Tensor] | None = None,
-    guidance_scale: float = 3.0,
+    guidance_scale: float = 3.0, shift_factor: float | None = 0.0,
 ) -> LatentDiffusionModel:
     """A model from the parts a config names (``conf/model/ldm.yaml``: what training composes and what a
     checkpoint's stored config rebuilds without Hydra). ``objective`` None is the DDPM objective of ``schedule``,
@@ -277,6 +309,7 @@ def build_latent_diffusion(
                          "model.unet.in_channels=null model.unet._partial_=true to have it derived)")
     return LatentDiffusionModel(backbone, first_stage, Conditioner.join(conditioning, conditioners), objective,
                                 concat=concat, scale_factor=1.0 if scale_factor is None else scale_factor,
+                                shift_factor=0.0 if shift_factor is None else shift_factor,
                                 image_size=image_size, sampler=sampler, guidance_scale=guidance_scale)
 
 

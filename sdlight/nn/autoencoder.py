@@ -230,7 +230,8 @@ class Decoder(_Checkpointed):
 class AutoencoderKL(nn.Module):
     """The Stable Diffusion VAE: encoder -> ``quant_conv`` -> diagonal Gaussian -> ``post_quant_conv`` -> decoder.
 
-    Arguments are the CompVis ``ddconfig`` names plus ``embed_dim`` (the latent channels seen by the UNet).
+    Arguments are the CompVis ``ddconfig`` names plus ``embed_dim`` (the latent channels seen by the UNet);
+    ``use_quant_conv`` / ``use_post_quant_conv`` false drop the 1x1 convs, as SD3's and Flux's VAEs (diffusers' names).
     ``resolution`` only decides where ``attn_resolutions`` apply; inputs of any size divisible by
     :attr:`downsample_factor` work.
     """
@@ -238,7 +239,8 @@ class AutoencoderKL(nn.Module):
     def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (), z_channels: int = 4, double_z: bool = True,
                  resolution: int = 256, in_channels: int = 3, out_ch: int = 3, dropout: float = 0.0,
-                 embed_dim: int = 4, attn_type: str = "vanilla"):
+                 embed_dim: int = 4, attn_type: str = "vanilla", use_quant_conv: bool = True,
+                 use_post_quant_conv: bool = True):
         super().__init__()
         if not double_z:
             raise ValueError("AutoencoderKL needs double_z=True: the encoder must predict a mean and a logvar")
@@ -248,12 +250,18 @@ class AutoencoderKL(nn.Module):
                            attn_resolutions=list(attn_resolutions), z_channels=z_channels, double_z=double_z,
                            resolution=resolution, in_channels=in_channels, out_ch=out_ch, dropout=dropout,
                            embed_dim=embed_dim, attn_type=attn_type)
+        if not (use_quant_conv and use_post_quant_conv):  # SD3 / Flux VAEs; older configs keep their keys
+            if embed_dim != z_channels:
+                raise ValueError(f"without quant_conv / post_quant_conv the latents are the encoder's: embed_dim "
+                                 f"({embed_dim}) must equal z_channels ({z_channels})")
+            self.config.update(use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv)
         shared = dict(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                       dropout=dropout, resolution=resolution, z_channels=z_channels, attn_type=attn_type)
         self.encoder = Encoder(in_channels=in_channels, double_z=double_z, **shared)
         self.decoder = Decoder(out_ch=out_ch, **shared)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
+        # None: no weights under that name (SD3's VAE has neither 1x1 conv)
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1) if use_post_quant_conv else None
         self.embed_dim = embed_dim
         self._downsample_factor = 2 ** (len(ch_mult) - 1)
 
@@ -266,10 +274,11 @@ class AutoencoderKL(nn.Module):
         return self.embed_dim
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        h = self.encoder(x)
+        return DiagonalGaussianDistribution(self.quant_conv(h) if self.quant_conv is not None else h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
                 noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None

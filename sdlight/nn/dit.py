@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdlight.nn.linear import Linear
 from sdlight.nn.mmdit import Embedder, Mlp, PatchEmbed, SelfAttention, attention, modulate, sincos_1d
+from sdlight.nn.token_masking import PatchMixer, drop_tokens, masking_options, restore_tokens
 from sdlight.nn.unet import timestep_embedding
 
 SIZE_EMBED_DIM = 256  # the sinusoid width of the time and size embedders
@@ -129,6 +130,10 @@ class DiT(nn.Module):
     (B, 768) sinusoidal embeddings (``SizeEmbedder(n=3, dim=256)`` routed as the vector). The output has
     ``out_channels`` channels; with ``learn_sigma`` the variance half follows when ``return_variance`` is set
     (sdlight's objectives train and sample the prediction half only, as PixArt's DPM-Solver sampling does).
+
+    ``mixer_depth`` blocks of self-attention over the image tokens (``patch_mixer``, modulated by the time
+    embedding) run before the blocks, and a training step drops ``mask_ratio`` of the image tokens after them
+    (`sdlight.nn.token_masking`: the kept ones are given as ``token_keep``).
     """
 
     def __init__(
@@ -147,10 +152,13 @@ class DiT(nn.Module):
         use_additional_conditions: bool = False,
         caption_tokens: int | None = None,
         use_checkpoint: bool = False,
+        mask_ratio: float = 0.0,
+        mixer_depth: int = 0,
     ):
         super().__init__()
         # constructor arguments as plain values: checkpoints store them to rebuild the model
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.mask_ratio, mixer_depth = masking_options(mask_ratio, mixer_depth)
         if hidden % num_heads:
             raise ValueError(f"hidden={hidden} is not a multiple of num_heads={num_heads}")
         if hidden % 4:
@@ -175,6 +183,7 @@ class DiT(nn.Module):
         # the table of the training grid, kept in the state dict as PixArt files keep it; other grids compute theirs
         table = pixart_pos_embed(hidden, self.base_size, self.base_size, self.base_size, pe_interpolation)
         self.register_buffer("pos_embed", table.unsqueeze(0))
+        self.patch_mixer = PatchMixer(mixer_depth, hidden, num_heads, mlp_ratio)
         self.blocks = nn.ModuleList([PixArtBlock(hidden, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = T2IFinalLayer(hidden, patch_size, self.out_channels * (2 if learn_sigma else 1))
         self.initialize_weights()
@@ -199,6 +208,7 @@ class DiT(nn.Module):
         for layer in [b.cross_attn.proj for b in self.blocks] + [self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.patch_mixer.zero_modulations()
 
     @property
     def size_multiple(self) -> int:
@@ -237,8 +247,10 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, height, width)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None, *,
-                context_mask: Tensor | None = None, return_variance: bool = False) -> Tensor:
-        """x: (B, in_channels, H, W); t: (B,) or scalar; context: (B, L, context_dim); y: see the class."""
+                context_mask: Tensor | None = None, return_variance: bool = False,
+                token_keep: Tensor | None = None) -> Tensor:
+        """x: (B, in_channels, H, W); t: (B,) or scalar; context: (B, L, context_dim); y: see the class;
+        token_keep: (B, h·w) bool, the image tokens the blocks see (the others' output patches are zero)."""
         height, width = x.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"spatial size {(height, width)} must be divisible by {self.patch_size}")
@@ -256,6 +268,8 @@ class DiT(nn.Module):
         elif y is not None:
             raise ValueError("y given, but this DiT has no size embedders (use_additional_conditions=False)")
         t0 = self.t_block(c)
+        tokens = h.shape[1]
+        h, kept = drop_tokens(self.patch_mixer(h, c), token_keep)  # mixed after the positions: kept ones keep theirs
         bias = None
         if context is not None:
             context = self.y_embedder(context.to(dtype))
@@ -264,5 +278,5 @@ class DiT(nn.Module):
                 bias = bias.masked_fill(~context_mask.bool(), MASKED)[:, None, None, :]
         for block in self.blocks:
             h = block(h, context, t0, bias)
-        out = self.unpatchify(self.final_layer(h, c), height, width).type(x.dtype)
+        out = self.unpatchify(restore_tokens(self.final_layer(h, c), kept, tokens), height, width).type(x.dtype)
         return out if return_variance or not self.learn_sigma else out[:, :self.out_channels]

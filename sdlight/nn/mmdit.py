@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sdlight.nn.linear import Linear
+from sdlight.nn.token_masking import PatchMixer, drop_tokens, masking_options, restore_tokens
 from sdlight.nn.unet import timestep_embedding
 
 QKV = tuple[Tensor, Tensor, Tensor]
@@ -195,7 +196,9 @@ class MMDiT(nn.Module):
     the side of the position table, cropped at its centre to the input's patch grid (positions divided by
     ``pos_embed_scaling_factor`` when given); ``qk_norm`` null | "rms" (SD3.5); ``dual_attention_layers``
     the blocks whose image stream has SD3.5-medium's second self-attention. ``use_checkpoint`` recomputes each
-    block's activations in the backward pass.
+    block's activations in the backward pass. ``mixer_depth`` blocks of self-attention over the image tokens
+    (``patch_mixer``) run before the joint blocks, and a training step drops ``mask_ratio`` of the image tokens
+    after them (`sdlight.nn.token_masking`: the kept ones are given as ``token_keep``).
 
     ``t`` is the time input as SD3 takes it (sigma · 1000 under rectified flow). Without a pooled vector
     (``y=None``: a conditioning that gives only tokens, as the learned text encoder) the vector embedder sees
@@ -218,11 +221,14 @@ class MMDiT(nn.Module):
         pos_embed_scaling_factor: float | None = None,
         mlp_ratio: float = 4.0,
         use_checkpoint: bool = False,
+        mask_ratio: float = 0.0,
+        mixer_depth: int = 0,
     ):
         super().__init__()
         # constructor arguments as plain values: checkpoints store them to rebuild the model
         self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
                        if k not in ("self", "__class__")}
+        self.mask_ratio, mixer_depth = masking_options(mask_ratio, mixer_depth)
         num_heads = depth if num_heads is None else num_heads
         hidden = 64 * depth if hidden is None else hidden
         if hidden % num_heads:
@@ -244,6 +250,7 @@ class MMDiT(nn.Module):
         # fixed, but kept in the state dict as SD3 files keep it
         table = sincos_pos_embed(hidden, pos_embed_max_size, pos_embed_scaling_factor)
         self.register_buffer("pos_embed", table.unsqueeze(0))
+        self.patch_mixer = PatchMixer(mixer_depth, hidden, num_heads, mlp_ratio)
         self.joint_blocks = nn.ModuleList([
             JointBlock(hidden, num_heads, i == depth - 1, qk_norm, i in dual, mlp_ratio) for i in range(depth)
         ])
@@ -267,6 +274,7 @@ class MMDiT(nn.Module):
         for layer in modulations + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.patch_mixer.zero_modulations()
 
     @property
     def size_multiple(self) -> int:
@@ -295,8 +303,10 @@ class MMDiT(nn.Module):
         x = x.reshape(x.shape[0], height // p, width // p, p, p, self.out_channels)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out_channels, height, width)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None) -> Tensor:
-        """x: (B, in_channels, H, W); t: (B,) or scalar; context: (B, L, context_dim); y: (B, pooled_dim)."""
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None, y: Tensor | None = None, *,
+                token_keep: Tensor | None = None) -> Tensor:
+        """x: (B, in_channels, H, W); t: (B,) or scalar; context: (B, L, context_dim); y: (B, pooled_dim);
+        token_keep: (B, h·w) bool, the image tokens the joint blocks see (the others' output patches are zero)."""
         height, width = x.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"spatial size {(height, width)} must be divisible by {self.patch_size}")
@@ -313,9 +323,12 @@ class MMDiT(nn.Module):
             c = c + self.y_embedder(y.to(dtype))
         elif y is not None:
             raise ValueError("y given, but this MMDiT has no vector embedder (pooled_dim=None)")
+        tokens = h.shape[1]
+        h, kept = drop_tokens(self.patch_mixer(h, c), token_keep)  # mixed after the positions: kept ones keep theirs
         if context is None:  # no text tokens: an empty sequence
             context = x.new_zeros(batch, 0, self.context_dim)
         ctx = self.context_embedder(context.to(dtype))
         for block in self.joint_blocks:
             ctx, h = block(ctx, h, c)
-        return self.unpatchify(self.final_layer(h, c), height, width).type(x.dtype)
+        out = restore_tokens(self.final_layer(h, c), kept, tokens)
+        return self.unpatchify(out, height, width).type(x.dtype)

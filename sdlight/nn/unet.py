@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdlight.nn.attention import SpatialTransformer
 from sdlight.nn.linear import Linear
+from sdlight.nn.token_masking import refuse_token_masking
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -249,11 +250,15 @@ class UNetModel(nn.Module):
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
+        mask_ratio: float = 0.0,
+        mixer_depth: int = 0,
     ):
         super().__init__()
+        # the transformers' patch-masking options, taken only to refuse them in one line: a UNet has no tokens
+        refuse_token_masking("UNet", mask_ratio, mixer_depth)
         # constructor arguments as plain values: checkpoints store them to rebuild the model
         self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
-                       if k not in ("self", "__class__")}
+                       if k not in ("self", "__class__", "mask_ratio", "mixer_depth")}
         if dims != 2:
             raise ValueError(f"only 2D UNets are supported, got dims={dims}")
         if num_heads == -1 and num_head_channels == -1:

@@ -33,7 +33,7 @@ from sdlight.stages.flops import TrainingFlops
 from sdlight.stages.frozen import silence_eval_mode_warning
 from sdlight.stages.guard import NonFiniteGuard
 from sdlight.stages.images import log_sample_grid
-from sdlight.stages.scale_factor import SCALE_FACTOR_SEED, estimate_scale_factor, take_scale_factor
+from sdlight.stages.scale_factor import SCALE_FACTOR_SEED, estimate_scale_factor, take_latent_factors
 from sdlight.stages.sharding import data_parallel_mesh, is_sharded, shard_trainable_parts
 
 log = logging.getLogger("sdlight")
@@ -81,15 +81,16 @@ class LatentDiffusion(L.LightningModule):
     """Trains ``net``, a :class:`LatentDiffusionModel` built from ``model_parts`` (`build_latent_diffusion`:
     ``unet``, ``first_stage``, ``schedule``, ``conditioning``, ``conditioners``, ``concat``, ``objective``,
     ``prediction_type``, ``loss_type``, ``loss_weighting``, ``snr_gamma``, ``image_size``, ``sampler``,
-    ``guidance_scale``, ``scale_factor``).
+    ``guidance_scale``, ``scale_factor``, ``shift_factor``).
 
     ``p_uncond``: conditioning dropout (each encoder's ``drop_rate`` first). ``scale_factor`` given is kept;
     else it is 1 / std of the posterior samples of ``scale_factor_batches`` global training batches, pooled over ranks,
-    once (a resumed run keeps the stored value; ``init_from`` brings the file's). ``ema_decay``: an EMA of the
-    trainable parts (backbone, training encoders), frozen parts never copied, updated after every optimizer step
-    that had gradients, used for validation and sampling. A batch whose loss is not finite on any rank is
-    skipped; ``max_nonfinite_steps`` in a row raise. ``compile``: the backbone and the frozen VAE through
-    ``torch.compile``; ``channels_last``: the backbone NHWC (BENCHMARKS.md).
+    once (a resumed run keeps the stored value; ``init_from`` brings the file's). ``shift_factor`` (SD3, Flux: the
+    latents are ``scale · (z - shift)``) given is kept; None estimates it as the latents' mean in the same pass.
+    ``ema_decay``: an EMA of the trainable parts (backbone, training encoders), frozen parts never copied, updated
+    after every optimizer step that had gradients, used for validation and sampling. A batch whose loss is not
+    finite on any rank is skipped; ``max_nonfinite_steps`` in a row raise. ``compile``: the backbone and the
+    frozen VAE through ``torch.compile``; ``channels_last``: the backbone NHWC (BENCHMARKS.md).
     """
 
     def __init__(self, optimizer: OptimizerFactory, lr_scheduler: SchedulerFactory | None = None, *,
@@ -108,12 +109,16 @@ class LatentDiffusion(L.LightningModule):
         self.net: LatentDiffusionModel = build_latent_diffusion(**model_parts)
         net = self.net
         self._scale_factor_ready = model_parts.get("scale_factor") is not None
+        self._shift_factor_ready = model_parts.get("shift_factor", 0.0) is not None
         if init_from:  # released SD weights (or another run's), loaded before the EMA copies them
             pretrained = load_pretrained(init_from, net.model.diffusion_model, net.first_stage_model,
                                          net.cond_stage_model, init_from_ema)
             for line in pretrained.lines:
                 log.info(line)
-            self._scale_factor_ready |= take_scale_factor(net, pretrained.scale_factor, model_parts.get("scale_factor"))
+            taken = take_latent_factors(net, (pretrained.scale_factor, pretrained.shift_factor),
+                                        model_parts.get("scale_factor"), model_parts.get("shift_factor", 0.0))
+            self._scale_factor_ready |= taken[0]
+            self._shift_factor_ready = taken[1]
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.p_uncond, self.scale_factor_batches = p_uncond, scale_factor_batches
         self.sample_every_n_steps, self.num_log_samples = sample_every_n_steps, num_log_samples
@@ -192,18 +197,19 @@ class LatentDiffusion(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.guard.skips = int(checkpoint.get("nonfinite_skips", 0))
-        self._scale_factor_ready = True  # the buffer comes back with the state dict
+        self._scale_factor_ready = self._shift_factor_ready = True  # the buffers come back with the state dict
         self._last_step_seen = int(checkpoint.get("global_step", 0))
 
     # ---------------------------------------------------------------------------------------- scale factor
     def on_train_start(self) -> None:
-        if not self._scale_factor_ready:
+        if not (self._scale_factor_ready and self._shift_factor_ready):
             self.estimate_scale_factor()
 
     def estimate_scale_factor(self) -> float:
-        """See `sdlight.stages.scale_factor.estimate_scale_factor`."""
-        value = estimate_scale_factor(self.trainer, self.net, self.scale_factor_batches)
-        self._scale_factor_ready = True
+        """See `sdlight.stages.scale_factor.estimate_scale_factor`: the scale and / or the shift not yet set."""
+        value = estimate_scale_factor(self.trainer, self.net, self.scale_factor_batches,
+                                      scale=not self._scale_factor_ready, shift=not self._shift_factor_ready)
+        self._scale_factor_ready = self._shift_factor_ready = True
         return value
 
     # -------------------------------------------------------------------------------------------- training

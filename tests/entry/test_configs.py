@@ -30,13 +30,14 @@ def test_every_experiment_composes(train_cfg, experiment):
 @pytest.mark.parametrize("experiment", CPU_EXPERIMENTS)
 def test_cpu_experiments_instantiate(train_cfg, experiment, tmp_path):
     overrides = [f"+experiment={experiment}"]
-    if any(word in experiment for word in ("ldm", "inpaint", "superres", "sdxl")):
+    if any(word in experiment for word in ("ldm", "inpaint", "superres", "sdxl", "sd3")):
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from conftest import random_stage1_checkpoint
 
-        overrides.append(f"model.first_stage.ckpt={random_stage1_checkpoint(tmp_path / 'vae.ckpt')}")
+        channels = 16 if "sd3" in experiment else 4  # SD3's design: a 16-channel VAE
+        overrides.append(f"model.first_stage.ckpt={random_stage1_checkpoint(tmp_path / 'vae.ckpt', 0, channels)}")
     cfg = train_cfg(overrides)
     hydra.utils.instantiate(cfg.data)
     hydra.utils.instantiate(cfg.model)

@@ -590,7 +590,7 @@ def test_checkpoint_keys_are_compvis_and_load_weights_only(tmp_path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     sd = ckpt["state_dict"]
     assert {k.split(".")[0] for k in sd} == {"model", "first_stage_model", "cond_stage_model", "model_ema",
-                                              "scale_factor"}
+                                              "scale_factor", "shift_factor"}
     for key in ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
                 "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
                 "model.diffusion_model.output_blocks.0.0.in_layers.0.weight", "model.diffusion_model.out.2.weight",
