@@ -234,6 +234,18 @@ def _load(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
 
 
+def assert_converter_takes_every_key(checkpoint: dict, config: dict) -> None:
+    """diffusers' converter maps every key of ``checkpoint`` (``model.diffusion_model.*``) onto a key of
+    ``UNet2DConditionModel(**config)`` with its shape, and leaves none of either over (also used by test_unet_sdxl)."""
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**config)
+    converted = convert_ldm_unet_checkpoint(checkpoint, config)
+    expected = reference.state_dict()
+    assert converted.keys() == expected.keys()
+    assert all(converted[k].shape == expected[k].shape for k in expected)
+    assert len(checkpoint) == len(converted)
+
+
 @pytest.mark.parametrize(
     ("name", "n_params"),
     # parameter counts printed by CompVis' DiffusionWrapper for the released models
@@ -257,13 +269,7 @@ def test_release_configs_match_compvis_layout(name, n_params):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         config = create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=512)
-    with torch.device("meta"):
-        reference = UNet2DConditionModel(**config)
-    converted = convert_ldm_unet_checkpoint(checkpoint, config)
-    expected = reference.state_dict()
-    assert converted.keys() == expected.keys()
-    assert all(converted[k].shape == expected[k].shape for k in expected)
-    assert len(ours) == len(converted)
+    assert_converter_takes_every_key(checkpoint, config)
 
 
 def test_tiny_config_and_overrides():
