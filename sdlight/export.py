@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sdlight import convert, convert_sdxl
+from sdlight.convert_transformer import diffusers_transformer
 from sdlight.checkpoints import save_safetensors
 from sdlight.pretrained import CONDITIONING_FILE, OBJECTIVE_METADATA
 from sdlight.checkpoints import load_latent_diffusion
@@ -159,52 +160,46 @@ def _sdxl_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> l
 def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.dtype = torch.float32) -> list[str]:
     """Writes the diffusers folder; returns the component folders written. Models with diffusers text encoders
     get a ``model_index.json`` (a whole ``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for SD-XL's
-    two towers and size conditions); the others get unet/, vae/, scheduler/ and their own condition encoder's
-    weights in ``sdlight_conditioning.safetensors``."""
+    two towers and size conditions); the others get unet/ (a transformer backbone: transformer/, as
+    ``SD3Transformer2DModel`` or ``PixArtTransformer2DModel``), vae/, scheduler/ and their own condition
+    encoder's weights in ``sdlight_conditioning.safetensors``."""
     out = Path(out)
     sd = compvis_weights(model)
-    unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
     vae = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     backbone = model.model.diffusion_model
-    if not isinstance(backbone, UNetModel):  # checked before anything is written
-        raise convert.ConversionError(
-            f"format=diffusers writes a UNet2DConditionModel; this model's backbone is {type(backbone).__name__}: "
-            "export it with format=single_file (the reference implementation's key names)")
-    unet_cfg = backbone.config
     vae_cfg = model.first_stage_model.config
-    sdxl, why_not = None, ""
-    if model.concat_stage is None and convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:
-        try:
-            sdxl = convert_sdxl.sdxl_pipeline_parts(model.cond_stage_model, unet_cfg)
-        except convert.ConversionError as err:  # SD-XL-like but not what the pipeline runs: the parts, saying why
-            why_not = f" ({err})"
-    unet_json = {**convert.diffusers_unet_config(unet_cfg), "_diffusers_version": DIFFUSERS_VERSION}
-    if sdxl is not None:
-        unet_json = convert_sdxl.text_time_unet_config(unet_json, sdxl[1])
     vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor), float(model.shift_factor)),
                 "_diffusers_version": DIFFUSERS_VERSION}
-    if model.concat_stage is not None:
-        unet_json["in_channels"] = unet_cfg["in_channels"]  # z_t plus the concatenated channels
-    tables = (convert.unet_key_map(unet, unet_cfg, text_time=sdxl is not None),
-              convert.vae_key_map(vae, len(vae_cfg["ch_mult"])))
-    for name, weights, table, config, squeeze in (("unet", unet, tables[0], unet_json, False),
-                                                 ("vae", vae, tables[1], vae_json, True)):
+    sdxl, why_not = None, ""
+    if isinstance(backbone, UNetModel):
+        if model.concat_stage is None and convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:
+            try:
+                sdxl = convert_sdxl.sdxl_pipeline_parts(model.cond_stage_model, backbone.config)
+            except convert.ConversionError as err:  # SD-XL-like but not what the pipeline runs: the parts, saying why
+                why_not = f" ({err})"
+        denoiser, (weights, config) = "unet", _diffusers_unet(model, sd, text_time=sdxl is not None)
+        if sdxl is not None:
+            config = convert_sdxl.text_time_unet_config(config, sdxl[1])
+    else:  # checked before anything is written
+        denoiser, (weights, config) = "transformer", diffusers_transformer(backbone, model.latent_shape[-1])
+        config = {**config, "_diffusers_version": DIFFUSERS_VERSION}
+    vae_weights = convert.apply_map(vae, convert.vae_key_map(vae, len(vae_cfg["ch_mult"])), squeeze=True)
+    for name, part, part_config in ((denoiser, weights, config), ("vae", vae_weights, vae_json)):
         (out / name).mkdir(parents=True, exist_ok=True)
-        save_safetensors(_cast(convert.apply_map(weights, table, squeeze), dtype),
-                         out / name / "diffusion_pytorch_model.safetensors",
-                         objective_metadata(model) if name == "unet" else None)
-        _json(out / name / "config.json", config)
+        save_safetensors(_cast(part, dtype), out / name / "diffusion_pytorch_model.safetensors",
+                         objective_metadata(model) if name == denoiser else None)
+        _json(out / name / "config.json", part_config)
     scheduler = scheduler_config(model)
     _json(out / "scheduler" / "scheduler_config.json", scheduler)
-    written = ["unet", "vae", "scheduler"]
+    written = [denoiser, "vae", "scheduler"]
     if sdxl is not None:
         return written + _sdxl_text(sdxl[0], out, dtype, scheduler["_class_name"])
-    text = text_export(model) if model.concat_stage is None else None
+    text = text_export(model) if model.concat_stage is None and denoiser == "unet" else None
     if text is not None:
-        weights, config, tokenizer = text
+        text_weights, text_config, tokenizer = text
         (out / "text_encoder").mkdir(parents=True, exist_ok=True)
-        save_safetensors(_cast(weights, dtype), out / "text_encoder" / "model.safetensors")
-        _json(out / "text_encoder" / "config.json", config)
+        save_safetensors(_cast(text_weights, dtype), out / "text_encoder" / "model.safetensors")
+        _json(out / "text_encoder" / "config.json", text_config)
         tokenizer_files(tokenizer, out / "tokenizer")
         _json(out / "model_index.json", {
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
@@ -218,16 +213,29 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
         save_safetensors(_cast(cond, dtype), out / CONDITIONING_FILE)
         written.append(CONDITIONING_FILE)
     encoder = " + ".join(type(e).__name__ for e in model.cond_stage_model.embedders) or "nothing"
+    denoiser_class = config.get("_class_name", "UNet2DConditionModel")
     (out / "README.md").write_text(
         f"# Exported by sdlight\n\nThis model is conditioned by sdlight's {encoder}"
         f"{' with concatenated inputs (' + type(model.concat_stage).__name__ + ')' if model.concat_stage else ''}"
         f", which has no diffusers pipeline counterpart{why_not}, so there is no model_index.json. Load the parts "
-        "on their own: `UNet2DConditionModel.from_pretrained(DIR, subfolder=\"unet\")`, "
+        f"on their own: `{denoiser_class}.from_pretrained(DIR, subfolder=\"{denoiser}\")`, "
         f"`AutoencoderKL.from_pretrained(DIR, subfolder=\"vae\")`, "
         f"`{scheduler['_class_name']}.from_pretrained(DIR, subfolder=\"scheduler\")`; the "
         f"condition encoder's weights are in {CONDITIONING_FILE} (sdlight's key names), and `model.init_from=DIR` "
         "reads the whole folder back into sdlight.\n")
     return written
+
+
+def _diffusers_unet(model: LatentDiffusionModel, sd: dict[str, Tensor], text_time: bool
+                    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(weights, config) of the UNet as diffusers' ``UNet2DConditionModel`` (``text_time``: SD-XL's vector
+    input as its ``add_embedding``)."""
+    backbone = model.model.diffusion_model
+    unet = {k[len("model.diffusion_model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    config = {**convert.diffusers_unet_config(backbone.config), "_diffusers_version": DIFFUSERS_VERSION}
+    if model.concat_stage is not None:
+        config["in_channels"] = backbone.config["in_channels"]  # z_t plus the concatenated channels
+    return convert.apply_map(unet, convert.unet_key_map(unet, backbone.config, text_time)), config
 
 
 def check_options(cfg: DictConfig) -> None:

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from sdlight.checkpoints import CheckpointError, ema_swapped, load_exact, read_checkpoint, state_dict_of, under_prefix
+from sdlight.nn.unet import UNetModel
 
-DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "transformer": ("diffusion_pytorch_model",),
+                   "vae": ("diffusion_pytorch_model",),
                    "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 CONDITIONING_FILE = "sdlight_conditioning.safetensors"  # our own condition encoder next to a diffusers export
 OBJECTIVE_METADATA = "sdlight.objective"  # the training objective's settings, in an exported weights file's metadata
@@ -112,6 +114,30 @@ def _diffusers_latent_factors(folder: Path) -> tuple[float | None, float | None]
     return None if scale is None else float(scale), None if shift is None else float(shift)
 
 
+def _diffusers_denoiser(path: Path, files: dict[str, Path | None], backbone: nn.Module, where: str
+                        ) -> dict[str, torch.Tensor]:
+    """The folder's unet/ or transformer/ weights in ``backbone``'s keys; a folder for another kind of backbone
+    is one line."""
+    from sdlight.convert import invert_map, unet_key_map
+    from sdlight.convert_sdxl import is_text_time
+    from sdlight.convert_transformer import diffusers_class, transformer_from_diffusers
+
+    component = "unet" if files["unet"] is not None else "transformer"
+    config_file = path / component / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    theirs = config.get("_class_name") or ("UNet2DConditionModel" if component == "unet" else "a transformer")
+    ours = "UNet2DConditionModel" if isinstance(backbone, UNetModel) else diffusers_class(backbone)
+    if ours != theirs and not (ours and theirs == "a transformer" and component == "transformer"):
+        raise CheckpointError(f"{where}: its {component}/ holds a {theirs}; model.unet is a "
+                              f"{type(backbone).__name__} ({ours or 'no diffusers counterpart'}): choose the "
+                              "model/unet the folder was exported from")
+    weights = state_dict_of(read_checkpoint(files[component]))
+    if component == "transformer":
+        return transformer_from_diffusers(weights, backbone)
+    own = backbone.state_dict()
+    return invert_map(weights, unet_key_map(own, backbone.config, is_text_time(config)), own)
+
+
 def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, conditioning: nn.Module,
                     use_ema: bool = True) -> Pretrained:
     """Initialises the UNet, the VAE and the condition encoder from a full SD 1.x / 2.x / XL checkpoint (CompVis
@@ -119,20 +145,18 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     folder. Every key must fit (missing, unexpected and mismatched ones are listed in the error); returns lines
     describing what was loaded and the file's scale and shift factors (a diffusers VAE config's ``scaling_factor``
     and ``shift_factor``, our files' ``scale_factor`` and ``shift_factor``)."""
-    from sdlight.convert import invert_map, unet_key_map, vae_key_map
-    from sdlight.convert_sdxl import diffusers_text_to_sgm, is_text_time
+    from sdlight.convert import invert_map, vae_key_map
+    from sdlight.convert_sdxl import diffusers_text_to_sgm
 
     path, where = Path(path), f"model.init_from={path}"
     sgm = None
     if path.is_dir():
         files = {c: component_file(path, c) for c in DIFFUSERS_STEMS}
-        if files["unet"] is None or files["vae"] is None:
-            raise CheckpointError(f"{where}: not a diffusers folder (no unet/ and vae/ weights) nor a checkpoint file")
-        own_unet, own_vae = unet.state_dict(), first_stage.state_dict()
-        unet_config = path / "unet" / "config.json"
-        text_time = is_text_time(json.loads(unet_config.read_text()) if unet_config.is_file() else {})
-        parts = {"unet": invert_map(state_dict_of(read_checkpoint(files["unet"])),
-                                    unet_key_map(own_unet, unet.config, text_time), own_unet),
+        if (files["unet"] is None and files["transformer"] is None) or files["vae"] is None:
+            raise CheckpointError(f"{where}: not a diffusers folder (no unet/ or transformer/, and vae/ weights) nor "
+                                  "a checkpoint file")
+        own_vae = first_stage.state_dict()
+        parts = {"unet": _diffusers_denoiser(path, files, unet, where),
                  "vae": invert_map(state_dict_of(read_checkpoint(files["vae"])),
                                    vae_key_map(own_vae, len(first_stage.config["ch_mult"])), own_vae)}
         text, hf_prefix = {}, None
@@ -159,8 +183,9 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     else:
         raise CheckpointError(f"{where}: no such file or directory (give an SD .ckpt/.safetensors or a diffusers "
                               "folder)")
-    load_exact(unet, parts["unet"], f"{where}: the UNet does not fit model.unet",
-               "Check that model/unet matches the file (sd15 for SD 1.x, sd21 for SD 2.x).")
+    load_exact(unet, parts["unet"], f"{where}: the {'UNet' if isinstance(unet, UNetModel) else 'transformer'} does "
+               "not fit model.unet", "Check that model/unet matches the file (sd15 for SD 1.x, sd21 for SD 2.x, "
+               "sdxl, mmdit_sd3_medium, pixart_alpha_512).")
     load_exact(first_stage, parts["vae"], f"{where}: the VAE does not fit model.first_stage.autoencoder",
                "Check that the autoencoder config matches the file (kl_f8 for SD).")
     lines = [f"init_from {path} ({which}): UNet {len(parts['unet'])} tensors, VAE {len(parts['vae'])} tensors"]
@@ -179,7 +204,7 @@ def recorded_objective(path: str | Path) -> dict | None:
     SD weights: DDPM, with the prediction type their config says)."""
     path = Path(path)
     if path.is_dir():
-        path = component_file(path, "unet") or path
+        path = component_file(path, "unet") or component_file(path, "transformer") or path
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
 

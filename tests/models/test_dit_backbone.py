@@ -1,6 +1,6 @@
 """DiT (PixArt-α's backbone) as sdlight's backbone: built from the config's parts with derived channels, trained and
 sampled under DDPM (PixArt's objective, learned sigma included) and rectified flow, its configs composed, its
-single-file weights under the reference's names, its diffusers export refused in one line."""
+single-file weights under the reference's names (its diffusers export: tests/test_export_transformers.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from hydra.utils import instantiate
 
 from sdlight.conditioning.concat import InpaintingConcat
 from sdlight.diffusion import DDPM, Draws, NoiseSchedule, RectifiedFlow, sample_ddim, sample_euler
-from sdlight.errors import UsageError
-from sdlight.export import single_file, write_diffusers
+from sdlight.export import single_file
 from sdlight.models.latent_diffusion import build_latent_diffusion
 from sdlight.nn.dit import DiT
 
@@ -66,15 +65,12 @@ def test_the_concat_channels_are_derived():
     assert model.model.diffusion_model.out_channels == 4
 
 
-def test_single_file_keys_are_pixarts_and_diffusers_export_is_refused(tmp_path):
+def test_single_file_keys_are_pixarts():
     model = dit_ldm()
     keys = set(single_file(model))
     assert {"model.diffusion_model.t_block.1.weight", "model.diffusion_model.y_embedder.y_proj.fc1.weight",
             "model.diffusion_model.blocks.1.cross_attn.kv_linear.weight", "model.diffusion_model.pos_embed",
             "model.diffusion_model.final_layer.scale_shift_table"} <= keys
-    with pytest.raises(UsageError, match="backbone is DiT: export it with format=single_file"):
-        write_diffusers(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_configs_compose(tmp_path):

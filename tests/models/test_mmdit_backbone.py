@@ -1,6 +1,6 @@
 """MMDiT as sdlight's backbone: built from the config's parts with derived channels, trained and sampled under
-rectified flow with a conditioning that gives tokens only (y=None), its configs composed, its diffusers export
-refused in one line."""
+rectified flow with a conditioning that gives tokens only (y=None), its configs composed (its diffusers export:
+tests/test_export_transformers.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from hydra.utils import instantiate
 
 from sdlight.conditioning.concat import InpaintingConcat
 from sdlight.diffusion import Draws, RectifiedFlow, sample_euler
-from sdlight.errors import UsageError
-from sdlight.export import write_diffusers
 from sdlight.models.latent_diffusion import build_latent_diffusion
 from sdlight.nn.mmdit import MMDiT
 
@@ -56,12 +54,6 @@ def test_the_concat_channels_are_derived():
     model = mmdit_ldm(concat=InpaintingConcat(4), conditioning=None)
     assert model.model.diffusion_model.config["in_channels"] == 4 + 5
     assert model.model.diffusion_model.out_channels == 4
-
-
-def test_diffusers_export_is_refused_in_one_line(tmp_path):
-    with pytest.raises(UsageError, match="backbone is MMDiT: export it with format=single_file"):
-        write_diffusers(mmdit_ldm(), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_configs_compose(tmp_path):

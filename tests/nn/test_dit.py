@@ -1,5 +1,5 @@
-"""DiT (PixArt-α): equal to diffusers' PixArtTransformer2DModel through the key mapping of diffusers'
-scripts/convert_pixart_alpha_to_diffusers.py (written out below: diffusers ships it as a script, not a function);
+"""DiT (PixArt-α): equal to diffusers' PixArtTransformer2DModel through sdlight's export mapping (that of diffusers'
+scripts/convert_pixart_alpha_to_diffusers.py, which diffusers ships as a script, not a function);
 the key names and shapes of released PixArt-α files; gradient checkpointing."""
 
 import warnings
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sdlight.nn.dit as dit_module
+from sdlight.convert_transformer import pixart_rules, to_diffusers
 from sdlight.nn.dit import DiT, pixart_pos_embed
 
 from tests.nn.test_mmdit import assert_checkpointing_keeps_gradients, randomize_, relative_error
@@ -25,47 +26,10 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, out_channels=4, depth=3, 
             context_dim=40)
 
 
-# the conversion script's names: whole modules outside the blocks (weight and bias follow), then inside a block
-RENAMES = {"x_embedder.proj": "pos_embed.proj", "y_embedder.y_proj.fc1": "caption_projection.linear_1",
-           "y_embedder.y_proj.fc2": "caption_projection.linear_2",
-           "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
-           "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
-           "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
-           "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
-           "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
-           "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
-           "t_block.1": "adaln_single.linear", "final_layer.linear": "proj_out"}
-BLOCK_RENAMES = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
-                 "cross_attn.q_linear": "attn2.to_q", "cross_attn.proj": "attn2.to_out.0"}
-
-
 def to_diffusers_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The conversion script's mapping: fused projections split (q, k, v; k, v); the position table and the null
-    caption dropped (diffusers recomputes the one and has no use for the other)."""
-    state = dict(state)
-    state.pop("pos_embed")
-    state.pop("y_embedder.y_embedding", None)
-    out = {"scale_shift_table": state.pop("final_layer.scale_shift_table")}
-    for key, value in state.items():
-        if not key.startswith("blocks."):
-            name, _, kind = key.rpartition(".")
-            out[f"{RENAMES[name]}.{kind}"] = value
-            continue
-        _, n, rest = key.split(".", 2)
-        prefix = f"transformer_blocks.{n}"
-        if rest == "scale_shift_table":
-            out[f"{prefix}.scale_shift_table"] = value
-            continue
-        part, _, kind = rest.rpartition(".")
-        if part == "attn.qkv":
-            for letter, chunk in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}.attn1.to_{letter}.{kind}"] = chunk
-        elif part == "cross_attn.kv_linear":
-            for letter, chunk in zip("kv", value.chunk(2, dim=0)):
-                out[f"{prefix}.attn2.to_{letter}.{kind}"] = chunk
-        else:
-            out[f"{prefix}.{BLOCK_RENAMES[part]}.{kind}"] = value
-    return out
+    """sdlight's export mapping (the conversion script's: fused projections split, the position table and the null
+    caption dropped, as diffusers recomputes the one and has no use for the other)."""
+    return to_diffusers(state, pixart_rules(state))
 
 
 def reference_for(model: DiT, state: dict | None = None, device: str | None = None) -> PixArtTransformer2DModel:
