@@ -204,6 +204,22 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     return wrapped
 
 
+# other names of config groups on the command line: the backbone group keeps its first name, model/unet, in configs
+# (experiments' overrides, sweeper params) and checkpoints, whatever the backbone (UNet, MMDiT, DiT)
+GROUP_ALIASES = {"model/backbone": "model/unet"}
+
+
+def spelled_out(args: Sequence[str]) -> list[str]:
+    """Command-line arguments with group aliases replaced by their group, whatever the override's prefix (+, ++,
+    ~) or value (a sweep's list): ``model/backbone=mmdit_tiny`` is ``model/unet=mmdit_tiny``, exactly."""
+    out = []
+    for arg in args:
+        prefix = re.match(r"^(\+\+|\+|~)?", arg).group(0)
+        key, sep, value = arg[len(prefix):].partition("=")
+        out.append(prefix + GROUP_ALIASES[key] + sep + value if key in GROUP_ALIASES else arg)
+    return out
+
+
 # Lightning's MisconfigurationException: trainer options this machine cannot honour (trainer=gpu without a GPU, ...)
 USER_ERRORS = (UsageError, WeightsNotFoundError, MissingMandatoryValue, MisconfigurationException)
 

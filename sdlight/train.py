@@ -19,7 +19,7 @@ from sdlight.callbacks.spawned_logging import SpawnedLogging
 from sdlight.errors import UsageError
 from sdlight.hydra_utils import (CONFIG_PATH, USER_ERRORS, apply_extras, check_sweep_plugins, instantiate_callbacks,
                                  instantiate_loggers, metric_value, prepare_wandb, quiet_lightning, register_resolvers,
-                                 task_wrapper, user_errors)
+                                 spelled_out, task_wrapper, user_errors)
 from sdlight.threads import set_torch_threads
 
 log = logging.getLogger("sdlight")
@@ -225,8 +225,10 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``python -m sdlight.train`` and ``sdlight-train``: a missing sweep plugin is named before Hydra composes
-    (Hydra fails on it before any of ``run`` could)."""
+    """``python -m sdlight.train`` and ``sdlight-train``: group aliases spelled out (``model/backbone=`` is
+    ``model/unet=``) and a missing sweep plugin named before Hydra composes (Hydra fails on it before any of
+    ``run`` could)."""
+    sys.argv[1:] = spelled_out(sys.argv[1:])
     with user_errors():
         check_sweep_plugins(sys.argv[1:])
     run()

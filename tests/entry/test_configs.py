@@ -67,3 +67,30 @@ def test_wrong_group_option_is_a_clear_hydra_error(train_cfg):
 def test_wrong_key_is_a_clear_error(train_cfg):
     with pytest.raises((ConfigCompositionException, ConfigKeyError, ConfigAttributeError), match="batch_sise"):
         train_cfg(["data.batch_sise=3"])
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("model/backbone=mmdit_tiny", "model/unet=mmdit_tiny"),
+    ("+model/backbone=dit_tiny", "+model/unet=dit_tiny"),
+    ("~model/backbone", "~model/unet"),
+    ("model/backbone=tiny,mmdit_tiny,dit_tiny", "model/unet=tiny,mmdit_tiny,dit_tiny"),  # a sweep
+    ("model.backbone=3", "model.backbone=3"),  # a key, not the group: left as it is
+    ("model/unet=sdxl", "model/unet=sdxl"),
+])
+def test_backbone_is_the_unet_groups_other_name(given, expected):
+    from sdlight.hydra_utils import spelled_out
+
+    assert spelled_out(["-m", given]) == ["-m", expected]
+
+
+def test_the_cli_takes_model_backbone(tmp_path):
+    """Through the entry point: the alias composes as the group, after the experiment's own choice too."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from cli_helpers import run_cli
+
+    out = run_cli("train", ["model/backbone=mmdit_tiny", "+experiment=quickstart_ldm", "--cfg", "job",
+                            "--package", "model.unet"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "_target_: sdlight.nn.mmdit.MMDiT" in out.stdout
