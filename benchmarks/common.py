@@ -24,10 +24,12 @@ from sdlight.nn.autoencoder import AutoencoderKL
 from sdlight.nn.unet import UNetModel
 
 
-def config(group: str, name: str) -> dict:
-    """A ``conf/model/<group>/<name>.yaml`` as plain constructor arguments (``_target_`` dropped)."""
+def config(group: str, name: str, keep_target: bool = False) -> dict:
+    """A ``conf/model/<group>/<name>.yaml`` as plain constructor arguments (``_target_`` dropped unless
+    ``keep_target``)."""
     text = importlib.resources.files("sdlight.conf").joinpath(f"model/{group}/{name}.yaml").read_text()
-    cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(text)).items() if not k.startswith("_")}
+    cfg = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(text)).items()
+           if not k.startswith("_") or (keep_target and k == "_target_")}
     if cfg.get("in_channels", 0) is None:  # derived by the model from its latents: 4 here
         cfg["in_channels"] = 4
     return cfg

@@ -1,10 +1,13 @@
-"""GPU suite: SD-1.5 and SD-2-base UNet training at 256² and 512² in bf16, eager and compiled, and 50-step sampling.
+"""GPU suite: SD-1.5, SD-2-base, SD-XL UNet and SD3-medium MMDiT training at 256² and 512² in bf16, eager and
+compiled, and 50-step sampling.
 
     bash benchmarks/gpu.sh                      # = python -m benchmarks.gpu; writes benchmarks/gpu_results.md
     python -m benchmarks.gpu --device cpu --configs tiny --resolutions 64 --iters 1 --sample-steps 2 --no-compile
 
-For each UNet (``conf/model/unet/sd15``, ``sd21``: SD 2 base and 768 share the UNet) and resolution: images/s of a
-training step (forward + backward + fused AdamW step, bf16 autocast over float32 weights, 77-token contexts),
+For each backbone (``conf/model/unet/sd15``, ``sd21``: SD 2 base and 768 share the UNet; ``sdxl`` with its
+2816-wide vector; ``mmdit_sd3_medium`` on 16-channel latents with SD3's 333 context tokens and pooled vector) and
+resolution: images/s of a training step (forward + backward + fused AdamW step, bf16 autocast over float32
+weights, 77-token contexts for the UNets; a step that runs out of memory is a row saying so),
 model FLOPs utilisation against the card's *measured* bf16 matmul peak (an 8192² matmul, not the datasheet), and
 peak memory; then 50 DDIM steps with classifier-free guidance (both branches in one batch) at 512², in it/s.
 Compiled runs come last and are skipped (marked so in the table) when the longest one so far would overrun the
@@ -54,13 +57,29 @@ def peak_gib(device: torch.device) -> float:
 
 
 def build(config: str, device: torch.device):
-    from benchmarks.common import config as read_config
-    from sdlight.nn.unet import UNetModel
+    """The backbone of ``conf/model/unet/<config>.yaml`` (UNet, MMDiT or DiT) and its constructor arguments."""
+    from hydra.utils import get_class
 
-    params = {**read_config("unet", config), "use_checkpoint": False}
+    from benchmarks.common import config as read_config
+
+    text = read_config("unet", config, keep_target=True)
+    cls = get_class(text.pop("_target_"))
+    params = {k: v for k, v in text.items() if not k.startswith("_")} | {"use_checkpoint": False}
     params.pop("use_fp16", None)
     torch.manual_seed(0)
-    return UNetModel(**params).to(device), params
+    return cls(**params).to(device), params
+
+
+def inputs(params: dict, b: int, lat: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Random latents (the backbone's channels) and its conditions: a context of 77 tokens (SD3: 77 CLIP + 256
+    T5 tokens), and the vector input of a backbone that has one (SD-XL's 2816, SD3's pooled 2048)."""
+    x = torch.randn(b, params["in_channels"], lat, lat, device=device)
+    tokens = 333 if "pos_embed_max_size" in params else 77
+    cond = {"context": torch.randn(b, tokens, params["context_dim"], device=device)}
+    vector = params.get("adm_in_channels") or params.get("pooled_dim")
+    if vector:
+        cond["y"] = torch.randn(b, vector, device=device)
+    return x, cond
 
 
 def train_figures(config: str, res: int, compiled: bool, args, device: torch.device) -> dict:
@@ -68,12 +87,11 @@ def train_figures(config: str, res: int, compiled: bool, args, device: torch.dev
 
     unet, params = build(config, device)
     b, lat = args.batch or BATCH.get(res, 8), res // 8
-    x = torch.randn(b, 4, lat, lat, device=device)
+    x, cond = inputs(params, b, lat, device)
     t = torch.randint(0, 1000, (b,), device=device)
-    ctx = torch.randn(b, 77, params["context_dim"], device=device)
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast():
-        unet(x[:1], t[:1], context=ctx[:1])
+        unet(x[:1], t[:1], **{k: v[:1] for k, v in cond.items()})
     flops_per_image = 3 * counter.get_total_flops()  # forward + backward ≈ 3 forwards
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     if compiled:
@@ -81,7 +99,7 @@ def train_figures(config: str, res: int, compiled: bool, args, device: torch.dev
 
     def step():
         with autocast():
-            loss = (unet(x, t, context=ctx).float() - x).square().mean()
+            loss = (unet(x, t, **cond).float() - x).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,12 +127,10 @@ def sampling_its(config: str, res: int, args, device: torch.device) -> float:
 
     unet, params = build(config, device)
     unet.eval()
-    b, lat = args.sample_batch, res // 8
-    ctx = torch.randn(b, 77, params["context_dim"], device=device)
-    denoise = cfg_denoiser(lambda x, t, c: unet(x, t, context=c["context"]), {"context": ctx},
-                           {"context": torch.zeros_like(ctx)}, 7.5)
-    schedule = NoiseSchedule.make("scaled_linear", 1000, 0.00085, 0.012)
-    x = torch.randn(b, 4, lat, lat, device=device)
+    x, cond = inputs(params, args.sample_batch, res // 8, device)
+    denoise = cfg_denoiser(lambda x, t, c: unet(x, t, **c), cond, {k: torch.zeros_like(v) for k, v in cond.items()},
+                           7.5)
+    schedule = NoiseSchedule.make("scaled_linear", 1000, 0.00085, 0.012)  # the step's cost, whatever the process
     with torch.autocast(device.type, dtype=torch.bfloat16):
         sample_ddim(denoise, x, schedule, steps=2)  # warm-up
         sync(device)
@@ -127,7 +143,7 @@ def sampling_its(config: str, res: int, args, device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--configs", default="sd15,sd21")
+    ap.add_argument("--configs", default="sd15,sd21,sdxl,mmdit_sd3_medium")
     ap.add_argument("--resolutions", default="256,512")
     ap.add_argument("--batch", type=int, default=None, help="default: 32 at 256², 8 at 512²")
     ap.add_argument("--warmup", type=int, default=3)
@@ -152,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def train_row(config: str, res: int, compiled: bool) -> None:
         torch._dynamo.reset()
-        f = train_figures(config, res, compiled, args, device)
+        try:
+            f = train_figures(config, res, compiled, args, device)
+        except torch.OutOfMemoryError:
+            rows.append(f"| {config} | {res}² | {'compiled' if compiled else 'eager'} | "
+                        f"{args.batch or BATCH.get(res, 8)} | out of memory | | | |")
+            print(rows[-1], flush=True)
+            reset_memory(device)
+            return
         rows.append(f"| {config} ({f['params']:.0f} M) | {res}² | {'compiled' if compiled else 'eager'} | "
                     f"{f['batch']} | {f['ips']:.1f} | {f['tflops']:.0f} | {100 * f['tflops'] / peak:.1f} % | "
                     f"{f['peak']:.1f} |")
@@ -182,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"{datetime.date.today()}, {name}, torch {torch.__version__}, bf16 autocast, measured bf16 peak "
         f"{peak:.0f} TFLOP/s, {time.perf_counter() - began:.0f} s in all", "",
-        "| UNet | resolution | mode | batch | images/s | TFLOP/s | MFU | peak GiB |",
+        "| backbone | resolution | mode | batch | images/s | TFLOP/s | MFU | peak GiB |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
         f"{args.sample_steps}-step DDIM with classifier-free guidance (both branches in one batch), eager:", "",
-        "| UNet | resolution | batch | it/s |", "|---|---|---|---|", *sample_rows, ""])
+        "| backbone | resolution | batch | it/s |", "|---|---|---|---|", *sample_rows, ""])
     Path(args.out).write_text(text)
     print("\n" + text + f"\nwritten to {args.out}")
     return 0

@@ -9,6 +9,8 @@ same architecture and weights (below 1: sdlight is faster), A/B alternated, and 
 
 Benchmarks (each ours vs diffusers, same weights: ours converted with diffusers' converters for SD files):
 - ``unet``: UNet forward + backward + AdamW step on random latents and contexts.
+- ``mmdit`` / ``dit``: the same step for SD3's MMDiT and PixArt-α's DiT against ``SD3Transformer2DModel`` /
+  ``PixArtTransformer2DModel`` (weights through sdlight's export mapping).
 - ``vae``: one stage-1 batch: generator loss (L1 + LPIPS with a random-init VGG trunk + KL + PatchGAN with the
   adaptive weight) and its step with the discriminator frozen, then the discriminator's loss and step; the same
   loss networks for both. diffusers ships no stage-1 loss: its side computes CompVis' ``LPIPSWithDiscriminator``
@@ -40,19 +42,24 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import alternate, build_unet, build_vae, diffusers_unet, diffusers_vae, randomize_, rel_error
+from benchmarks.common import (alternate, build_unet, build_vae, config, diffusers_unet, diffusers_vae, randomize_,
+                               rel_error)
 from sdlight.nn.linear import onednn_linear_active, set_onednn_linear
 from sdlight.nn.speed import speed_up
 from sdlight.optim import build_optimizer
 
 SIZES = {
     # the quickstart: 32 px shapes, kl_f4_tiny VAE (8x8x4 latents), the tiny UNet, the learned text encoder
-    "quickstart": dict(vae=dict(), unet=dict(), unet_batch=64, vae_batch=16, sample_batch=8),
+    "quickstart": dict(vae=dict(), unet=dict(), unet_batch=64, vae_batch=16, sample_batch=8,
+                       mmdit=dict(), dit=dict(), latent=8),
     # mid: 128 px through an f=8 VAE (16x16x4 latents), a 128-channel UNet with mult 1-2-4
     "mid": dict(vae=dict(ch=64, ch_mult=[1, 2, 4, 4], resolution=128),
                 unet=dict(image_size=16, model_channels=128, channel_mult=[1, 2, 4], attention_resolutions=[2, 4],
                           num_head_channels=64, context_dim=256),
-                unet_batch=8, vae_batch=4, sample_batch=4),
+                unet_batch=8, vae_batch=4, sample_batch=4,
+                # transformers on the same 16x16x4 latents: 64 tokens of 2x2 patches, 384 wide, 6 blocks
+                mmdit=dict(depth=6, num_heads=6, hidden=384, pos_embed_max_size=32, context_dim=256, pooled_dim=256),
+                dit=dict(input_size=16, depth=6, num_heads=6, hidden=384, context_dim=256), latent=16),
 }
 
 
@@ -90,6 +97,56 @@ def bench_unet(size: dict, args, device: torch.device):
                         build_optimizer(partial(torch.optim.AdamW, lr=1e-4, **kw), ours.parameters())),
         "diffusers": step(theirs, lambda m: m(x, t, encoder_hidden_states=ctx).sample,
                           torch.optim.AdamW(theirs.parameters(), 1e-4)),
+    }
+
+
+# ------------------------------------------------------------------------------------- transformer backbones
+def bench_transformer(kind: str, size: dict, args, device: torch.device):
+    """MMDiT (SD3) or DiT (PixArt-α) forward + backward + AdamW step against diffusers' SD3Transformer2DModel /
+    PixArtTransformer2DModel with the same weights (sdlight's export mapping)."""
+    import diffusers
+
+    from sdlight.convert_transformer import diffusers_transformer
+    from sdlight.nn.dit import DiT
+    from sdlight.nn.mmdit import MMDiT
+
+    params = {**config("unet", f"{kind}_tiny"), **size[kind], "use_checkpoint": False}
+    torch.manual_seed(0)
+    ours = randomize_((MMDiT if kind == "mmdit" else DiT)(**params))
+    weights, cfg = diffusers_transformer(ours, size["latent"])
+    theirs = getattr(diffusers, cfg["_class_name"]).from_config({k: v for k, v in cfg.items() if k[0] != "_"})
+    theirs.load_state_dict(weights, strict=True)
+    ours, theirs = ours.to(device), theirs.to(device)
+    b, g, side = size["unet_batch"], torch.Generator().manual_seed(1), size["latent"]
+    x = torch.randn(b, 4, side, side, generator=g).to(device)
+    t = (torch.rand(b, generator=g) * 1000).to(device)  # sigma · 1000 (rectified flow), or DDPM's timesteps
+    ctx = torch.randn(b, 77, params["context_dim"], generator=g).to(device)
+    if kind == "mmdit":
+        y = torch.randn(b, params["pooled_dim"], generator=g).to(device)
+        call_ours = lambda m: m(x, t, context=ctx, y=y)  # noqa: E731
+        call_theirs = lambda m: m(x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t,  # noqa: E731
+                                  return_dict=False)[0]
+    else:
+        call_ours = lambda m: m(x, t, context=ctx)  # noqa: E731
+        call_theirs = lambda m: m(x, encoder_hidden_states=ctx, timestep=t, return_dict=False,  # noqa: E731
+                                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})[0]
+    with torch.no_grad():
+        err = rel_error(call_ours(ours), call_theirs(theirs))
+    kw: dict = {}
+    our_switches([ours], kw, args)
+    if args.gradient_checkpointing:
+        ours.set_gradient_checkpointing(True)
+        theirs.enable_gradient_checkpointing()
+
+    def step(model, call, opt):
+        def run():
+            call(model).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    return err, b, {
+        "sdlight": step(ours, call_ours, build_optimizer(partial(torch.optim.AdamW, lr=1e-4, **kw), ours.parameters())),
+        "diffusers": step(theirs, call_theirs, torch.optim.AdamW(theirs.parameters(), 1e-4)),
     }
 
 
@@ -257,7 +314,8 @@ def bench_ddim(size: dict, args, device: torch.device):
     return err, b, {"sdlight": ours, "diffusers": theirs}
 
 
-BENCHES = {"unet": bench_unet, "vae": bench_vae, "stage2": bench_stage2, "ddim": bench_ddim}
+BENCHES = {"unet": bench_unet, "mmdit": partial(bench_transformer, "mmdit"), "dit": partial(bench_transformer, "dit"),
+           "vae": bench_vae, "stage2": bench_stage2, "ddim": bench_ddim}
 
 
 def under_bf16(step, device: torch.device):

@@ -27,11 +27,12 @@ def test_gpu_suite_runs_its_measurements_on_a_cpu_at_a_tiny_size(tmp_path, monke
     from benchmarks import gpu
 
     out = tmp_path / "r.md"
-    assert gpu.main(["--device", "cpu", "--configs", "tiny", "--resolutions", "64", "--warmup", "1", "--iters", "1",
+    assert gpu.main(["--device", "cpu", "--configs", "tiny,mmdit_tiny", "--resolutions", "64", "--warmup", "1", "--iters", "1",
                      "--sample-steps", "2", "--sample-batch", "1", "--budget", "0", "--out", str(out)]) == 0
     table = out.read_text()
     assert "| tiny (4 M) | 64² | eager | 2 |" in table
     assert "| tiny | 64² | 1 |" in table
+    assert "| mmdit_tiny (" in table and "| mmdit_tiny | 64² | 1 |" in table  # a transformer backbone, its inputs
     # compiled runs come after the budget check: none fits in a budget of 0 s, and the table says so
     assert "| tiny | 64² | compiled | — | skipped: time budget" in table
 
