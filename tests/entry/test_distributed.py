@@ -73,8 +73,16 @@ def test_the_autoencoder_ends_the_same_on_one_or_two_processes(tmp_path):
     assert two[1] < 2 * split[1] and two[1] < 1e-3, (two, split)
 
 
+def _files(root: Path) -> set[str]:
+    """Every file under a run's folder, by relative path (a timestamped event file by its folder)."""
+    return {str(p.relative_to(root).parent if "events.out" in p.name else p.relative_to(root))
+            for p in root.rglob("*") if p.is_file()}
+
+
 def test_the_diffusion_model_ends_the_same_on_one_or_two_processes(tmp_path, stage1):
-    args = LDM + [f"model.first_stage.ckpt={stage1}", "trainer.max_steps=4"]
+    # with a logger and sample grids, so that the second rank has something it could write: it writes nothing
+    args = LDM + [f"model.first_stage.ckpt={stage1}", "trainer.max_steps=4", "logger=csv",
+                  "model.sample_every_n_steps=2"]
     one = _run(tmp_path / "one", args + ONE)
     ranks = tmp_path / "ranks"
     ranks.mkdir()
@@ -84,6 +92,10 @@ def test_the_diffusion_model_ends_the_same_on_one_or_two_processes(tmp_path, sta
     first, second = (torch.load(ranks / f"rank{r}.pt") for r in (0, 1))
     assert first.keys() == second.keys() and any(k.startswith("model_ema.") for k in first)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    # only rank 0 writes: the two-process run leaves exactly the files of the one-process run
+    files = _files(tmp_path / "one")
+    assert {f.split("/")[0] for f in files} == {"csv", "checkpoints", "images"}
+    assert _files(tmp_path / "two") == files
     assert one["state_dict"]["scale_factor"] == pytest.approx(float(two["state_dict"]["scale_factor"]), rel=1e-6)
     _assert_same_weights(one, two)
     # a control: another seed moves the weights by far more than the processes' difference
