@@ -374,7 +374,9 @@ def load_latent_diffusion(path: str | Path, use_ema: bool = True) -> tuple[nn.Mo
     # the weights of every part are in this checkpoint: the first stage's architecture only
     built = build_from_config(parts)
     settings = hparams.get("objective_settings")  # the model's own: init_from may have replaced the config's
-    if settings and (built.get("objective") is None or built["objective"].settings() != settings):
+    if built.get("objective") is not None and not settings:
+        settings = built["objective"].settings()
+    if settings:  # also clears the DDPM keys another objective never used (named once, when the run was built)
         built = with_objective(built, settings)
     model = build_latent_diffusion(first_stage=AutoencoderKL(**hparams["first_stage_config"]), **built)
     sd, which = ema_swapped(state_dict_of(ckpt), use_ema)

@@ -4,6 +4,7 @@ img2img, inpainting and attention maps, refused by DDPM's and DDIM's samplers in
 diffusers scheduler; and a sweep over the objectives from the command line."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlight.diffusion import EDM, RectifiedFlow
+from sdlight.diffusion import DDPM, EDM, RectifiedFlow
 from sdlight.pipeline import Pipeline
 from sdlight.pixels import to_pil
 
@@ -50,6 +51,18 @@ def test_the_checkpoint_rebuilds_its_objective(pipe):
         assert objective.shift == 2.0 and objective.timestep_sampling == "logit_normal"
     else:
         assert isinstance(objective, EDM) and objective.sigma_data == 1.0
+
+
+def test_loading_does_not_repeat_the_training_runs_warning(flow_ckpt, caplog):
+    """The experiment's DDPM keys (quickstart_ldm's loss_weighting: min_snr) were named once, when the run was
+    built; the checkpoint, whose objective never used them, loads without that warning."""
+    from sdlight.checkpoints import latent_diffusion_config, load_latent_diffusion, read_checkpoint
+
+    assert latent_diffusion_config(read_checkpoint(flow_ckpt), flow_ckpt)["loss_weighting"] == "min_snr"
+    with caplog.at_level(logging.WARNING, logger="sdlight"):
+        model, _ = load_latent_diffusion(flow_ckpt)
+    assert not isinstance(model.objective, DDPM)
+    assert "setting(s) of the DDPM objective" not in caplog.text
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "unipc", "euler_karras"])
