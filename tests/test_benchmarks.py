@@ -1,4 +1,4 @@
-"""The GPU suite degrades to a message without a GPU, and its code runs end to end on a CPU at a tiny size; the
+"""The GPU suites degrade to a message without (enough) GPUs, and their code runs end to end on a CPU at a tiny size; the
 quickstart trade-off plot reads its committed points."""
 
 from __future__ import annotations
@@ -99,3 +99,17 @@ def test_objectives_table_collects_runs_and_says_which_met_every_goal(tmp_path, 
     assert (tmp_path / "o.png").is_file()
     committed = objectives.read_rows(ROOT / "benchmarks/objectives.csv")  # the measured runs of BENCHMARKS.md
     assert all(0 <= r["all"] <= min(r["colour"], r["shape"], r["position"], r["background"]) for r in committed)
+
+
+def test_multi_gpu_suite_needs_two_devices_and_runs_ddp_and_fsdp_on_cpu_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    from benchmarks import gpu_parallel
+
+    assert gpu_parallel.main(["--out", str(tmp_path / "none.md")]) == 0
+    assert "needs 2 or more" in capsys.readouterr().out and not (tmp_path / "none.md").exists()
+    out = tmp_path / "r.md"
+    assert gpu_parallel.main(["--device", "cpu", "--world", "2", "--configs", "tiny", "--resolution", "64",
+                              "--batch", "2", "--warmup", "1", "--iters", "1", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| tiny | ddp | 64² | 2 |" in table and "| tiny | fsdp | 64² | 2 |" in table
