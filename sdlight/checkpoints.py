@@ -290,9 +290,10 @@ def has_training_state(ckpt: dict[str, Any]) -> bool:
     return "loops" in ckpt or "global_step" in ckpt
 
 
-def newest_checkpoint(*folders: str | Path) -> tuple[Path | None, list[str]]:
+def newest_checkpoint(*folders: str | Path, max_step: int | None = None) -> tuple[Path | None, list[str]]:
     """The most recently written ``*.ckpt`` in ``folders`` that reads and holds training state (a truncated or
-    foreign file is passed over), and the reasons the newer ones were passed over."""
+    foreign file is passed over; with ``max_step``, one saved after that optimizer step too), and the reasons the
+    newer ones were passed over."""
     found = [p for folder in map(Path, folders) if folder.is_dir() for p in folder.glob("*.ckpt")]
     candidates = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
     skipped = []
@@ -302,9 +303,12 @@ def newest_checkpoint(*folders: str | Path) -> tuple[Path | None, list[str]]:
         except CheckpointError as err:
             skipped.append(f"{path.name}: {err}")
             continue
-        if has_training_state(ckpt):
+        if not has_training_state(ckpt):
+            skipped.append(f"{path.name}: no training state")
+        elif max_step is not None and int(ckpt.get("global_step", 0)) > max_step:
+            skipped.append(f"{path.name}: saved at step {ckpt.get('global_step')}, after step {max_step}")
+        else:
             return path, skipped
-        skipped.append(f"{path.name}: no training state")
     return None, skipped
 
 

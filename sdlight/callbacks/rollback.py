@@ -26,6 +26,7 @@ class NonFiniteRollback(L.Callback):
     def __init__(self, after_nonfinite: int | None = None, max_rollbacks: int = 3):
         self.after_nonfinite, self.max_rollbacks = after_nonfinite, max_rollbacks
         self.rollbacks = 0
+        self.last_finite_step: int | None = None  # checkpoints saved after it hold the weights that diverged
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         limit = getattr(getattr(pl_module, "guard", None), "max_in_a_row", None)
@@ -37,19 +38,29 @@ class NonFiniteRollback(L.Callback):
                            batch_idx: int) -> None:
         guard = getattr(pl_module, "guard", None)
         in_a_row = guard.in_a_row if guard is not None else 0
+        if in_a_row == 0:
+            self.last_finite_step = trainer.global_step
         if not self.after_nonfinite or in_a_row < self.after_nonfinite or self.rollbacks >= self.max_rollbacks:
             return
         folder = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir, "checkpoints")
-        path, _ = newest_checkpoint(folder)
+        # the skipped steps still count as steps, and a checkpoint saved among them may hold diverged weights
+        path, _ = newest_checkpoint(folder, max_step=self.last_finite_step)
         if path is None:
-            log.warning(f"{in_a_row} non-finite steps in a row but no checkpoint in {folder} to roll back to")
+            if trainer.is_global_zero:
+                log.warning(f"{in_a_row} non-finite steps in a row but no checkpoint in {folder} from before them "
+                            "to roll back to")
             return
         ckpt = read_checkpoint(path)
-        pl_module.load_state_dict(ckpt["state_dict"])
-        for optimizer, state in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
-            optimizer.load_state_dict(state)
+        restore = getattr(trainer.strategy, "restore_weights", None)
+        if restore is not None:  # sharded parameters (trainer=fsdp): each rank takes its shards of the whole tensors
+            restore(ckpt)
+        else:
+            pl_module.load_state_dict(ckpt["state_dict"])
+            for optimizer, state in zip(trainer.optimizers, ckpt.get("optimizer_states", [])):
+                optimizer.load_state_dict(state)
         guard.in_a_row = 0
         self.rollbacks += 1
-        log.warning(f"{in_a_row} non-finite steps in a row at step {trainer.global_step}: weights and optimizer "
-                    f"rolled back to {path} (step {ckpt.get('global_step')}), data goes on "
-                    f"(rollback {self.rollbacks} of at most {self.max_rollbacks})")
+        if trainer.is_global_zero:
+            log.warning(f"{in_a_row} non-finite steps in a row at step {trainer.global_step}: weights and optimizer "
+                        f"rolled back to {path} (step {ckpt.get('global_step')}), data goes on "
+                        f"(rollback {self.rollbacks} of at most {self.max_rollbacks})")

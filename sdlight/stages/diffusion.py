@@ -132,7 +132,7 @@ class LatentDiffusion(L.LightningModule):
         object.__setattr__(self, "_ema_parts", nn.ModuleList(trainable))  # already submodules: not registered
         self.model_ema = AveragedModel(self._ema_parts, multi_avg_fn=WarmupEMA(ema_decay), use_buffers=True
                                        ).requires_grad_(False) if ema_decay else None
-        self._last_step_seen, self._grads_since_step, self._val_stats = 0, False, None
+        self._last_step_seen, self._grads_since_step, self._val_stats, self._drop_grads = 0, False, None, False
         self._flops, self._ema = TrainingFlops(), WeightSwap()
         self._flops.watch(net.model, self)
         # the model's keys without "net.": CompVis' names in checkpoints (model.diffusion_model.*, ...)
@@ -225,11 +225,21 @@ class LatentDiffusion(L.LightningModule):
         loss = self.net.losses(batch, keyed_draws(batch, self.global_step), p_uncond=self.p_uncond)[0].mean()
         finite = self.guard.check(self, loss, where=f"step {self.global_step}")
         self.log("train/nonfinite_skips", float(self.guard.skips))
-        if not finite:  # Lightning skips backward; its optimizer step then finds no gradients: weights unchanged
-            return None
+        if not finite:  # every rank agrees (the check is all-reduced)
+            if self.trainer.world_size == 1:  # Lightning skips backward; its optimizer step finds no gradients
+                return None
+            # Lightning refuses None on several processes: the backward runs on every rank (the gradient
+            # collectives need all of them) and its gradients are dropped before the optimizer step
+            self._drop_grads = True
+            return loss
         self._grads_since_step = True
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size_of(batch))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_grads:  # a skipped step on several processes: no gradient, so the optimizer leaves every weight
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_grads = False
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -41,7 +41,8 @@ class NonFiniteGuard:
             return True
         self.skips += 1
         self.in_a_row += 1
-        log.warning(f"Non-finite loss at {where} ({self.in_a_row} in a row): step skipped")
+        if module.global_rank == 0:  # every rank skips it (the check is all-reduced); one says so
+            log.warning(f"Non-finite loss at {where} ({self.in_a_row} in a row): step skipped")
         if self.in_a_row >= self.max_in_a_row:
             extra = details()
             raise FloatingPointError(f"{self.in_a_row} non-finite losses in a row (max_nonfinite_steps="

@@ -180,17 +180,23 @@ class ShardedStrategy(ModelParallelStrategy):
                                                                optim=optimizer)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        self.restore_weights(checkpoint)
+        del checkpoint["state_dict"]  # Lightning would load it again, into the sharded module
+        return checkpoint
+
+    def restore_weights(self, checkpoint: Mapping[str, Any]) -> None:
+        """A whole checkpoint's weights (EMA included) and optimizer states into the sharded module and optimizers,
+        each rank taking its shards: at resume, and when a loss spike rolls the run back (callbacks/rollback.py)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
 
-        path = Path(self.broadcast(checkpoint_path))
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         strict = self.lightning_module.strict_loading
-        load_whole_state_dict(self.lightning_module, checkpoint.pop("state_dict"), strict=strict)
+        load_whole_state_dict(self.lightning_module, checkpoint["state_dict"], strict=strict)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
             # saved keyed by position: torch's loader takes them by parameter name
             state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, self.model,
                                                                     optim=optimizer)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state, options=options)
-        return checkpoint

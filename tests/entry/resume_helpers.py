@@ -109,3 +109,17 @@ class RecordShards(L.Callback):
         sizes = {name: {"local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in m.parameters()),
                         "whole": sum(p.numel() for p in m.parameters())} for name, m in parts.items()}
         Path(self.out_dir, f"shards_rank{trainer.global_rank}.json").write_text(json.dumps(sizes))
+
+
+class PoisonWeights(L.Callback):
+    """Every rank turns the backbone's first parameter into NaNs before the batch at optimizer step ``step``: each
+    later loss is non-finite until a rollback restores the weights."""
+
+    def __init__(self, step: int = 3):
+        self.step, self.done = step, False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.done:
+            self.done = True
+            with torch.no_grad():
+                next(pl_module.net.model.diffusion_model.parameters()).fill_(float("nan"))

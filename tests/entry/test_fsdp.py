@@ -116,6 +116,23 @@ def test_sampling_during_a_sharded_run_takes_every_rank(root):
     assert done.returncode == 2 and "give num_samples a multiple of 8" in done.stderr, done.stderr[-3000:]
 
 
+def test_a_loss_spike_rolls_the_sharded_run_back(root):
+    """Weights turned to NaNs right after the step-2 checkpoint: the next step's loss is non-finite on every rank, is
+    skipped (Lightning refuses a skipped step on several processes: the gradients are dropped instead), and the
+    weights and optimizer states roll back to that checkpoint, each rank taking its shards of the whole tensors; the
+    run goes on and ends finite."""
+    last = _train(root, "rollback", _args(root, *FSDP, "trainer.max_steps=5", "trainer.limit_val_batches=0",
+                                          "callbacks.model_checkpoint.every_n_train_steps=2",
+                                          "callbacks.model_checkpoint.every_n_epochs=null",
+                                          "callbacks.rollback.after_nonfinite=1",
+                                          "+callbacks.poison._target_=resume_helpers.PoisonWeights",
+                                          "+callbacks.poison.step=2"))
+    log = (root / "rollback.log").read_text()
+    assert log.count("rolled back to") == 1 and log.count("Non-finite loss at step 2") == 1  # rank 0 says it
+    state = read_checkpoint(last)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
 def test_every_backbone_is_sharded_block_by_block():
     """The units that trainer=fsdp shards: each block of the UNet and of the transformers, then the backbone."""
     from hydra.utils import instantiate

@@ -241,3 +241,19 @@ def test_ckpt_path_last_passes_over_a_truncated_checkpoint(tmp_path):
     found, passed = newest_checkpoint(folder)
     assert found == folder / "step_3.ckpt"
     assert passed and passed[0].startswith("last.ckpt")
+
+
+def test_a_rollback_passes_over_checkpoints_saved_during_the_streak(tmp_path):
+    """Skipped steps still count: a checkpoint saved among them may hold the weights that diverged, so the newest one
+    from before the streak is taken (and the newer one is named as passed over)."""
+    from sdlight.checkpoints import save_atomic
+
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save_atomic({"global_step": step, "loops": {}, "state_dict": {"w": torch.ones(2) * step}},
+                    folder / f"step_{step}.ckpt")
+        time.sleep(0.01)
+    assert newest_checkpoint(folder)[0] == folder / "step_4.ckpt"
+    found, passed = newest_checkpoint(folder, max_step=3)
+    assert found == folder / "step_2.ckpt" and passed == ["step_4.ckpt: saved at step 4, after step 3"]
+    assert newest_checkpoint(folder, max_step=1)[0] is None
