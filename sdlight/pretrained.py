@@ -125,10 +125,10 @@ def _diffusers_denoiser(path: Path, files: dict[str, Path | None], backbone: nn.
     component = "unet" if files["unet"] is not None else "transformer"
     config_file = path / component / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    theirs = config.get("_class_name") or ("UNet2DConditionModel" if component == "unet" else "a transformer")
+    theirs = config.get("_class_name")  # None: a config that does not say; the folder's layout still must fit
     ours = "UNet2DConditionModel" if isinstance(backbone, UNetModel) else diffusers_class(backbone)
-    if ours != theirs and not (ours and theirs == "a transformer" and component == "transformer"):
-        raise CheckpointError(f"{where}: its {component}/ holds a {theirs}; model.unet is a "
+    if ours is None or (component == "unet") != isinstance(backbone, UNetModel) or theirs not in (None, ours):
+        raise CheckpointError(f"{where}: its {component}/ holds a {theirs or component}; model.unet is a "
                               f"{type(backbone).__name__} ({ours or 'no diffusers counterpart'}): choose the "
                               "model/unet the folder was exported from")
     weights = state_dict_of(read_checkpoint(files[component]))

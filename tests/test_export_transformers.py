@@ -22,7 +22,7 @@ from sdlight.nn.mmdit import MMDiT
 from sdlight.pretrained import load_pretrained, recorded_objective
 
 from tests.nn.test_mmdit import randomize_, relative_error
-from tests.stages.conftest import CONTEXT_DIM, tiny_conditioning, tiny_vae
+from tests.stages.conftest import CONTEXT_DIM, tiny_conditioning, tiny_ldm, tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
@@ -136,3 +136,7 @@ def test_a_folder_for_another_backbone_is_one_line(tmp_path):
         load_pretrained(tmp_path / "dit", other.model.diffusion_model, other.first_stage_model,
                         other.cond_stage_model)
     assert "\n" not in str(info.value)
+    unet = tiny_ldm("text").net  # a UNet model and a transformer folder
+    with pytest.raises(CheckpointError, match="its transformer/ holds a PixArtTransformer2DModel; model.unet is a "
+                       "UNetModel"):
+        load_pretrained(tmp_path / "dit", unet.model.diffusion_model, unet.first_stage_model, unet.cond_stage_model)
