@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sdlight.nn.linear import Linear
-from sdlight.nn.mmdit import Embedder, Mlp, PatchEmbed, SelfAttention, attention, modulate, sincos_1d
+from sdlight.nn.mmdit import (Embedder, Mlp, PatchEmbed, PatchTransformer, SelfAttention, attention, modulate,
+                               sincos_1d)
 from sdlight.nn.token_masking import PatchMixer, drop_tokens, masking_options, restore_tokens
 from sdlight.nn.unet import timestep_embedding
 
@@ -112,7 +113,7 @@ class T2IFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(PatchTransformer):
     """PixArt-α's backbone: ``backbone(x, t, context=None, y=None)``.
 
     Arguments in the reference's vocabulary: ``depth`` blocks of width ``hidden`` with ``num_heads`` heads
@@ -209,17 +210,6 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.patch_mixer.zero_modulations()
-
-    @property
-    def size_multiple(self) -> int:
-        """What the input's height and width must be multiples of: the patch size."""
-        return self.patch_size
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Each block recomputes its activations in the backward pass instead of keeping them: less memory for about
-        a third more compute in training, the same gradients."""
-        for block in self.blocks:
-            block.use_checkpoint = enabled
 
     def pos_embed_for(self, h: int, w: int) -> Tensor:
         """(1, h·w, hidden) for an h x w patch grid: the stored table on the training grid, else PixArt-MS's."""

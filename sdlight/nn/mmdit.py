@@ -187,7 +187,26 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class MMDiT(nn.Module):
+class PatchTransformer(nn.Module):
+    """What the transformer backbones (MMDiT, `sdlight.nn.dit.DiT`) share around their blocks: inputs cut into
+    ``patch_size`` patches, and per-block gradient checkpointing over the module list named ``checkpointed``."""
+
+    patch_size: int
+    checkpointed = "blocks"
+
+    @property
+    def size_multiple(self) -> int:
+        """What the input's height and width must be multiples of: the patch size."""
+        return self.patch_size
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Each block recomputes its activations in the backward pass instead of keeping them: less memory for about
+        a third more compute in training, the same gradients."""
+        for block in getattr(self, self.checkpointed):
+            block.use_checkpoint = enabled
+
+
+class MMDiT(PatchTransformer):
     """SD3's backbone: ``backbone(x, t, context=None, y=None)``.
 
     Arguments in the reference's vocabulary: ``depth`` joint blocks of width ``hidden`` (SD3: 64·depth) with
@@ -204,6 +223,8 @@ class MMDiT(nn.Module):
     (``y=None``: a conditioning that gives only tokens, as the learned text encoder) the vector embedder sees
     zeros; with ``pooled_dim=None`` there is none. Without a context the image tokens attend among themselves.
     """
+
+    checkpointed = "joint_blocks"
 
     def __init__(
         self,
@@ -275,17 +296,6 @@ class MMDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.patch_mixer.zero_modulations()
-
-    @property
-    def size_multiple(self) -> int:
-        """What the input's height and width must be multiples of: the patch size."""
-        return self.patch_size
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Each joint block recomputes its activations in the backward pass instead of keeping them: less memory
-        for about a third more compute in training, the same gradients."""
-        for block in self.joint_blocks:
-            block.use_checkpoint = enabled
 
     def cropped_pos_embed(self, height: int, width: int) -> Tensor:
         """(1, h·w, hidden): the centre h x w of the table for a grid of h x w patches (SD3's crop)."""
