@@ -194,13 +194,7 @@ class DiT(PatchTransformer):
         """PixArt's initialisation for training from scratch: Xavier-uniform linears and patch conv, N(0, 0.02) time,
         size and caption embedders and t_block, zero cross-attention outputs and output layer (training starts from
         a zero prediction). The scale-shift tables keep their N(0, 1/hidden) draw."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
+        self.xavier_init()
         embedders = [self.t_embedder] + ([self.csize_embedder, self.ar_embedder] if self.use_additional_conditions
                                          else [])
         normal = [e.mlp[i] for e in embedders for i in (0, 2)] + [self.t_block[1]]

@@ -205,6 +205,16 @@ class PatchTransformer(nn.Module):
         for block in getattr(self, self.checkpointed):
             block.use_checkpoint = enabled
 
+    def xavier_init(self) -> None:
+        """DiT's and PixArt's start for every linear layer and the patch conv: Xavier-uniform weights, zero biases."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+
 
 class MMDiT(PatchTransformer):
     """SD3's backbone: ``backbone(x, t, context=None, y=None)``.
@@ -282,13 +292,7 @@ class MMDiT(PatchTransformer):
     def initialize_weights(self) -> None:
         """DiT's initialisation for training from scratch: Xavier-uniform linears and patch conv, N(0, 0.02) time
         embedder, and adaLN-Zero: zero modulations and output layer, so every block starts as the identity."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
+        self.xavier_init()
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
         modulations = [b.adaLN_modulation[-1] for blk in self.joint_blocks for b in (blk.context_block, blk.x_block)]
