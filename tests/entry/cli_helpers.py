@@ -30,3 +30,17 @@ def assert_one_line(out, *needles) -> str:
     assert lines[0] in out.stderr and lines[0].startswith("Error: ")
     assert "\\n" not in lines[0]
     return lines[0]
+
+
+def assert_samples_one_image(ckpt, tmp_path, prompt: str = "a red circle", size: tuple[int, int] = (32, 32)):
+    """``sdlight.sample`` draws one image of ``prompt`` from ``ckpt`` (2 steps, CPU), its metadata naming the prompt."""
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    run = run_cli("sample", [f"ckpt={ckpt}", f"prompt={prompt}", "num_samples=1", "steps=2", f"out={out}",
+                             "device=cpu"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    image = Image.open(out / "00000.png")
+    assert json.loads(image.text["sdlight"])["condition"] == prompt and image.size == size

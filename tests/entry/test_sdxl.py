@@ -9,7 +9,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cli_helpers import run_cli  # noqa: E402
+from cli_helpers import assert_samples_one_image, run_cli  # noqa: E402
 from conftest import train_tiny_text_ldm  # noqa: E402
 
 
@@ -37,12 +37,7 @@ def test_quickstart_sdxl_trains_and_samples(tmp_path):
     net = objects["model"].net
     assert [type(e).__name__ for e in net.cond_stage_model.embedders] == ["SDXLTextEncoder"] + ["SizeEmbedder"] * 3
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    out = tmp_path / "samples"
-    run = run_cli("sample", [f"ckpt={ckpt}", "prompt=a red circle", "num_samples=1", "steps=2", f"out={out}",
-                             "device=cpu"], tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    meta = json.loads(Image.open(out / "00000.png").text["sdlight"])
-    assert meta["condition"] == "a red circle" and Image.open(out / "00000.png").size == (32, 32)
+    assert_samples_one_image(ckpt, tmp_path)
     sized = tmp_path / "sized"
     run = run_cli("sample", [f"ckpt={ckpt}", "prompt=a red circle", "+conditions.original_size=[64,48]",
                              "num_samples=1", "steps=2", f"out={sized}", "device=cpu"], tmp_path)

@@ -31,6 +31,14 @@ def mmdit_ldm(**kwargs):
     return build_latent_diffusion(**(parts | kwargs))
 
 
+def assert_only_the_output_layer_learns_first(backbone) -> None:
+    """After one backward from a freshly built backbone whose output layer is zero (adaLN-zero, PixArt), only that
+    layer has gradients (also used by test_dit_backbone.py)."""
+    grads = {k: p.grad.abs().sum().item() for k, p in backbone.named_parameters()}
+    assert grads.pop("final_layer.linear.weight") > 0 and grads.pop("final_layer.linear.bias") > 0
+    assert not any(grads.values())
+
+
 def test_trains_and_samples_with_text_tokens_only():
     torch.manual_seed(0)
     model = mmdit_ldm()
@@ -39,10 +47,7 @@ def test_trains_and_samples_with_text_tokens_only():
     losses, _ = model.losses(shapes_batch(4), Draws(torch.Generator().manual_seed(0)), p_uncond=0.5)
     losses.mean().backward()
     assert torch.isfinite(losses).all()
-    # adaLN-zero: the model starts as a zero prediction, and only its output layer learns at the first step
-    grads = {k: p.grad.abs().sum().item() for k, p in backbone.named_parameters()}
-    assert grads.pop("final_layer.linear.weight") > 0 and grads.pop("final_layer.linear.bias") > 0
-    assert not any(grads.values())
+    assert_only_the_output_layer_learns_first(backbone)  # adaLN-zero: a zero prediction at the start
     images = model.generate(["a red circle", "a blue square"], steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     model.latent_shape_for(16, 24)  # non-square: the centre crop of the position table
