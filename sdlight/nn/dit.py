@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sdlight.nn.adaln import gated, modulate
 from sdlight.nn.linear import Linear
-from sdlight.nn.mmdit import (Embedder, Mlp, PatchEmbed, PatchTransformer, SelfAttention, attention, modulate,
-                               sincos_1d)
+from sdlight.nn.mmdit import Embedder, Mlp, PatchEmbed, PatchTransformer, SelfAttention, attention, sincos_1d
 from sdlight.nn.token_masking import PatchMixer, drop_tokens, masking_options, restore_tokens
 from sdlight.nn.unet import timestep_embedding
 
@@ -64,8 +64,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, bias: Tensor | None = None) -> Tensor:
         """bias: (B, 1, 1, L) added to the attention scores, or None."""
         q = self.q_linear(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        kv = self.kv_linear(context).unflatten(-1, (2, self.num_heads, self.head_dim))
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # each (B, heads, L, head_dim)
+                for t in self.kv_linear(context).split(self.num_heads * self.head_dim, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).flatten(2))
 
@@ -93,10 +93,10 @@ class PixArtBlock(nn.Module):
         mods = (self.scale_shift_table[None] + t0.unflatten(1, (6, -1))).unbind(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         h = modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + gate_msa.unsqueeze(1) * self.attn.proj(attention(*self.attn.pre_attention(h)))
+        x = gated(x, gate_msa, self.attn.proj(attention(*self.attn.pre_attention(h))))
         if context is not None:
             x = x + self.cross_attn(x, context, bias)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class T2IFinalLayer(nn.Module):

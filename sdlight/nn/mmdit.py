@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sdlight.nn.adaln import gated, modulate
 from sdlight.nn.linear import Linear
 from sdlight.nn.token_masking import PatchMixer, drop_tokens, masking_options, restore_tokens
 from sdlight.nn.unet import timestep_embedding
@@ -40,10 +41,6 @@ def sincos_pos_embed(dim: int, grid_size: int, scaling_factor: float | None = No
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     table = torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
     return table.float()
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -105,7 +102,10 @@ class SelfAttention(nn.Module):
             raise ValueError(f"qk_norm must be null or 'rms', got {qk_norm!r}")
 
     def pre_attention(self, x: Tensor) -> QKV:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        # split, not unflatten + unbind: the backward of a split is one cat into the fused gradient, cheaper on the
+        # CPU than the stack an unbind needs
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim))
+                   for t in self.qkv(x).split(self.num_heads * self.head_dim, dim=-1))
         return self.ln_q(q), self.ln_k(k), v
 
 
@@ -142,10 +142,10 @@ class DismantledBlock(nn.Module):
 
     def post_attention(self, attn: Tensor, state: tuple) -> Tensor:
         x, mods, h2 = state
-        x = x + mods[2].unsqueeze(1) * self.attn.proj(attn)
+        x = gated(x, mods[2], self.attn.proj(attn))
         if self.attn2 is not None:
-            x = x + mods[8].unsqueeze(1) * self.attn2.proj(attention(*self.attn2.pre_attention(h2)))
-        return x + mods[5].unsqueeze(1) * self.mlp(modulate(self.norm2(x), mods[3], mods[4]))
+            x = gated(x, mods[8], self.attn2.proj(attention(*self.attn2.pre_attention(h2))))
+        return gated(x, mods[5], self.mlp(modulate(self.norm2(x), mods[3], mods[4])))
 
 
 class JointBlock(nn.Module):
@@ -167,12 +167,13 @@ class JointBlock(nn.Module):
         context_qkv, context_state = self.context_block.pre_attention(context, c)
         x_qkv, x_state = self.x_block.pre_attention(x, c)
         out = attention(*(torch.cat(pair, dim=1) for pair in zip(context_qkv, x_qkv)))
-        n = context.shape[1]
+        # split, not two slices: the backward is one cat, not two zero-filled copies added together
+        out_context, out_x = out.split([context.shape[1], x.shape[1]], dim=1)
         if self.context_block.pre_only:
             context = None  # the last block: nothing reads the text tokens after it
         else:
-            context = self.context_block.post_attention(out[:, :n], context_state)
-        return context, self.x_block.post_attention(out[:, n:], x_state)
+            context = self.context_block.post_attention(out_context, context_state)
+        return context, self.x_block.post_attention(out_x, x_state)
 
 
 class FinalLayer(nn.Module):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlight.errors import UsageError
+from sdlight.nn.adaln import gated, modulate
 from sdlight.nn.linear import Linear
 
 
@@ -44,10 +45,6 @@ def refuse_token_masking(backbone: str, mask_ratio: float, mixer_depth: int) -> 
                          "needs a transformer backbone (model/unet=mmdit_tiny, dit_tiny, ...)")
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
 class MixerBlock(nn.Module):
     """DiT's block over the image tokens alone: adaLN-modulated self-attention and tanh-GELU MLP, each with a gated
     residual, modulated by the backbone's time (+ vector) embedding ``c`` (B, hidden). The same block serves both
@@ -66,12 +63,12 @@ class MixerBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        qkv = self.qkv(_modulate(self.norm1(x), shift1, scale1)).unflatten(-1, (3, self.num_heads, -1))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        qkv = self.qkv(modulate(self.norm1(x), shift1, scale1)).split(x.shape[-1], dim=-1)
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in qkv)  # each (B, heads, N, head_dim)
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        x = x + gate1.unsqueeze(1) * self.proj(attn)
-        h = _modulate(self.norm2(x), shift2, scale2)
-        return x + gate2.unsqueeze(1) * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+        x = gated(x, gate1, self.proj(attn))
+        h = modulate(self.norm2(x), shift2, scale2)
+        return gated(x, gate2, self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
 
 
 class PatchMixer(nn.ModuleList):
