@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sdlight.convert import ConversionError, hf_clip_text_config, hf_to_open_clip, open_clip_to_hf
@@ -71,15 +72,16 @@ def _tower_state(tower: nn.Module) -> dict[str, Tensor]:
 def hf_text_model(tower: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """One tower as Hugging Face weights and config, every block kept (the pipeline reads ``hidden_states[-2]``
     itself): CLIPTextModel, or CLIPTextModelWithProjection for a pooled tower (``text_projection.weight`` is
-    open_clip's ``text_projection`` transposed: a Linear's weight)."""
+    open_clip's ``text_projection`` transposed: a Linear's weight; the identity for an unprojected one)."""
     from open_clip.transformer import QuickGELU
 
     sd = _tower_state(tower)
     blocks = tower.model.transformer.resblocks
     config = hf_clip_text_config(sd, blocks[0].attn.num_heads, len(blocks), isinstance(blocks[0].mlp.gelu, QuickGELU))
     weights = open_clip_to_hf(sd, len(blocks))
-    if tower.pooled:
-        weights["text_projection.weight"] = sd["text_projection"].T.contiguous()
+    if tower.pooled:  # unprojected (SD3's CLIP-L): the identity, as diffusers builds it from SD3's files
+        weights["text_projection.weight"] = sd["text_projection"].T.contiguous() if tower.project_pooled else \
+            torch.eye(tower.width)
         config["architectures"] = ["CLIPTextModelWithProjection"]
     return weights, config
 

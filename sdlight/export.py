@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from sdlight import convert, convert_sdxl
+from sdlight import convert, convert_sd3, convert_sdxl
 from sdlight.convert_transformer import diffusers_transformer
 from sdlight.checkpoints import save_safetensors
 from sdlight.pretrained import CONDITIONING_FILE, OBJECTIVE_METADATA
@@ -76,12 +76,16 @@ def text_export(model: LatentDiffusionModel) -> tuple[dict[str, Tensor], dict[st
 def single_file(model: LatentDiffusionModel, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The state dict of an original SD checkpoint: ``model.diffusion_model.*``, ``first_stage_model.*`` and
     ``cond_stage_model.*`` as SD 1.x (Hugging Face CLIP, ``transformer.text_model.*``) or SD 2.x (open_clip,
-    ``model.*``) tools read them, or SD-XL's ``conditioner.embedders.*`` for a model with SD-XL's text towers, plus
-    CompVis' schedule buffers, ``scale_factor`` and (when not 0) ``shift_factor``; no optimizer, discriminator or
-    LPIPS."""
+    ``model.*``) tools read them, SD-XL's ``conditioner.embedders.*`` for a model with SD-XL's text towers, or
+    SD3's ``text_encoders.*`` for a transformer with SD3's, plus CompVis' schedule buffers, ``scale_factor`` and
+    (when not 0) ``shift_factor``; no optimizer, discriminator or LPIPS."""
     sd = compvis_weights(model)
     encoder = model.cond_stage_model.single
-    if convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:  # SD-XL tools read generative-models' names
+    sd3 = convert_sd3.sd3_text_encoder(model.cond_stage_model)
+    if sd3 is not None and not isinstance(model.model.diffusion_model, UNetModel):  # SD3 tools: text_encoders.*
+        sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
+        sd.update(convert_sd3.sd3_single_file_text(sd3))
+    elif convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:  # SD-XL's: generative-models' names
         sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
         sd.update(convert_sdxl.sgm_conditioner(model.cond_stage_model))
     elif hasattr(encoder, "tower") and encoder.layer == "last":  # the SD 1.x text encoder: Hugging Face layout
@@ -157,12 +161,36 @@ def _sdxl_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> l
     return ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
 
+def _sd3_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> list[str]:
+    """SD3's text_encoder/, text_encoder_2/ (CLIP), text_encoder_3/ (T5), their tokenizers and the pipeline's
+    model_index.json; a README when the null caption is zeros (the pipeline's default negative is the empty
+    caption encoded)."""
+    for tower, suffix in zip(encoder.towers, ("", "_2")):
+        weights, config = convert_sdxl.hf_text_model(tower)
+        save_safetensors(_cast(weights, dtype), out / f"text_encoder{suffix}" / "model.safetensors")
+        _json(out / f"text_encoder{suffix}" / "config.json", config)
+        tokenizer_files(tower.tokenizer, out / f"tokenizer{suffix}")
+    weights, config = convert_sd3.hf_t5(encoder.t5)
+    save_safetensors(_cast(weights, dtype), out / "text_encoder_3" / "model.safetensors")
+    _json(out / "text_encoder_3" / "config.json", config)
+    encoder.t5.tokenizer.save_pretrained(out / "tokenizer_3")
+    _json(out / "model_index.json", convert_sd3.model_index(scheduler, type(encoder.t5.tokenizer).__name__,
+                                                            DIFFUSERS_VERSION))
+    if encoder.null_text == "zeros":
+        (out / "README.md").write_text(
+            "# Exported by sdlight\n\nThis model was trained with zeros as its null caption (SD3's). "
+            "`StableDiffusion3Pipeline` encodes the empty caption for guidance unless it is given negative "
+            "embeddings: pass `negative_prompt_embeds=torch.zeros_like(prompt_embeds)` and "
+            "`negative_pooled_prompt_embeds=torch.zeros_like(pooled_prompt_embeds)` to sample what sdlight samples.\n")
+    return ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+
+
 def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.dtype = torch.float32) -> list[str]:
     """Writes the diffusers folder; returns the component folders written. Models with diffusers text encoders
-    get a ``model_index.json`` (a whole ``StableDiffusionPipeline``, or ``StableDiffusionXLPipeline`` for SD-XL's
-    two towers and size conditions); the others get unet/ (a transformer backbone: transformer/, as
-    ``SD3Transformer2DModel`` or ``PixArtTransformer2DModel``), vae/, scheduler/ and their own condition
-    encoder's weights in ``sdlight_conditioning.safetensors``."""
+    get a ``model_index.json`` (a whole ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` for SD-XL's
+    two towers and size conditions, ``StableDiffusion3Pipeline`` for an MMDiT with SD3's three); the others get
+    unet/ (a transformer backbone: transformer/, as ``SD3Transformer2DModel`` or ``PixArtTransformer2DModel``),
+    vae/, scheduler/ and their own condition encoder's weights in ``sdlight_conditioning.safetensors``."""
     out = Path(out)
     sd = compvis_weights(model)
     vae = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
@@ -170,7 +198,7 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     vae_cfg = model.first_stage_model.config
     vae_json = {**convert.diffusers_vae_config(vae_cfg, float(model.scale_factor), float(model.shift_factor)),
                 "_diffusers_version": DIFFUSERS_VERSION}
-    sdxl, why_not = None, ""
+    sdxl, sd3, why_not = None, None, ""
     if isinstance(backbone, UNetModel):
         if model.concat_stage is None and convert_sdxl.sdxl_text_encoder(model.cond_stage_model) is not None:
             try:
@@ -183,6 +211,13 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     else:  # checked before anything is written
         denoiser, (weights, config) = "transformer", diffusers_transformer(backbone, model.latent_shape[-1])
         config = {**config, "_diffusers_version": DIFFUSERS_VERSION}
+        if config["_class_name"] == "SD3Transformer2DModel" and model.concat_stage is None and \
+                convert_sd3.sd3_text_encoder(model.cond_stage_model) is not None:
+            try:
+                sd3 = convert_sd3.sd3_pipeline_parts(model.cond_stage_model, backbone.config,
+                                                     scheduler_config(model)["_class_name"])
+            except convert.ConversionError as err:
+                why_not = f" ({err})"
     vae_weights = convert.apply_map(vae, convert.vae_key_map(vae, len(vae_cfg["ch_mult"])), squeeze=True)
     for name, part, part_config in ((denoiser, weights, config), ("vae", vae_weights, vae_json)):
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -194,6 +229,8 @@ def write_diffusers(model: LatentDiffusionModel, out: str | Path, dtype: torch.d
     written = [denoiser, "vae", "scheduler"]
     if sdxl is not None:
         return written + _sdxl_text(sdxl[0], out, dtype, scheduler["_class_name"])
+    if sd3 is not None:
+        return written + _sd3_text(sd3, out, dtype, scheduler["_class_name"])
     text = text_export(model) if model.concat_stage is None and denoiser == "unet" else None
     if text is not None:
         text_weights, text_config, tokenizer = text

@@ -16,18 +16,50 @@ from sdlight.nn.unet import UNetModel
 
 DIFFUSERS_STEMS = {"unet": ("diffusion_pytorch_model",), "transformer": ("diffusion_pytorch_model",),
                    "vae": ("diffusion_pytorch_model",),
-                   "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
+                   "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
+                   "text_encoder_3": ("model", "pytorch_model")}
 CONDITIONING_FILE = "sdlight_conditioning.safetensors"  # our own condition encoder next to a diffusers export
 OBJECTIVE_METADATA = "sdlight.objective"  # the training objective's settings, in an exported weights file's metadata
 
 
 def component_file(folder: Path, component: str) -> Path | None:
-    """The weights file of a diffusers component folder (full precision preferred over an fp16 variant)."""
+    """The weights file of a diffusers component folder (full precision preferred over an fp16 variant; the
+    index of a sharded one, ``*.safetensors.index.json``, as SD3's T5)."""
     for stem in DIFFUSERS_STEMS[component]:
-        for suffix in (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin"):
+        for suffix in (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin", ".safetensors.index.json",
+                       ".bin.index.json"):
             if (folder / component / (stem + suffix)).is_file():
                 return folder / component / (stem + suffix)
     return None
+
+
+def component_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A component's weights: one file, or every shard an ``.index.json`` names."""
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in state_dict_of(read_checkpoint(path.parent / shard)).items()}
+    return state_dict_of(read_checkpoint(path))
+
+
+def _load_sd3_text(conditioning: nn.Module, parts: dict[str, dict[str, torch.Tensor]], where: str) -> list[str]:
+    """SD3's text encoders (Hugging Face weights by SD3 name) into model.conditioning; a T5 the file does not
+    hold keeps its own weights (SD3's files come with and without it)."""
+    from sdlight.convert import ConversionError
+    from sdlight.convert_sd3 import sd3_text_encoder, sd3_text_to_ours
+
+    encoder = sd3_text_encoder(conditioning)
+    if encoder is None:
+        raise CheckpointError(f"{where} holds SD3's text encoders ({', '.join(parts)}); model.conditioning is not "
+                              "SD3's: choose model/conditioning=sd3_text or sd3_text_t5")
+    try:
+        sd = sd3_text_to_ours(parts, encoder)
+    except ConversionError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    unused = {k for k in encoder.state_dict() if k.startswith("t5.")} if "t5xxl" not in parts else set()
+    load_exact(conditioning, sd, f"{where}: SD3's text encoders do not fit model.conditioning",
+               "Check model/conditioning (sd3_text, or sd3_text_t5 with T5).", unused)
+    kept = " (T5: none in the file, keeps its own weights)" if unused else ""
+    return [f"text encoders: {len(sd)} tensors (SD3 layout: {', '.join(parts)}){kept}"]
 
 
 def _text_weights(conditioning: nn.Module, sd: dict[str, torch.Tensor], hf_prefix: str | None, where: str
@@ -146,10 +178,11 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     describing what was loaded and the file's scale and shift factors (a diffusers VAE config's ``scaling_factor``
     and ``shift_factor``, our files' ``scale_factor`` and ``shift_factor``)."""
     from sdlight.convert import invert_map, vae_key_map
+    from sdlight.convert_sd3 import sd3_single_file_parts
     from sdlight.convert_sdxl import diffusers_text_to_sgm
 
     path, where = Path(path), f"model.init_from={path}"
-    sgm = None
+    sgm, sd3 = None, None
     if path.is_dir():
         files = {c: component_file(path, c) for c in DIFFUSERS_STEMS}
         if (files["unet"] is None and files["transformer"] is None) or files["vae"] is None:
@@ -160,7 +193,12 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
                  "vae": invert_map(state_dict_of(read_checkpoint(files["vae"])),
                                    vae_key_map(own_vae, len(first_stage.config["ch_mult"])), own_vae)}
         text, hf_prefix = {}, None
-        if files["text_encoder"] is not None and files["text_encoder_2"] is not None:  # SD-XL: SD-XL's file names
+        if files["transformer"] is not None and files["text_encoder"] is not None and \
+                files["text_encoder_2"] is not None:  # SD3: CLIP-L, bigG and (when there) T5
+            sd3 = {name: component_weights(files[component]) for name, component in
+                   (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5xxl", "text_encoder_3"))
+                   if files[component] is not None}
+        elif files["text_encoder"] is not None and files["text_encoder_2"] is not None:  # SD-XL: SD-XL's file names
             sgm = sgm_conditioner_weights(diffusers_text_to_sgm(
                 state_dict_of(read_checkpoint(files["text_encoder"])),
                 state_dict_of(read_checkpoint(files["text_encoder_2"]))), conditioning)
@@ -180,6 +218,7 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
             hf_prefix = "transformer.text_model."
         if any(k.startswith(SGM_CONDITIONER) for k in sd):  # SD-XL: the whole conditioner, in our keys
             sgm = sgm_conditioner_weights(sd, conditioning)
+        sd3 = sd3_single_file_parts(sd) or None  # SD3: text_encoders.{clip_l, clip_g, t5xxl}.transformer.*
     else:
         raise CheckpointError(f"{where}: no such file or directory (give an SD .ckpt/.safetensors or a diffusers "
                               "folder)")
@@ -193,6 +232,8 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
         load_exact(conditioning, sgm, f"{where}: the SD-XL conditioner does not fit model.conditioning (+ "
                    "model.conditioners)", "Check model/conditioning (sdxl_text for SD-XL base).")
         lines.append(f"text encoders: {len(sgm)} tensors (SD-XL layout)")
+    elif sd3 is not None:
+        lines += _load_sd3_text(conditioning, sd3, where)
     else:
         lines += _text_weights(conditioning, text, hf_prefix, where)
     return Pretrained(lines, scale, shift)

@@ -5,6 +5,7 @@ from .base import ROUTES, ConditionEncoder, drop_mask
 from .conditioner import Conditioner
 from .embeddings import AttributeEmbedder, ClassEmbedder, NoConditioning, SizeEmbedder
 from .sdxl_text import CLIPTextTower, SDXLTextEncoder
+from .t5 import T5Tower
 from .text import ClipTokenizer, LearnedTextEncoder, OpenCLIPTextEncoder, TextEncoder
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "ROUTES",
     "SDXLTextEncoder",
     "SizeEmbedder",
+    "T5Tower",
     "TextEncoder",
     "drop_mask",
 ]

@@ -1,4 +1,4 @@
-"""SD-XL's text conditioning: frozen CLIP text towers side by side.
+"""SD-XL's and SD3's text conditioning: frozen CLIP text towers side by side, and SD3's T5 after them.
 
 Each caption goes through every tower; their per-token states are joined along the width into the
 cross-attention context (SD-XL: CLIP ViT-L/14 768 + OpenCLIP ViT-bigG/14 1280 = 2048), and the pooled, projected
@@ -6,6 +6,10 @@ cross-attention context (SD-XL: CLIP ViT-L/14 768 + OpenCLIP ViT-bigG/14 1280 = 
 embeddings. As in Stability's generative-models (``FrozenCLIPEmbedder`` with ``layer: hidden, layer_idx: 11`` and
 ``FrozenOpenCLIPEmbedder2`` with ``legacy: False``), the per-token states are the penultimate block's output
 *without* the final LayerNorm, while the pooled output is taken after the last block and ``ln_final``.
+
+SD3 adds T5's tokens (``t5``: a :class:`~sdlight.conditioning.t5.T5Tower`): the CLIP towers' tokens, zero-padded
+to T5's width, then T5's tokens, one sequence (SD3: 77 + 256 tokens of 4096), as diffusers'
+``StableDiffusion3Pipeline.encode_prompt`` and Stability's reference code join them.
 
 The null condition is all zeros, context and vector (SD-XL's: generative-models zeroes dropped embeddings, and
 diffusers' SD-XL pipeline samples against zeros, ``force_zeros_for_empty_prompt``); ``null_text: empty`` encodes the
@@ -19,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import as_text_list
@@ -30,7 +35,8 @@ NULLS = ("zeros", "empty")
 class CLIPTextTower(nn.Module):
     """One frozen open_clip text transformer read at ``layer`` (``last`` | ``penultimate``): per-token states
     ``(B, L, width)`` (through ``ln_final`` when ``final_norm``) and, with ``pooled``, the projected ``<eot>``
-    embedding ``(B, embed_dim)``.
+    embedding ``(B, embed_dim)``; ``project_pooled=False`` gives it unprojected, ``(B, width)`` (SD3's CLIP-L:
+    Stability's reference code reads its pooled output without the projection, ``return_projected_pooled=False``).
 
     ``arch`` names open_clip's configuration and tokenizer; ``text_cfg`` / ``embed_dim`` override it (tiny random
     towers for tests and the CPU). Weights: ``checkpoint_path``, else the open_clip release ``pretrained`` (found
@@ -43,9 +49,9 @@ class CLIPTextTower(nn.Module):
 
     def __init__(self, arch: str = "ViT-L-14-quickgelu", pretrained: str | None = None,
                  checkpoint_path: str | os.PathLike | None = None, layer: str = "penultimate",
-                 final_norm: bool = False, pooled: bool = False, pad_with_eot: bool = False, max_length: int = 77,
-                 text_cfg: Mapping[str, Any] | None = None, embed_dim: int | None = None,
-                 model: nn.Module | None = None) -> None:
+                 final_norm: bool = False, pooled: bool = False, project_pooled: bool = True,
+                 pad_with_eot: bool = False, max_length: int = 77, text_cfg: Mapping[str, Any] | None = None,
+                 embed_dim: int | None = None, model: nn.Module | None = None) -> None:
         super().__init__()
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
@@ -53,7 +59,8 @@ class CLIPTextTower(nn.Module):
 
         if model is None:
             with quiet_open_clip():
-                model = build_text_transformer(arch, dict(text_cfg or {}), embed_dim, projection=pooled)
+                model = build_text_transformer(arch, dict(text_cfg or {}), embed_dim,
+                                               projection=pooled and project_pooled)
             if pretrained is not None or checkpoint_path is not None:
                 load_text_transformer(model, arch, pretrained, checkpoint_path)
         self.model = model
@@ -61,15 +68,16 @@ class CLIPTextTower(nn.Module):
         blocks = len(tower.transformer.resblocks)
         if layer == "penultimate" and blocks < 2:
             raise ValueError("layer='penultimate' needs a text transformer with at least 2 blocks")
-        if pooled and tower.text_projection is None:
-            raise ValueError("pooled=True needs a tower with a text projection")
+        if pooled and project_pooled and tower.text_projection is None:
+            raise ValueError("pooled=True needs a tower with a text projection (or project_pooled=False)")
         self.layer, self.final_norm, self.pooled = layer, final_norm, pooled
+        self.project_pooled = bool(pooled and project_pooled)
         self.tokenizer = ClipTokenizer(arch, max_length, pad_with_eot=pad_with_eot)
         if max_length > tower.positional_embedding.shape[0]:
             raise ValueError(f"max_length {max_length} exceeds the tower's {tower.positional_embedding.shape[0]} "
                              "positions")
         self.width = tower.transformer.width
-        self.embed_dim = tower.text_projection.shape[1] if pooled else None
+        self.embed_dim = (tower.text_projection.shape[1] if self.project_pooled else self.width) if pooled else None
         self.model.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> CLIPTextTower:
@@ -103,7 +111,7 @@ class CLIPTextTower(nn.Module):
             return states, None
         # the <eot> token has the largest id: its position is the argmax (the first one, with <eot> padding)
         last = tower.ln_final(x)[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return states, last @ tower.text_projection
+        return states, last @ tower.text_projection if self.project_pooled else last
 
     def forward(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
         tokens, _ = self.tokenizer(list(texts))
@@ -117,12 +125,14 @@ class SDXLTextEncoder(TextEncoder):
     order; all must give the same number of tokens. The vector route is there when a tower is ``pooled``.
     ``pretrained=False`` (or None) builds every tower without its released weights (they come from
     ``model.init_from`` or a checkpoint). ``null_text``: ``zeros`` (SD-XL) or ``empty`` (the empty caption
-    encoded).
+    encoded). ``t5``: a :class:`~sdlight.conditioning.t5.T5Tower`'s keyword dict (or one built), whose tokens
+    follow the CLIP towers' (SD3); the context is then T5's width.
     Dropping a caption drops it from every tower at once: one null for "no text".
     """
 
     def __init__(self, towers: Sequence[Mapping[str, Any] | CLIPTextTower] | Mapping[str, Any],
-                 null_text: str = "zeros", pretrained: bool | None = True, **options: Any) -> None:
+                 null_text: str = "zeros", pretrained: bool | None = True,
+                 t5: Mapping[str, Any] | nn.Module | None = None, **options: Any) -> None:
         super().__init__(**options)
         if null_text not in NULLS:
             raise ValueError(f"null_text must be one of {NULLS}, got {null_text!r}")
@@ -138,6 +148,16 @@ class SDXLTextEncoder(TextEncoder):
             raise ValueError(f"the towers give different numbers of tokens ({sorted(lengths)}): give one max_length")
         self.null_text = null_text
         self.context_dim = sum(t.width for t in self.towers)
+        if t5 is not None and not isinstance(t5, nn.Module):
+            from .t5 import T5Tower
+
+            t5 = T5Tower(**({**t5, "pretrained": None} if not pretrained else dict(t5)))
+        self.t5 = t5
+        if t5 is not None:
+            if t5.width < self.context_dim:
+                raise ValueError(f"T5's width {t5.width} is below the CLIP towers' {self.context_dim}: SD3 pads "
+                                 "the CLIP tokens to T5's width")
+            self.context_dim = t5.width
         self.vector_dim = sum(t.embed_dim for t in self.towers if t.pooled)
 
     @property
@@ -158,6 +178,10 @@ class SDXLTextEncoder(TextEncoder):
         texts = as_text_list(["" if v is None else v for v in values])
         outputs = [tower(texts) for tower in self.towers]
         out = {"crossattn": torch.cat([states for states, _ in outputs], dim=-1)}
+        if self.t5 is not None:
+            tokens = self.t5(texts)[0].to(out["crossattn"].dtype)
+            clip = F.pad(out["crossattn"], (0, self.context_dim - out["crossattn"].shape[-1]))
+            out["crossattn"] = torch.cat([clip, tokens], dim=1)
         if self.vector_dim:
             out["vector"] = torch.cat([pooled for _, pooled in outputs if pooled is not None], dim=-1)
         zero = torch.tensor([v is None for v in values], device=out["crossattn"].device)
