@@ -163,8 +163,8 @@ def _sdxl_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> l
 
 def _sd3_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> list[str]:
     """SD3's text_encoder/, text_encoder_2/ (CLIP), text_encoder_3/ (T5), their tokenizers and the pipeline's
-    model_index.json; a README when the null caption is zeros (the pipeline's default negative is the empty
-    caption encoded)."""
+    model_index.json; a README when the pipeline's defaults would not sample what sdlight samples (a null
+    caption of zeros: the pipeline's default negative is the empty caption encoded; T5 tokens other than 256)."""
     for tower, suffix in zip(encoder.towers, ("", "_2")):
         weights, config = convert_sdxl.hf_text_model(tower)
         save_safetensors(_cast(weights, dtype), out / f"text_encoder{suffix}" / "model.safetensors")
@@ -176,12 +176,17 @@ def _sd3_text(encoder: Any, out: Path, dtype: torch.dtype, scheduler: str) -> li
     encoder.t5.tokenizer.save_pretrained(out / "tokenizer_3")
     _json(out / "model_index.json", convert_sd3.model_index(scheduler, type(encoder.t5.tokenizer).__name__,
                                                             DIFFUSERS_VERSION))
+    notes = []
     if encoder.null_text == "zeros":
-        (out / "README.md").write_text(
-            "# Exported by sdlight\n\nThis model was trained with zeros as its null caption (SD3's). "
-            "`StableDiffusion3Pipeline` encodes the empty caption for guidance unless it is given negative "
-            "embeddings: pass `negative_prompt_embeds=torch.zeros_like(prompt_embeds)` and "
-            "`negative_pooled_prompt_embeds=torch.zeros_like(pooled_prompt_embeds)` to sample what sdlight samples.\n")
+        notes.append("This model was trained with zeros as its null caption (SD3's). `StableDiffusion3Pipeline` "
+                     "encodes the empty caption for guidance unless it is given negative embeddings: pass "
+                     "`negative_prompt_embeds=torch.zeros_like(prompt_embeds)` and `negative_pooled_prompt_embeds="
+                     "torch.zeros_like(pooled_prompt_embeds)` to sample what sdlight samples.")
+    if encoder.t5.max_length != 256:
+        notes.append(f"Its T5 reads {encoder.t5.max_length} tokens: pass `max_sequence_length="
+                     f"{encoder.t5.max_length}` to the pipeline (its default is 256).")
+    if notes:
+        (out / "README.md").write_text("# Exported by sdlight\n\n" + "\n\n".join(notes) + "\n")
     return ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
 
 

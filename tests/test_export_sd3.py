@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from sdlight.checkpoints import CheckpointError, save_safetensors
+from sdlight.conditioning import LearnedTextEncoder
 from sdlight.conditioning.t5 import T5Tower
 from sdlight.diffusion import RectifiedFlow, sample_euler
 from sdlight.export import compvis_weights, single_file, write_diffusers
@@ -26,7 +27,7 @@ from sdlight.nn.mmdit import MMDiT
 from sdlight.pretrained import load_pretrained
 
 from tests.nn.test_mmdit import randomize_, relative_error
-from tests.stages.conftest import tiny_conditioning, tiny_vae
+from tests.stages.conftest import tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -83,7 +84,8 @@ def test_folder_is_an_sd3_pipeline_that_encodes_our_conditions(exported):
     model, folder = exported
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusion3Pipeline"
-    assert "negative_prompt_embeds=torch.zeros_like" in (folder / "README.md").read_text()  # our null: zeros
+    readme = (folder / "README.md").read_text()
+    assert "negative_prompt_embeds=torch.zeros_like" in readme and "max_sequence_length=24" in readme
     pipe = pipeline(folder)
     assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
     prompts = [PROMPT, "a blue square at the top left"]
@@ -146,7 +148,8 @@ def test_a_sharded_t5_as_sd3s_release_loads(exported, tmp_path):
 
 def test_an_sd3_folder_into_another_conditioning_is_one_line(exported):
     _, folder = exported
-    other = build_latent_diffusion(partial(MMDiT, **MMDIT), tiny_vae(0), conditioning=tiny_conditioning("text", 0),
+    text = LearnedTextEncoder(max_length=16, width=32, layers=1, heads=2, context_dim=64)
+    other = build_latent_diffusion(partial(MMDiT, **MMDIT), tiny_vae(0), conditioning=text,
                                    objective=RectifiedFlow(shift=3.0), prediction_type=None, loss_type=None,
                                    loss_weighting=None, snr_gamma=None, image_size=16)
     with pytest.raises(CheckpointError, match="holds SD3's text encoders .*: choose model/conditioning=sd3_text"

@@ -307,10 +307,24 @@ def build_latent_diffusion(
         raise UsageError(f"model.unet.in_channels={backbone_in_channels(backbone)}, but the backbone takes the "
                          f"{first_stage.latent_channels} latent channels{concat_part}: {latent} (give that, or "
                          "model.unet.in_channels=null model.unet._partial_=true to have it derived)")
-    return LatentDiffusionModel(backbone, first_stage, Conditioner.join(conditioning, conditioners), objective,
-                                concat=concat, scale_factor=1.0 if scale_factor is None else scale_factor,
+    conditioner = Conditioner.join(conditioning, conditioners)
+    _check_context_width(backbone, conditioner)
+    return LatentDiffusionModel(backbone, first_stage, conditioner, objective, concat=concat, scale_factor=1.0 if scale_factor is None else scale_factor,
                                 shift_factor=0.0 if shift_factor is None else shift_factor,
                                 image_size=image_size, sampler=sampler, guidance_scale=guidance_scale)
+
+
+def _check_context_width(backbone: nn.Module, conditioner: Conditioner) -> None:
+    """The tokens the condition encoders give are as wide as the backbone's cross-attention reads (a wrong
+    ``model.unet.context_dim`` would otherwise be a shape error at the first step)."""
+    want = getattr(backbone, "config", {}).get("context_dim")
+    if isinstance(want, list):  # per level (SD 1.x / 2.x configs repeat one width)
+        want = want[0] if len(set(want)) == 1 else None
+    widths = {e.context_dim for e in conditioner.embedders if "crossattn" in e.routes and e.context_dim is not None}
+    if want is not None and widths and widths != {want}:
+        width = " and ".join(str(w) for w in sorted(widths))
+        raise UsageError(f"model.unet.context_dim={want}, but the condition encoders give {width}-wide tokens "
+                         f"(model/conditioning): set model.unet.context_dim={max(widths)}")
 
 
 def with_objective(parts: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:

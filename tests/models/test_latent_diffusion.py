@@ -81,6 +81,23 @@ def test_the_backbone_takes_the_latent_and_concat_channels():
                                        conditioning=None))
 
 
+def test_the_backbone_reads_tokens_as_wide_as_the_encoders_give():
+    """A wrong model.unet.context_dim (SD3's T5 widens the tokens to 4096) is one line when the model is built,
+    not a shape error at the first step."""
+    from sdlight.conditioning import LearnedTextEncoder
+    from sdlight.nn.mmdit import MMDiT
+
+    wide = LearnedTextEncoder(max_length=8, width=32, layers=1, heads=2, context_dim=48)
+    with pytest.raises(UsageError, match=r"model.unet.context_dim=32, but the condition encoders give 48-wide "
+                                         r"tokens \(model/conditioning\): set model.unet.context_dim=48"):
+        build_latent_diffusion(**parts(conditioning=wide))
+    mmdit = MMDiT(in_channels=4, out_channels=4, depth=1, num_heads=2, hidden=32, pos_embed_max_size=4,
+                  context_dim=32, pooled_dim=None)
+    with pytest.raises(UsageError, match="model.unet.context_dim=32, but the condition encoders give 48-wide"):
+        build_latent_diffusion(**parts(unet=mmdit, conditioning=wide))
+    build_latent_diffusion(**parts(unet=mmdit))  # 32 and 32
+
+
 def test_the_pipeline_switches_between_ema_and_raw_weights_of_its_checkpoint():
     raw = Pipeline.from_checkpoint(FIXTURE, "cpu", use_ema=False)
     ema = Pipeline.from_checkpoint(FIXTURE, "cpu")
