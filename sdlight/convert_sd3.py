@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdlight.conditioning.t5 import EMBED_TOKENS
 from sdlight.convert import ConversionError, hf_to_open_clip, open_clip_to_hf
+from sdlight.convert_sdxl import tower_state
 
 SD3_TEXT = "text_encoders."  # SD3's single files: one entry per text encoder, in Hugging Face names
 CLIP_NAMES = ("clip_l", "clip_g")
 T5_NAME = "t5xxl"
 HF = "transformer."
-TIED = "encoder.embed_tokens.weight"  # T5's input embedding, the same tensor as shared.weight
 
 
 def sd3_text_encoder(conditioner: nn.Module) -> nn.Module | None:
@@ -60,14 +61,10 @@ def sd3_pipeline_parts(conditioner: nn.Module, backbone_config: Mapping[str, Any
     return encoder
 
 
-def _tower_state(tower: nn.Module) -> dict[str, Tensor]:
-    return {k.removeprefix("model."): v.detach() for k, v in tower.state_dict().items()}
-
-
 def hf_t5(t5: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The T5 tower's ``T5EncoderModel`` weights (the tied input embedding once, as T5's files hold it) and
     config."""
-    weights = {k: v for k, v in _tower_state(t5).items() if k != TIED}
+    weights = tower_state(t5)  # the tower's state dict holds the tied embedding once already
     config = {**t5.model.config.to_dict(), "architectures": ["T5EncoderModel"]}
     return weights, config
 
@@ -99,7 +96,7 @@ def sd3_text_to_ours(parts: Mapping[str, Mapping[str, Tensor]], encoder: nn.Modu
         if encoder.t5 is None:
             raise ConversionError("the file has T5 weights (t5xxl) but model.conditioning has no T5 tower: choose "
                                   "model/conditioning=sd3_text_t5")
-        out.update({"t5.model." + k: v for k, v in parts[T5_NAME].items() if k != TIED})
+        out.update({"t5.model." + k: v for k, v in parts[T5_NAME].items() if k != EMBED_TOKENS})
     return out
 
 
@@ -109,14 +106,14 @@ def sd3_single_file_text(encoder: nn.Module) -> dict[str, Tensor]:
     weight}``, ``text_encoders.t5xxl.transformer.*``; tensors may share storage (cast them to save)."""
     out: dict[str, Tensor] = {}
     for name, tower in zip(CLIP_NAMES, encoder.towers):
-        sd = _tower_state(tower)
+        sd = tower_state(tower)
         weights = open_clip_to_hf(sd, len(tower.model.transformer.resblocks))
         if tower.project_pooled:
             weights["text_projection.weight"] = sd["text_projection"].T.contiguous()
         out.update({f"{SD3_TEXT}{name}.{HF}{k}": v for k, v in weights.items()})
     if encoder.t5 is not None:  # the input embedding under both its names, as SD3's files and diffusers' loader
         t5 = hf_t5(encoder.t5)[0]
-        out.update({f"{SD3_TEXT}{T5_NAME}.{HF}{k}": v for k, v in {**t5, TIED: t5["shared.weight"]}.items()})
+        out.update({f"{SD3_TEXT}{T5_NAME}.{HF}{k}": v for k, v in {**t5, EMBED_TOKENS: t5["shared.weight"]}.items()})
     return out
 
 

@@ -65,7 +65,8 @@ def text_time_unet_config(config: dict[str, Any], time_dim: int) -> dict[str, An
     return {**out, "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim}
 
 
-def _tower_state(tower: nn.Module) -> dict[str, Tensor]:
+def tower_state(tower: nn.Module) -> dict[str, Tensor]:
+    """A text tower's weights without the ``model.`` its module keeps them under, detached."""
     return {k.removeprefix("model."): v.detach() for k, v in tower.state_dict().items()}
 
 
@@ -75,7 +76,7 @@ def hf_text_model(tower: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     open_clip's ``text_projection`` transposed: a Linear's weight; the identity for an unprojected one)."""
     from open_clip.transformer import QuickGELU
 
-    sd = _tower_state(tower)
+    sd = tower_state(tower)
     blocks = tower.model.transformer.resblocks
     config = hf_clip_text_config(sd, blocks[0].attn.num_heads, len(blocks), isinstance(blocks[0].mlp.gelu, QuickGELU))
     weights = open_clip_to_hf(sd, len(blocks))
@@ -100,7 +101,7 @@ def sgm_conditioner(conditioner: nn.Module) -> dict[str, Tensor]:
             prefix = f"{SGM_CONDITIONER}{slot}."
             if towers is not None and not part.pooled:
                 layers = len(part.model.transformer.resblocks)
-                out.update({prefix + HF_TOWER + k: v for k, v in open_clip_to_hf(_tower_state(part), layers).items()})
+                out.update({prefix + HF_TOWER + k: v for k, v in open_clip_to_hf(tower_state(part), layers).items()})
             else:  # a pooled tower's own keys are open_clip's under model.
                 out.update({prefix + k: v.detach() for k, v in part.state_dict().items()})
             slot += 1

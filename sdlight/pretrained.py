@@ -177,7 +177,7 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
     folder. Every key must fit (missing, unexpected and mismatched ones are listed in the error); returns lines
     describing what was loaded and the file's scale and shift factors (a diffusers VAE config's ``scaling_factor``
     and ``shift_factor``, our files' ``scale_factor`` and ``shift_factor``)."""
-    from sdlight.convert import invert_map, vae_key_map
+    from sdlight.convert import ConversionError, invert_map, vae_key_map
     from sdlight.convert_sd3 import sd3_single_file_parts
     from sdlight.convert_sdxl import diffusers_text_to_sgm
 
@@ -218,7 +218,10 @@ def load_pretrained(path: str | Path, unet: nn.Module, first_stage: nn.Module, c
             hf_prefix = "transformer.text_model."
         if any(k.startswith(SGM_CONDITIONER) for k in sd):  # SD-XL: the whole conditioner, in our keys
             sgm = sgm_conditioner_weights(sd, conditioning)
-        sd3 = sd3_single_file_parts(sd) or None  # SD3: text_encoders.{clip_l, clip_g, t5xxl}.transformer.*
+        try:  # SD3: text_encoders.{clip_l, clip_g, t5xxl}.transformer.*
+            sd3 = sd3_single_file_parts(sd) or None
+        except ConversionError as err:
+            raise CheckpointError(f"{where}: {err}") from None
     else:
         raise CheckpointError(f"{where}: no such file or directory (give an SD .ckpt/.safetensors or a diffusers "
                               "folder)")

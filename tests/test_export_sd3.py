@@ -241,3 +241,16 @@ def test_quickstart_sd3_with_sd3s_towers_trains_exports_and_comes_back(tmp_path)
     fresh = instantiate(cfg.model).net
     want, got = compvis_weights(model), compvis_weights(fresh)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_an_unknown_text_encoder_in_an_sd3_file_is_one_line(exported, tmp_path):
+    model, _ = exported
+    sd = single_file(model)
+    sd["text_encoders.t5xl.transformer.shared.weight"] = sd.pop("text_encoders.t5xxl.transformer.shared.weight")
+    path = tmp_path / "odd.safetensors"
+    save_safetensors(sd, path)
+    fresh = sd3_ldm(seed=1)
+    with pytest.raises(CheckpointError, match=r"text_encoders.t5xl.transformer.shared.weight: not one of SD3's text "
+                                              r"encoders \(clip_l, clip_g, t5xxl") as info:
+        load_pretrained(path, fresh.model.diffusion_model, fresh.first_stage_model, fresh.cond_stage_model)
+    assert "\n" not in str(info.value)

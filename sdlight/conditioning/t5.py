@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from sdlight.weights import WeightsNotFoundError, is_offline, weights_dir
 
 BYTE_TOKENIZER = "byt5"
-TIED = "model.encoder.embed_tokens.weight"  # the same tensor as model.shared.weight: stored once, as T5's files do
+EMBED_TOKENS = "encoder.embed_tokens.weight"  # T5's input embedding: the same tensor as shared.weight
+TIED = "model." + EMBED_TOKENS  # stored once (as shared), as T5's own files do
 
 
 def _transformers() -> Any:
