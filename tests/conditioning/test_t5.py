@@ -121,8 +121,12 @@ def test_sd3_text_t5_config_is_sd3s(tmp_path):
     """The T5 of model/conditioning=sd3_text_t5 is T5-XXL v1.1's encoder as Stability's SD3 reference code builds
     it (its T5_CONFIG), 256 tokens as diffusers' pipeline; CLIP-L's pooled output unprojected."""
     cfg = compose_train(["+experiment=sd3", "model/conditioning=sd3_text_t5", "model.unet.context_dim=4096",
-                   "model.first_stage.ckpt=x", "data.root=x"], tmp_path)
+                         "model.first_stage.ckpt=x", "data.root=x",  # an SD3 diffusers folder's T5, as README says
+                         "model.conditioning.t5.tokenizer=DIR",
+                         "model.conditioning.t5.tokenizer_subfolder=tokenizer_3"],
+                        tmp_path)
     t5 = cfg.model.conditioning.t5
+    assert (t5.tokenizer, t5.tokenizer_subfolder) == ("DIR", "tokenizer_3")
     assert (t5.config.d_ff, t5.config.d_model, t5.config.num_heads, t5.config.num_layers, t5.config.vocab_size) == \
         (10240, 4096, 64, 24, 32128)
     assert t5.max_length == 256 and t5.config.feed_forward_proj == "gated-gelu"
