@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from sdlight.conditioning.t5 import EMBED_TOKENS
-from sdlight.convert import ConversionError, hf_to_open_clip, open_clip_to_hf
-from sdlight.convert_sdxl import tower_state
+from sdlight.convert import ConversionError, hf_to_open_clip
+from sdlight.convert_sdxl import hf_text_model, tower_state
 
 SD3_TEXT = "text_encoders."  # SD3's single files: one entry per text encoder, in Hugging Face names
 CLIP_NAMES = ("clip_l", "clip_g")
@@ -106,10 +106,9 @@ def sd3_single_file_text(encoder: nn.Module) -> dict[str, Tensor]:
     weight}``, ``text_encoders.t5xxl.transformer.*``; tensors may share storage (cast them to save)."""
     out: dict[str, Tensor] = {}
     for name, tower in zip(CLIP_NAMES, encoder.towers):
-        sd = tower_state(tower)
-        weights = open_clip_to_hf(sd, len(tower.model.transformer.resblocks))
-        if tower.project_pooled:
-            weights["text_projection.weight"] = sd["text_projection"].T.contiguous()
+        weights, _ = hf_text_model(tower)
+        if not tower.project_pooled:  # SD3's files leave CLIP-L's out; readers take the identity
+            del weights["text_projection.weight"]
         out.update({f"{SD3_TEXT}{name}.{HF}{k}": v for k, v in weights.items()})
     if encoder.t5 is not None:  # the input embedding under both its names, as SD3's files and diffusers' loader
         t5 = hf_t5(encoder.t5)[0]

@@ -309,7 +309,8 @@ def build_latent_diffusion(
                          "model.unet.in_channels=null model.unet._partial_=true to have it derived)")
     conditioner = Conditioner.join(conditioning, conditioners)
     _check_context_width(backbone, conditioner)
-    return LatentDiffusionModel(backbone, first_stage, conditioner, objective, concat=concat, scale_factor=1.0 if scale_factor is None else scale_factor,
+    return LatentDiffusionModel(backbone, first_stage, conditioner, objective, concat=concat,
+                                scale_factor=1.0 if scale_factor is None else scale_factor,
                                 shift_factor=0.0 if shift_factor is None else shift_factor,
                                 image_size=image_size, sampler=sampler, guidance_scale=guidance_scale)
 
